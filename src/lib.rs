@@ -1,0 +1,14 @@
+//! kdllm: knowledge distillation of causal language models.
+//!
+//! Data flows one way: `recipe` → a stage (`generate`, `train`, `eval`) → `model` / `data`.
+//! `hub` and `tokenizer` resolve and load what the stages need.
+
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod hub;
+pub mod model;
+pub mod recipe;
+pub mod task;
+pub mod tokenizer;
+pub mod train;

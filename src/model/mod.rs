@@ -1,0 +1,5 @@
+//! Causal language models that kdllm can sample from and train.
+
+pub mod llama;
+
+pub use llama::{Llama, LlamaConfig};
