@@ -1,1 +1,138 @@
-//! (in progress)
+//! The trainer: fine-tuning (cross-entropy) and distillation (KL to teacher top-k + imitation CE).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::LlamaConfig;
+
+/// Optimisation settings shared by `finetune` and `distill`. Defaults live only in `Default`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate, reached after `warmup_steps`, then cosine-decayed to `lr * min_lr_ratio`.
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    /// Decoupled AdamW weight decay, applied to matrices only (not norms, not embeddings).
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub grad_clip: f64,
+    /// Sequences longer than this are truncated.
+    pub max_seq_len: usize,
+    /// Fraction of the data held out for validation (chosen by a hash of the example).
+    pub valid_fraction: f64,
+    /// Validate every N steps (0 = only at the end).
+    pub eval_every: usize,
+    pub log_every: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            max_seq_len: 512,
+            valid_fraction: 0.05,
+            eval_every: 0,
+            log_every: 10,
+            seed: 0,
+        }
+    }
+}
+
+/// The distillation objective: `alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KdConfig {
+    pub alpha: f64,
+    pub temperature: f64,
+}
+
+impl Default for KdConfig {
+    fn default() -> Self {
+        Self { alpha: 0.5, temperature: 2.0 }
+    }
+}
+
+/// Where the weights of the model being trained come from: exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInit {
+    /// A folder, Hub repo id or alias of a pretrained model.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// A new model with random weights (HF config.json field names; `vocab_size` from the tokenizer).
+    #[serde(default)]
+    pub config: Option<LlamaConfig>,
+}
+
+/// Fine-tune (or pre-train) a model with cross-entropy on task data (JSONL/text examples).
+#[derive(Debug, Clone)]
+pub struct FinetuneJob {
+    pub data: PathBuf,
+    pub model: ModelInit,
+    /// Folder with tokenizer.json; required when the model is built from a config.
+    pub tokenizer: Option<PathBuf>,
+    pub train: TrainConfig,
+    pub output: PathBuf,
+}
+
+/// Distill a student on teacher samples (a Parquet file or folder written by `generate`).
+#[derive(Debug, Clone)]
+pub struct DistillJob {
+    pub data: PathBuf,
+    pub student: ModelInit,
+    /// Folder with the teacher's tokenizer; required when the student is built from a config.
+    pub tokenizer: Option<PathBuf>,
+    pub kd: KdConfig,
+    pub train: TrainConfig,
+    pub output: PathBuf,
+}
+
+/// What a training run did, for the recipe summary and logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub output: PathBuf,
+    pub params: usize,
+    pub steps: usize,
+    pub tokens: usize,
+    pub tokens_per_sec: f64,
+    pub first_loss: f64,
+    pub final_loss: f64,
+    pub valid_loss: Option<f64>,
+    pub wall_secs: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+}
+
+pub fn finetune(_job: &FinetuneJob) -> anyhow::Result<TrainReport> {
+    unimplemented!("in progress")
+}
+
+pub fn distill(_job: &DistillJob) -> anyhow::Result<TrainReport> {
+    unimplemented!("in progress")
+}
