@@ -2,6 +2,11 @@
 
 use std::path::PathBuf;
 
+pub mod batch;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::LlamaConfig;
