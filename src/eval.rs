@@ -1,9 +1,18 @@
 //! Evaluation of a model on teacher samples (NLL, KL and top-1 agreement with the teacher)
 //! and on a task (accuracy of greedy answers).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+use candle_core::{Device, Tensor, D};
 use serde::Serialize;
+
+use crate::data;
+use crate::generate::{decode, eos_ids, row_rng, DecodeSettings};
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::train::batch::{Batch, Sequence, TeacherTopK};
+use crate::train::{encode_example, loss};
 
 #[derive(Debug, Clone)]
 pub struct EvalJob {
@@ -30,6 +39,119 @@ pub struct EvalReport {
     pub task_accuracy: Option<f64>,
 }
 
-pub fn evaluate(_job: &EvalJob) -> anyhow::Result<EvalReport> {
-    unimplemented!("in progress")
+pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
+    let model = Llama::load(&job.model, &Device::Cpu).with_context(|| format!("loading the model from {}", job.model.display()))?;
+    let tokenizer = Tokenizer::from_folder(&job.model)?;
+    let seqs = sequences(&job.data, &tokenizer)?;
+    let m = measure(&model, &seqs, job.batch_size.max(1))?;
+    let task_accuracy = match &job.task {
+        Some(path) => Some(task_accuracy(&model, &tokenizer, path, job.batch_size.max(1))?),
+        None => None,
+    };
+    Ok(EvalReport {
+        model: job.model.clone(),
+        params: model.config().num_params(),
+        tokens: m.tokens,
+        nll_per_token: m.nll,
+        perplexity: m.nll.exp(),
+        kl_to_teacher: m.kl,
+        top1_agreement: m.top1,
+        task_accuracy,
+    })
+}
+
+/// Teacher samples (a Parquet file or folder) or task examples (JSONL / text).
+fn sequences(path: &Path, tokenizer: &Tokenizer) -> anyhow::Result<Vec<Sequence>> {
+    let is_samples = path.is_dir() || path.extension().is_some_and(|e| e == "parquet");
+    if !is_samples {
+        return data::read_examples(path)?.iter().map(|e| encode_example(tokenizer, &e.prompt, &e.completion)).collect();
+    }
+    let set = data::read_samples(path)?;
+    if set.meta.tokenizer_hash != tokenizer.vocab_hash() {
+        anyhow::bail!("{} was written with a different tokenizer than the model's; KL and agreement need the same vocabulary", path.display());
+    }
+    Ok(set
+        .samples
+        .into_iter()
+        .map(|s| {
+            let loss_from = s.prompt_token_ids.len();
+            let mut ids = s.prompt_token_ids;
+            ids.extend(s.completion_token_ids);
+            let teacher = (!s.topk_token_ids.is_empty()).then_some(TeacherTopK { ids: s.topk_token_ids, logprobs: s.topk_logprobs });
+            Sequence { ids, loss_from, teacher }
+        })
+        .collect())
+}
+
+struct Measures {
+    tokens: usize,
+    nll: f64,
+    kl: Option<f64>,
+    top1: Option<f64>,
+}
+
+/// Token-weighted NLL of the data's completions, and (with teacher top-k) KL at T = 1 and
+/// the fraction of positions where the model's argmax is the teacher's most likely token.
+fn measure(model: &Llama, seqs: &[Sequence], batch_size: usize) -> anyhow::Result<Measures> {
+    let (mut n, mut nll, mut kl, mut agree) = (0usize, 0f64, 0f64, 0usize);
+    let mut with_teacher = !seqs.is_empty();
+    for chunk in seqs.chunks(batch_size) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let batch = Batch::new(&refs, model.device())?;
+        let count = batch.targets.dim(0)?;
+        if count == 0 {
+            continue;
+        }
+        let logits = batch.select(&model.forward(&batch.inputs, None)?)?;
+        nll += to_f64(&loss::cross_entropy(&logits, &batch.targets)?)? * count as f64;
+        match &batch.teacher {
+            Some((ids, lps)) => {
+                kl += to_f64(&loss::topk_kl(&logits, ids, lps, 1.0)?)? * count as f64;
+                let student_top = logits.argmax(D::Minus1)?;
+                let teacher_top = ids.narrow(1, 0, 1)?.squeeze(1)?;
+                agree += student_top.eq(&teacher_top)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+            }
+            None => with_teacher = false,
+        }
+        n += count;
+    }
+    let denom = n.max(1) as f64;
+    Ok(Measures {
+        tokens: n,
+        nll: nll / denom,
+        kl: with_teacher.then_some(kl / denom),
+        top1: with_teacher.then_some(agree as f64 / denom),
+    })
+}
+
+fn to_f64(t: &Tensor) -> candle_core::Result<f64> {
+    t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+}
+
+/// Fraction of task examples whose greedy completion is the expected answer.
+fn task_accuracy(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: usize) -> anyhow::Result<f64> {
+    let examples = data::read_examples(path)?;
+    let prompts: Vec<Vec<u32>> = examples.iter().map(|e| tokenizer.encode(&e.prompt, true)).collect::<Result<_, _>>()?;
+    let longest = examples.iter().map(|e| tokenizer.encode(&e.completion, false).map(|v| v.len())).try_fold(0, |m, l| l.map(|l| m.max(l)))?;
+    let settings = DecodeSettings {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens: longest + 2,
+        logprobs: 0,
+        eos_ids: eos_ids(tokenizer, model),
+    };
+    let bar = crate::progress::bar(examples.len() as u64, "task");
+    let mut correct = 0;
+    for (chunk, exs) in prompts.chunks(batch_size).zip(examples.chunks(batch_size)) {
+        // Greedy decoding never draws from these; decode wants one per row.
+        let mut rngs: Vec<_> = (0..chunk.len()).map(|i| row_rng(0, "", i as u32)).collect();
+        for (c, e) in decode(model, chunk, &mut rngs, &settings)?.iter().zip(exs) {
+            let ids: Vec<u32> = c.ids.iter().copied().filter(|t| !settings.eos_ids.contains(t)).collect();
+            correct += usize::from(crate::task::is_correct(&e.completion, &tokenizer.decode(&ids)?));
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(correct as f64 / examples.len().max(1) as f64)
 }

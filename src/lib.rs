@@ -3,11 +3,14 @@
 //! Data flows one way: `recipe` → a stage (`generate`, `train`, `eval`) → `model` / `data`.
 //! `hub` and `tokenizer` resolve and load what the stages need.
 
+pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod hash;
 pub mod hub;
 pub mod model;
+pub mod progress;
 pub mod recipe;
 pub mod task;
 pub mod tokenizer;

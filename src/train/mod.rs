@@ -6,6 +6,9 @@ pub mod batch;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+mod trainer;
+
+pub use trainer::{distill, encode_example, finetune, mean_loss};
 
 use serde::{Deserialize, Serialize};
 
@@ -132,12 +135,10 @@ pub struct TrainReport {
 pub enum TrainError {
     #[error("{0}")]
     Config(String),
-}
-
-pub fn finetune(_job: &FinetuneJob) -> anyhow::Result<TrainReport> {
-    unimplemented!("in progress")
-}
-
-pub fn distill(_job: &DistillJob) -> anyhow::Result<TrainReport> {
-    unimplemented!("in progress")
+    #[error("the student's tokenizer differs from the one that wrote {data} (vocab hashes differ); token-level KL needs the teacher's tokenizer: set `tokenizer:` to the teacher's folder")]
+    TokenizerMismatch { data: PathBuf },
+    #[error("parameter `{0}` got no gradient: the graph is cut somewhere in the model")]
+    NoGradient(String),
+    #[error("the loss became {value} at step {step} (term `{term}`); lower `train.lr` or raise `train.warmup_steps`")]
+    NonFinite { step: usize, term: &'static str, value: f64 },
 }

@@ -1,0 +1,128 @@
+//! Command-line flags, turned into validated stage jobs in one step.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::eval::EvalJob;
+use crate::generate::{GenerateJob, SamplingConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "kdllm", version, about = "Knowledge distillation of causal language models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sample completions from a teacher and write them, with its log-probabilities, to Parquet.
+    Generate(GenerateArgs),
+    /// Run a recipe: a YAML chain of finetune / generate / distill / eval steps.
+    Train(TrainArgs),
+    /// Measure a model on teacher samples or task data; prints one JSON object.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Teacher: an alias (see README), a Hub repo id (owner/name) or a local folder.
+    #[arg(long)]
+    pub teacher: String,
+    /// Hub revision (branch, tag or commit) of the teacher.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Prompts: JSONL with `id` and `prompt` or `messages`, or text with one prompt a line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Parquet file to write.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub samples_per_prompt: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Teacher top-k log-probs stored per completion token.
+    #[arg(long)]
+    pub logprobs: Option<usize>,
+}
+
+impl GenerateArgs {
+    /// Flags given on the command line override `SamplingConfig::default()`.
+    pub fn into_job(self) -> GenerateJob {
+        let d = SamplingConfig::default();
+        let sampling = SamplingConfig {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            max_new_tokens: self.max_new_tokens.unwrap_or(d.max_new_tokens),
+            samples_per_prompt: self.samples_per_prompt.unwrap_or(d.samples_per_prompt),
+            seed: self.seed.unwrap_or(d.seed),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            logprobs: self.logprobs.unwrap_or(d.logprobs),
+        };
+        GenerateJob { teacher: self.teacher, revision: self.revision, prompts: self.prompts, output: self.output, sampling }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The recipe to run, e.g. recipes/quickstart.yaml.
+    #[arg(long)]
+    pub recipe: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model folder in the Hugging Face layout.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Teacher samples (Parquet file or folder) or task examples (JSONL / text).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Task test set (JSONL of prompt/completion) to score greedy answers on.
+    #[arg(long)]
+    pub task: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+impl EvalArgs {
+    pub fn into_job(self) -> EvalJob {
+        EvalJob { model: self.model, data: self.data, task: self.task, batch_size: self.batch_size }
+    }
+}
+
+/// Runs one command; the binary only prints the error chain and picks the exit code.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => {
+            let report = crate::generate::generate(&args.into_job())?;
+            eprintln!(
+                "wrote {} samples ({} tokens, {:.0} tok/s) to {}",
+                report.samples,
+                report.completion_tokens,
+                report.tokens_per_sec,
+                report.output.display()
+            );
+        }
+        Command::Train(args) => {
+            crate::recipe::run(&args.recipe)?;
+        }
+        Command::Eval(args) => {
+            let report = crate::eval::evaluate(&args.into_job())?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The one decode loop, shared by the generator (sampling) and evaluation (greedy):
+//! left-pad a batch of prompts, prefill them through the KV cache, then extend every
+//! unfinished row one token per forward pass.
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+
+use super::sampler;
+use crate::data::FinishReason;
+use crate::model::llama::{KvCache, Llama, Result};
+
+/// How to pick tokens and what to record about them.
+#[derive(Debug, Clone)]
+pub struct DecodeSettings {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    /// Top-k log-probs (at temperature 1) to keep per generated token; 0 keeps none.
+    pub logprobs: usize,
+    pub eos_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Generated ids; a final EOS is included when `finish` is `Stop`.
+    pub ids: Vec<u32>,
+    /// log p(token) at temperature 1 for each generated id.
+    pub token_logprobs: Vec<f32>,
+    pub topk_ids: Vec<Vec<u32>>,
+    pub topk_logprobs: Vec<Vec<f32>>,
+    pub finish: FinishReason,
+}
+
+/// Completes each prompt; `rngs[i]` drives row i, so a row's tokens do not depend on
+/// which other prompts share its batch.
+pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &DecodeSettings) -> Result<Vec<Completion>> {
+    let b = prompts.len();
+    let mut out: Vec<Completion> = (0..b)
+        .map(|_| Completion {
+            ids: Vec::new(),
+            token_logprobs: Vec::new(),
+            topk_ids: Vec::new(),
+            topk_logprobs: Vec::new(),
+            finish: FinishReason::Length,
+        })
+        .collect();
+    if b == 0 || s.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    let mut padded = Vec::with_capacity(b * width);
+    for (p, &pad) in prompts.iter().zip(&pads) {
+        padded.extend(std::iter::repeat_n(0u32, pad));
+        padded.extend(p);
+    }
+    let dev = Device::Cpu;
+    let mut cache = KvCache::new(model.config(), pads);
+    let logits = model.forward(&Tensor::from_vec(padded, (b, width), &dev)?, Some(&mut cache))?;
+    let mut last = logits.narrow(1, width - 1, 1)?.squeeze(1)?;
+    let mut done = vec![false; b];
+
+    for step in 0..s.max_new_tokens {
+        let rows = last.to_vec2::<f32>()?;
+        let mut next = vec![0u32; b];
+        for (i, row) in rows.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let lp = sampler::log_softmax(row);
+            let tok = sampler::sample(&lp, s.temperature, s.top_k, s.top_p, &mut rngs[i]);
+            let c = &mut out[i];
+            c.ids.push(tok);
+            c.token_logprobs.push(lp[tok as usize]);
+            if s.logprobs > 0 {
+                let (ids, lps) = sampler::top_k(&lp, s.logprobs).into_iter().unzip();
+                c.topk_ids.push(ids);
+                c.topk_logprobs.push(lps);
+            }
+            if s.eos_ids.contains(&tok) {
+                c.finish = FinishReason::Stop;
+                done[i] = true;
+            }
+            next[i] = tok;
+        }
+        if done.iter().all(|&d| d) || step + 1 == s.max_new_tokens {
+            break;
+        }
+        let logits = model.forward(&Tensor::from_vec(next, (b, 1), &dev)?, Some(&mut cache))?;
+        last = logits.squeeze(1)?;
+    }
+    Ok(out)
+}

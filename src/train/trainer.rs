@@ -1,0 +1,309 @@
+//! The training loop shared by `finetune` and `distill`, readable top to bottom:
+//! setup (tokenizer, data, model, optimizer) → for each step: set lr → micro-batches
+//! (forward, loss, backward, accumulate) → clip → AdamW step → log / validate → save.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+
+use super::batch::{Batch, Sequence, TeacherTopK};
+use super::loss::{distill_loss, LossTerms};
+use super::optim::{clip_scale, grad_norm, AdamW};
+use super::schedule::lr_at;
+use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, TrainConfig, TrainError, TrainReport};
+use crate::data;
+use crate::hub::{self, HubOptions};
+use crate::model::llama::{self, Llama, LlamaConfig};
+use crate::tokenizer::Tokenizer;
+
+pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
+    validate(&job.train, None)?;
+    let (tokenizer, source) = tokenizer_for(&job.model, job.tokenizer.as_deref())?;
+    let examples = data::read_examples(&job.data)?;
+    let seqs = examples
+        .iter()
+        .map(|e| encode_example(&tokenizer, &e.prompt, &e.completion))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kd = KdConfig { alpha: 0.0, temperature: 1.0 };
+    let keys: Vec<String> = examples.iter().map(|e| format!("{}\u{0}{}", e.prompt, e.completion)).collect();
+    run(&job.model, source.as_deref(), tokenizer, seqs, keys, &kd, &job.train, &job.output)
+}
+
+pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
+    validate(&job.train, Some(&job.kd))?;
+    let (tokenizer, source) = tokenizer_for(&job.student, job.tokenizer.as_deref())?;
+    let set = data::read_samples(&job.data)?;
+    if tokenizer.vocab_hash() != set.meta.tokenizer_hash {
+        return Err(TrainError::TokenizerMismatch { data: job.data.clone() }.into());
+    }
+    let keys = set.samples.iter().map(|s| s.prompt_id.clone()).collect();
+    let seqs = set
+        .samples
+        .into_iter()
+        .map(|s| {
+            let loss_from = s.prompt_token_ids.len();
+            let mut ids = s.prompt_token_ids;
+            ids.extend(s.completion_token_ids);
+            Sequence { ids, loss_from, teacher: Some(TeacherTopK { ids: s.topk_token_ids, logprobs: s.topk_logprobs }) }
+        })
+        .collect();
+    run(&job.student, source.as_deref(), tokenizer, seqs, keys, &job.kd, &job.train, &job.output)
+}
+
+/// Prompt tokens (with BOS) followed by completion tokens and EOS; only the completion counts.
+/// An empty prompt (plain text) makes every token after BOS count.
+pub fn encode_example(tok: &Tokenizer, prompt: &str, completion: &str) -> anyhow::Result<Sequence> {
+    let mut ids = tok.encode(prompt, true)?;
+    let loss_from = ids.len();
+    ids.extend(tok.encode(completion, false)?);
+    ids.extend(tok.eos_ids().first());
+    Ok(Sequence { ids, loss_from, teacher: None })
+}
+
+fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainError> {
+    let bad = |m: &str| Err(TrainError::Config(m.to_string()));
+    if cfg.steps == 0 || cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.max_seq_len < 2 {
+        return bad("`train.steps`, `train.batch_size` and `train.grad_accum` must be > 0 and `train.max_seq_len` ≥ 2");
+    }
+    if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
+        return bad("`train.lr` must be a positive number");
+    }
+    if !(0.0..1.0).contains(&cfg.valid_fraction) {
+        return bad("`train.valid_fraction` must be in [0, 1)");
+    }
+    if !(0.0..=1.0).contains(&cfg.min_lr_ratio) || cfg.weight_decay < 0.0 || cfg.grad_clip < 0.0 {
+        return bad("`train.min_lr_ratio` must be in [0, 1]; `weight_decay` and `grad_clip` ≥ 0");
+    }
+    if !(0.0..1.0).contains(&cfg.beta1) || !(0.0..1.0).contains(&cfg.beta2) {
+        return bad("`train.beta1` and `train.beta2` must be in [0, 1)");
+    }
+    if let Some(kd) = kd {
+        if !(0.0..=1.0).contains(&kd.alpha) {
+            return bad("`kd.alpha` must be in [0, 1] (1 = KL only, 0 = imitation only)");
+        }
+        if !(kd.temperature > 0.0 && kd.temperature.is_finite()) {
+            return bad("`kd.temperature` must be > 0");
+        }
+    }
+    Ok(())
+}
+
+/// The tokenizer to train with, and the pretrained folder the model comes from (if any).
+fn tokenizer_for(init: &ModelInit, tokenizer: Option<&Path>) -> anyhow::Result<(Tokenizer, Option<PathBuf>)> {
+    let source = match (&init.from, &init.config) {
+        (Some(spec), None) => Some(hub::resolve(spec, None, &HubOptions::from_env())?.dir),
+        (None, Some(_)) => None,
+        _ => bail!(TrainError::Config("set exactly one of `from` (a pretrained model) or `config` (a new one)".into())),
+    };
+    let dir = match (tokenizer, &source) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => bail!(TrainError::Config(
+            "a model built from `config` needs `tokenizer:` (a folder with tokenizer.json, e.g. the teacher's)".into()
+        )),
+    };
+    let tok = Tokenizer::from_folder(&dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
+    Ok((tok, source))
+}
+
+fn build_model(init: &ModelInit, source: Option<&Path>, tok: &Tokenizer, seed: u64) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
+    let dev = Device::Cpu;
+    if let Some(dir) = source {
+        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let (vm, model) = Llama::trainable(&cfg, &dev)?;
+        llama::load_weights(&vm, &llama::weight_files(dir)?)?;
+        return Ok((cfg, vm, model));
+    }
+    let mut cfg = init.config.clone().expect("checked by tokenizer_for");
+    let vocab = tok.vocab_size();
+    if cfg.vocab_size == 0 {
+        cfg.vocab_size = vocab;
+    } else if cfg.vocab_size < vocab {
+        bail!(TrainError::Config(format!(
+            "`config.vocab_size` ({}) is smaller than the tokenizer's vocabulary ({vocab}); omit it to use the tokenizer's",
+            cfg.vocab_size
+        )));
+    }
+    cfg.bos_token_id = tok.bos_id();
+    cfg.eos_token_id = Some(llama::TokenIds::Many(tok.eos_ids().to_vec()));
+    let (vm, model) = Llama::trainable(&cfg, &dev)?;
+    llama::init_weights(&vm, seed)?;
+    Ok((cfg, vm, model))
+}
+
+/// Held-out split by a hash of each example's key, so a prompt's samples stay together.
+fn split(seqs: Vec<Sequence>, keys: &[String], fraction: f64) -> (Vec<Sequence>, Vec<Sequence>) {
+    let (mut train, mut valid) = (Vec::new(), Vec::new());
+    for (s, k) in seqs.into_iter().zip(keys) {
+        if ((crate::hash::fnv1a(&[k.as_bytes()]) % 10_000) as f64) < fraction * 10_000.0 {
+            valid.push(s);
+        } else {
+            train.push(s);
+        }
+    }
+    (train, valid)
+}
+
+/// Mean loss terms over a set of sequences, token-weighted. Returns (total, ce, kl).
+pub fn mean_loss(model: &Llama, seqs: &[Sequence], kd: &KdConfig, batch_size: usize) -> anyhow::Result<(f64, f64, Option<f64>)> {
+    let (mut total, mut ce, mut kl, mut n) = (0.0, 0.0, 0.0, 0usize);
+    for chunk in seqs.chunks(batch_size.max(1)) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let batch = Batch::new(&refs, model.device())?;
+        let count = batch.targets.dim(0)?;
+        let terms = batch_loss(model, &batch, kd)?;
+        total += scalar(&terms.total)? * count as f64;
+        ce += scalar(&terms.ce)? * count as f64;
+        kl += terms.kl.as_ref().map(scalar).transpose()?.unwrap_or(0.0) * count as f64;
+        n += count;
+    }
+    let n = n.max(1) as f64;
+    Ok((total / n, ce / n, (kd.alpha > 0.0).then_some(kl / n)))
+}
+
+fn batch_loss(model: &Llama, batch: &Batch, kd: &KdConfig) -> anyhow::Result<LossTerms> {
+    let logits = batch.select(&model.forward(&batch.inputs, None)?)?;
+    let teacher = batch.teacher.as_ref().map(|(i, l)| (i, l));
+    Ok(distill_loss(&logits, &batch.targets, teacher, kd.alpha, kd.temperature)?)
+}
+
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    init: &ModelInit,
+    source: Option<&Path>,
+    tokenizer: Tokenizer,
+    seqs: Vec<Sequence>,
+    keys: Vec<String>,
+    kd: &KdConfig,
+    cfg: &TrainConfig,
+    output: &Path,
+) -> anyhow::Result<TrainReport> {
+    let started = Instant::now();
+    let seqs: Vec<Sequence> = seqs.into_iter().map(|s| s.truncate(cfg.max_seq_len)).collect();
+    let (train, valid) = split(seqs, &keys, cfg.valid_fraction);
+    let train: Vec<Sequence> = train.into_iter().filter(|s| s.counted() > 0).collect();
+    if train.is_empty() {
+        bail!(TrainError::Config("no training examples left after the held-out split; add data or lower `train.valid_fraction`".into()));
+    }
+    let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
+    let (model_cfg, varmap, model) = build_model(init, source, &tokenizer, cfg.seed)?;
+    let vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut opt = AdamW::new(vars, cfg)?;
+    std::fs::create_dir_all(output).with_context(|| format!("creating output folder {}", output.display()))?;
+    let metrics_path = output.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(&mut rng);
+    let mut cursor = 0;
+    let bar = crate::progress::bar(cfg.steps as u64, "train");
+    let (mut tokens, mut train_secs) = (0usize, 0f64);
+    let (mut first_loss, mut last_loss, mut valid_loss) = (None, 0.0, None);
+
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        let lr = lr_at(step, cfg);
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().count()];
+        let (mut loss, mut ce, mut kl, mut step_tokens) = (0.0, 0.0, None, 0);
+        for _ in 0..cfg.grad_accum {
+            let mut picked = Vec::with_capacity(cfg.batch_size);
+            for _ in 0..cfg.batch_size {
+                if cursor == order.len() {
+                    order.shuffle(&mut rng);
+                    cursor = 0;
+                }
+                picked.push(&train[order[cursor]]);
+                cursor += 1;
+            }
+            let batch = Batch::new(&picked, model.device())?;
+            step_tokens += batch.tokens;
+            let terms = batch_loss(&model, &batch, kd)?;
+            let scale = 1.0 / cfg.grad_accum as f64;
+            loss += scalar(&terms.total)? * scale;
+            ce += scalar(&terms.ce)? * scale;
+            if let Some(k) = &terms.kl {
+                kl = Some(kl.unwrap_or(0.0) + scalar(k)? * scale);
+            }
+            let g = (terms.total * scale)?.backward()?;
+            for (slot, (name, var)) in grads.iter_mut().zip(opt.vars()) {
+                let gv = g.get(var).ok_or_else(|| TrainError::NoGradient(name.to_string()))?;
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + gv)?,
+                    None => gv.clone(),
+                });
+            }
+        }
+        if !loss.is_finite() {
+            let term = if !ce.is_finite() { "ce" } else { "kl" };
+            bail!(TrainError::NonFinite { step, term, value: loss });
+        }
+        let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled above")).collect();
+        let norm = grad_norm(&grads)?;
+        opt.step(&grads, lr, clip_scale(norm, cfg.grad_clip))?;
+        train_secs += t0.elapsed().as_secs_f64();
+        tokens += step_tokens;
+        first_loss.get_or_insert(loss);
+        last_loss = loss;
+
+        let last = step + 1 == cfg.steps;
+        if (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0) || last {
+            if !valid.is_empty() {
+                valid_loss = Some(mean_loss(&model, &valid, kd, cfg.batch_size)?.0);
+            }
+        }
+        if step % cfg.log_every.max(1) == 0 || last {
+            let line = serde_json::json!({
+                "step": step + 1, "loss": loss, "ce": ce, "kl": kl, "lr": lr, "grad_norm": norm,
+                "tokens_per_sec": tokens as f64 / train_secs, "valid_loss": if last { valid_loss } else { None },
+            });
+            writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
+            bar.set_message(format!("loss {loss:.4}"));
+            if bar.is_hidden() {
+                eprintln!("step {:>6}/{} loss {loss:.4} lr {lr:.2e} {:.0} tok/s", step + 1, cfg.steps, tokens as f64 / train_secs);
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    llama::save(&model_cfg, &varmap, output)?;
+    tokenizer.save(output)?;
+    write_generation_config(&model_cfg, output)?;
+    let report = TrainReport {
+        output: output.to_path_buf(),
+        params: model_cfg.num_params(),
+        steps: cfg.steps,
+        tokens,
+        tokens_per_sec: tokens as f64 / train_secs.max(1e-9),
+        first_loss: first_loss.unwrap_or(f64::NAN),
+        final_loss: last_loss,
+        valid_loss,
+        wall_secs: started.elapsed().as_secs_f64(),
+    };
+    let path = output.join("train_report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    Ok(report)
+}
+
+fn write_generation_config(cfg: &LlamaConfig, dir: &Path) -> anyhow::Result<()> {
+    let json = serde_json::json!({
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_ids(),
+        "do_sample": true,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    });
+    let path = dir.join("generation_config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
