@@ -1,0 +1,146 @@
+//! A tiny teacher (random weights, a tokenizer trained here) → generate → distill → eval,
+//! through the library and through the `kdllm` binary. Everything lives in temp folders.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use kdllm::generate::{generate, GenerateJob, SamplingConfig};
+use kdllm::model::llama::{self, Llama, LlamaConfig};
+use kdllm::tokenizer::Tokenizer;
+use kdllm::train::{distill, DistillJob, KdConfig, ModelInit, TrainConfig};
+
+const WORDS: &[&str] = &["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "big", "red", "ball", "and", "is"];
+
+fn corpus() -> Vec<String> {
+    (0..200).map(|i| (0..8).map(|j| WORDS[(i * 7 + j * 3 + i / 5) % WORDS.len()]).collect::<Vec<_>>().join(" ")).collect()
+}
+
+fn tiny_teacher(dir: &Path) -> LlamaConfig {
+    let tok = Tokenizer::train_bpe(&corpus(), 120).unwrap();
+    tok.save(dir).unwrap();
+    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": tok.vocab_size(), "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "tie_word_embeddings": true,
+        "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_ids()[0],
+    }))
+    .unwrap();
+    let (vm, _) = Llama::trainable(&cfg, &Device::Cpu).unwrap();
+    llama::init_weights(&vm, 3).unwrap();
+    // Sharper than HF's init so the teacher's distributions are far from uniform.
+    for v in vm.all_vars() {
+        v.set(&(v.as_tensor() * 8.0).unwrap()).unwrap();
+    }
+    llama::save(&cfg, &vm, dir).unwrap();
+    cfg
+}
+
+fn write_prompts(path: &Path, n: usize) {
+    let lines: Vec<String> = (0..n)
+        .map(|i| serde_json::json!({"id": format!("p{i}"), "prompt": format!("the {} {}", WORDS[i % 14], WORDS[(i * 5) % 14])}).to_string())
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+fn gen_job(teacher: &Path, prompts: &Path, out: PathBuf) -> GenerateJob {
+    GenerateJob {
+        teacher: teacher.display().to_string(),
+        revision: None,
+        prompts: prompts.to_path_buf(),
+        output: out,
+        sampling: SamplingConfig { max_new_tokens: 12, samples_per_prompt: 2, batch_size: 8, logprobs: 8, seed: 5, ..Default::default() },
+    }
+}
+
+#[test]
+fn teacher_samples_then_a_student_learns_from_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts, 40);
+
+    let a = generate(&gen_job(&teacher, &prompts, tmp.path().join("a.parquet"))).unwrap();
+    assert_eq!(a.samples, 80);
+    let b = generate(&gen_job(&teacher, &prompts, tmp.path().join("b.parquet"))).unwrap();
+    assert_eq!(std::fs::read(&a.output).unwrap(), std::fs::read(&b.output).unwrap(), "same seed, same bytes");
+
+    let set = kdllm::data::read_samples(&a.output).unwrap();
+    for s in &set.samples {
+        assert_eq!(s.topk_token_ids.len(), s.completion_token_ids.len());
+        assert!(s.topk_token_ids.iter().all(|row| row.len() == 8));
+        assert!(s.token_logprobs.iter().all(|&lp| lp <= 0.0 && lp.is_finite()));
+        // The sampled token's log-prob is at most the top-1 log-prob.
+        assert!(s.token_logprobs.iter().zip(&s.topk_logprobs).all(|(lp, top)| *lp <= top[0] + 1e-6));
+    }
+
+    let student_cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": true,
+    }))
+    .unwrap();
+    let out = tmp.path().join("student");
+    let report = distill(&DistillJob {
+        data: a.output.clone(),
+        student: ModelInit { from: None, config: Some(student_cfg) },
+        tokenizer: Some(teacher.clone()),
+        kd: KdConfig { alpha: 0.5, temperature: 2.0 },
+        train: TrainConfig { steps: 40, batch_size: 8, lr: 1e-2, warmup_steps: 5, valid_fraction: 0.1, ..Default::default() },
+        output: out.clone(),
+    })
+    .unwrap();
+    assert!(report.final_loss < report.first_loss * 0.9, "loss should fall: {} → {}", report.first_loss, report.final_loss);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "metrics.jsonl"] {
+        assert!(out.join(f).is_file(), "{f} missing from the student folder");
+    }
+    let student = Llama::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(student.config().num_params(), report.params);
+    assert_eq!(Tokenizer::from_folder(&out).unwrap().vocab_hash(), Tokenizer::from_folder(&teacher).unwrap().vocab_hash());
+
+    let eval = kdllm::eval::evaluate(&kdllm::eval::EvalJob { model: out, data: a.output, task: None, batch_size: 16 }).unwrap();
+    assert!(eval.kl_to_teacher.unwrap() >= 0.0 && eval.top1_agreement.unwrap() <= 1.0);
+    assert!((eval.perplexity - eval.nll_per_token.exp()).abs() < 1e-9);
+}
+
+fn kdllm(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kdllm")).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    let cfg = tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts, 3);
+    let out = tmp.path().join("out.parquet");
+    let (t, p, o) = (teacher.to_str().unwrap(), prompts.to_str().unwrap(), out.to_str().unwrap());
+
+    let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", "/nonexistent/prompts.jsonl", "-o", o]);
+    assert!(!ok && err.contains("/nonexistent/prompts.jsonl"), "{err}");
+
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", empty.to_str().unwrap(), "-o", o]);
+    assert!(!ok && err.contains("empty.txt"), "{err}");
+
+    let (ok, err) = kdllm(&["generate", "--teacher", "no-such-alias", "--prompts", p, "-o", o]);
+    assert!(!ok && err.contains("no-such-alias") && err.contains("smollm2"), "{err}");
+
+    let (ok, err) = kdllm(&["generate", "--teacher", "someone/not-cached", "--prompts", p, "-o", o]);
+    assert!(!ok && err.contains("someone/not-cached") && err.contains("config.json"), "{err}");
+
+    let too_many = (cfg.vocab_size + 1).to_string();
+    let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--logprobs", &too_many]);
+    assert!(!ok && err.contains("--logprobs"), "{err}");
+
+    let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--top-p", "0"]);
+    assert!(!ok && err.contains("top_p"), "{err}");
+
+    assert!(std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("out.")), "no output left behind");
+
+    let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--max-new-tokens", "4"]);
+    assert!(ok && out.is_file(), "{err}");
+}
