@@ -1,0 +1,659 @@
+//! Recipes: a YAML file of named steps, each feeding the next, run top to bottom.
+//!
+//! ```yaml
+//! # Run: cargo run --release -- train --recipe recipes/quickstart.yaml
+//! name: quickstart
+//! workdir: runs/quickstart          # each step writes to <workdir>/<step name>
+//! steps:
+//!   - name: task
+//!     kind: task                    # task::TaskConfig: writes the task corpus, trains a tokenizer
+//!     task: {max_digits: 3}
+//!   - name: teacher
+//!     kind: finetune                # train::FinetuneJob
+//!     data: steps.task.output/train.jsonl
+//!     tokenizer: steps.task.output
+//!     model: {config: {hidden_size: 128, intermediate_size: 384, num_hidden_layers: 4, num_attention_heads: 4}}
+//!     train: {steps: 1500}
+//!   - name: samples
+//!     kind: generate                # generate::GenerateJob
+//!     teacher: steps.teacher.output
+//!     prompts: steps.task.output/prompts.jsonl
+//!     sampling: {max_new_tokens: 8}
+//!   - name: student
+//!     kind: distill                 # train::DistillJob
+//!     data: steps.samples.output
+//!     tokenizer: steps.teacher.output
+//!     student: {config: {hidden_size: 64, intermediate_size: 192, num_hidden_layers: 3, num_attention_heads: 4}}
+//!     kd: {alpha: 0.5, temperature: 2.0}
+//!   - name: eval
+//!     kind: eval                    # eval::EvalJob, once per model
+//!     models: [steps.teacher.output, steps.student.output]
+//!     data: steps.samples.output
+//!     task: steps.task.output/test.jsonl    # optional: task accuracy of greedy answers
+//! ```
+//!
+//! The keys of each kind (all others are errors):
+//!
+//! | kind       | keys                                                                         |
+//! |------------|------------------------------------------------------------------------------|
+//! | `task`     | `task` (`task::TaskConfig`)                                                  |
+//! | `finetune` | `data`, `model` (`from` \| `config`), `tokenizer`, `train` (`train::TrainConfig`) |
+//! | `generate` | `teacher`, `prompts`, `revision`, `sampling` (`generate::SamplingConfig`)    |
+//! | `distill`  | `data`, `student` (`from` \| `config`), `tokenizer`, `kd`, `train`           |
+//! | `eval`     | `models` (a list), `data`, `task`, `batch_size`                              |
+//!
+//! Paths. A value `steps.NAME.output`, optionally followed by `/sub/path`, is the output of the
+//! earlier step NAME: the folder `<workdir>/NAME`, except for a `generate` step, whose output is
+//! the file `<workdir>/NAME/samples.parquet`. Any other path, `workdir` included, is relative to
+//! the current directory, as on the command line (not to the recipe's folder). A `from:` or
+//! `teacher:` that is not a reference may also be a Hub repo id or alias.
+//!
+//! Defaults come only from the `Default` of each config struct; a section left out of a step
+//! (`train:`, `sampling:`, ...) is that default.
+
+mod parse;
+mod summary;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{self, EvalJob, EvalReport};
+use crate::generate::{self, GenerateJob, GenerateReport, SamplingConfig};
+use crate::task::{self, TaskConfig};
+use crate::tokenizer::Tokenizer;
+use crate::train::{self, DistillJob, FinetuneJob, KdConfig, ModelInit, TrainConfig, TrainReport};
+use parse::Seen;
+pub use summary::{format_summary, model_rows, ModelRow, RecipeSummary, StepRow};
+
+/// A parsed and validated recipe: every reference names an earlier step.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The recipe file.
+    pub path: PathBuf,
+    pub name: String,
+    /// Each step writes to `<workdir>/<step name>`.
+    pub workdir: PathBuf,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    pub config: StepConfig,
+    /// Where the step starts in the recipe file, for error messages.
+    line: usize,
+    column: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepKind {
+    Task,
+    Finetune,
+    Generate,
+    Distill,
+    Eval,
+}
+
+impl fmt::Display for StepKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            StepKind::Task => "task",
+            StepKind::Finetune => "finetune",
+            StepKind::Generate => "generate",
+            StepKind::Distill => "distill",
+            StepKind::Eval => "eval",
+        })
+    }
+}
+
+/// The keys of a step besides `name` and `kind`, one struct per kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepConfig {
+    Task(TaskStep),
+    Finetune(FinetuneStep),
+    Generate(GenerateStep),
+    Distill(DistillStep),
+    Eval(EvalStep),
+}
+
+/// `kind: task`: write the task's data files and train a BPE tokenizer on `train.jsonl`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskStep {
+    #[serde(default, rename = "name")]
+    _name: Seen,
+    #[serde(default, rename = "kind")]
+    _kind: Seen,
+    #[serde(default)]
+    pub task: TaskConfig,
+}
+
+/// `kind: finetune`: `train::finetune` with cross-entropy on `data`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneStep {
+    #[serde(default, rename = "name")]
+    _name: Seen,
+    #[serde(default, rename = "kind")]
+    _kind: Seen,
+    pub data: String,
+    pub model: ModelInit,
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// `kind: generate`: `generate::generate`; writes `<workdir>/<name>/samples.parquet`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateStep {
+    #[serde(default, rename = "name")]
+    _name: Seen,
+    #[serde(default, rename = "kind")]
+    _kind: Seen,
+    pub teacher: String,
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub prompts: String,
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+}
+
+/// `kind: distill`: `train::distill` on teacher samples.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillStep {
+    #[serde(default, rename = "name")]
+    _name: Seen,
+    #[serde(default, rename = "kind")]
+    _kind: Seen,
+    pub data: String,
+    pub student: ModelInit,
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    #[serde(default)]
+    pub kd: KdConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// `kind: eval`: `eval::evaluate` once per model; writes `<workdir>/<name>/reports.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStep {
+    #[serde(default, rename = "name")]
+    _name: Seen,
+    #[serde(default, rename = "kind")]
+    _kind: Seen,
+    pub models: Vec<String>,
+    /// Teacher samples (Parquet) or task examples to score NLL/KL/agreement on.
+    pub data: String,
+    /// Task test set (JSONL prompt/completion) for task accuracy.
+    #[serde(default)]
+    pub task: Option<String>,
+    #[serde(default = "default_eval_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_eval_batch_size() -> usize {
+    32
+}
+
+/// Why a recipe was rejected. Every error names the recipe file; most point at a line and column
+/// and quote that line.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read recipe {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Malformed YAML, an unknown key, a wrong type, or a bad name or reference at a place.
+    #[error("{}:{line}:{column}: {message}\n{snippet}", path.display())]
+    At {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+        snippet: String,
+    },
+    /// A problem with the recipe as a whole (no steps, no name).
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Step {
+    pub fn kind(&self) -> StepKind {
+        match self.config {
+            StepConfig::Task(_) => StepKind::Task,
+            StepConfig::Finetune(_) => StepKind::Finetune,
+            StepConfig::Generate(_) => StepKind::Generate,
+            StepConfig::Distill(_) => StepKind::Distill,
+            StepConfig::Eval(_) => StepKind::Eval,
+        }
+    }
+
+    /// The step's keys that hold paths (and so may hold references), as `(key, value)`.
+    fn inputs(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        match &self.config {
+            StepConfig::Task(_) => {}
+            StepConfig::Finetune(s) => {
+                out.push(("data", s.data.as_str()));
+                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
+                out.extend(s.model.from.as_deref().map(|f| ("model.from", f)));
+            }
+            StepConfig::Generate(s) => {
+                out.push(("teacher", s.teacher.as_str()));
+                out.push(("prompts", s.prompts.as_str()));
+            }
+            StepConfig::Distill(s) => {
+                out.push(("data", s.data.as_str()));
+                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
+                out.extend(s.student.from.as_deref().map(|f| ("student.from", f)));
+            }
+            StepConfig::Eval(s) => {
+                out.extend(s.models.iter().map(|m| ("models", m.as_str())));
+                out.push(("data", s.data.as_str()));
+                out.extend(s.task.as_deref().map(|t| ("task", t)));
+            }
+        }
+        out
+    }
+}
+
+/// `steps.NAME.output[/sub/path]` → `(NAME, sub/path)`; `None` for a plain path.
+fn parse_ref(value: &str) -> Option<Result<(&str, &str), String>> {
+    let rest = value.strip_prefix("steps.")?;
+    let (head, sub) = rest.split_once('/').unwrap_or((rest, ""));
+    Some(match head.strip_suffix(".output") {
+        Some(name) if !name.is_empty() => Ok((name, sub)),
+        _ => Err(format!(
+            "`{value}` is not a step reference: write `steps.NAME.output`, optionally followed by `/path/inside/it`"
+        )),
+    })
+}
+
+/// Reads, parses and validates a recipe.
+pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (name, workdir, steps) = parse::parse(path, &text)?;
+    let recipe = Recipe {
+        path: path.to_path_buf(),
+        name,
+        workdir,
+        steps,
+    };
+    recipe.validate(&text)?;
+    Ok(recipe)
+}
+
+impl Recipe {
+    /// Checks what the types cannot: names, references, and the either-or keys.
+    fn validate(&self, text: &str) -> Result<(), RecipeError> {
+        let whole = |message: String| RecipeError::Invalid {
+            path: self.path.clone(),
+            message,
+        };
+        if self.name.trim().is_empty() {
+            return Err(whole(
+                "the recipe `name` is empty; give the recipe a name".into(),
+            ));
+        }
+        if self.steps.is_empty() {
+            return Err(whole("the recipe has no `steps`; add at least one".into()));
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            let err = |message: String| {
+                parse::at(
+                    &self.path,
+                    text,
+                    step.line,
+                    step.column,
+                    format!("step `{}`: {message}", step.name),
+                )
+            };
+            // Errors about one value point at it: its first occurrence within the step's lines.
+            let end = self.steps.get(i + 1).map_or(usize::MAX, |s| s.line);
+            let err_at =
+                |needle: &str, message: String| match parse::find(text, step.line, end, needle) {
+                    Some((line, column)) => parse::at(
+                        &self.path,
+                        text,
+                        line,
+                        column,
+                        format!("step `{}`: {message}", step.name),
+                    ),
+                    None => err(message),
+                };
+            if step.name.is_empty()
+                || !step
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(
+                    "a step name must be non-empty and use only letters, digits, `-` and `_` \
+                     (it names the step's output folder and appears in `steps.NAME.output`)"
+                        .into(),
+                ));
+            }
+            if let Some(first) = self.steps[..i].iter().find(|s| s.name == step.name) {
+                return Err(err(format!(
+                    "this name is already used by the step at line {}; step names must be unique",
+                    first.line
+                )));
+            }
+            let earlier: Vec<&str> = self.steps[..i].iter().map(|s| s.name.as_str()).collect();
+            for (key, value) in step.inputs() {
+                let Some(reference) = parse_ref(value) else {
+                    continue;
+                };
+                // `key: value` when written so (block style), else the value alone (flow lists).
+                let leaf = key.rsplit('.').next().unwrap_or(key);
+                let keyed = format!("{leaf}: {value}");
+                let at_value = |message: String| match parse::find(text, step.line, end, &keyed) {
+                    Some((line, column)) => parse::at(
+                        &self.path,
+                        text,
+                        line,
+                        column + leaf.len() + 2,
+                        format!("step `{}`: {message}", step.name),
+                    ),
+                    None => err_at(value, message),
+                };
+                let (target, sub) = reference.map_err(|m| at_value(format!("`{key}`: {m}")))?;
+                if target == step.name {
+                    return Err(at_value(format!(
+                        "`{key}: {value}` refers to the step itself; use an earlier step's output"
+                    )));
+                }
+                if !earlier.contains(&target) {
+                    let message = if self.steps.iter().any(|s| s.name == target) {
+                        format!("`{key}: {value}` refers to step `{target}`, which runs later; a step can only use the output of an earlier step (move it up)")
+                    } else {
+                        let known = if earlier.is_empty() {
+                            "none".to_string()
+                        } else {
+                            earlier.join(", ")
+                        };
+                        format!("`{key}: {value}` refers to no step named `{target}`; steps before this one: {known}")
+                    };
+                    return Err(at_value(message));
+                }
+                let target_kind = self.steps[..i]
+                    .iter()
+                    .find(|s| s.name == target)
+                    .map(Step::kind);
+                if target_kind == Some(StepKind::Generate) && !sub.is_empty() {
+                    return Err(at_value(format!(
+                        "`{key}: {value}`: the output of generate step `{target}` is a Parquet file, not a folder; drop `/{sub}`"
+                    )));
+                }
+            }
+            let model_init = |key: &str, init: &ModelInit, tokenizer: &Option<String>| {
+                match (&init.from, &init.config) {
+                (Some(_), Some(_)) | (None, None) => Err(err_at(&format!("{key}:"), format!(
+                    "`{key}` needs exactly one of `from` (a pretrained model: folder, Hub id or alias) or `config` (a new model)"
+                ))),
+                (None, Some(_)) if tokenizer.is_none() => Err(err_at(&format!("{key}:"), format!(
+                    "`{key}` is built from a `config`, so the step needs a `tokenizer` (a folder with tokenizer.json, e.g. `steps.task.output`)"
+                ))),
+                _ => Ok(()),
+            }
+            };
+            match &step.config {
+                StepConfig::Finetune(s) => model_init("model", &s.model, &s.tokenizer)?,
+                StepConfig::Distill(s) => model_init("student", &s.student, &s.tokenizer)?,
+                StepConfig::Eval(s) if s.models.is_empty() => return Err(err_at(
+                    "models:",
+                    "`models` is empty; list the models to evaluate, e.g. `[steps.teacher.output]`"
+                        .into(),
+                )),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The output of a step: `<workdir>/<name>`, or `<workdir>/<name>/samples.parquet` for
+    /// a `generate` step.
+    pub fn output(&self, step: &Step) -> PathBuf {
+        let dir = self.workdir.join(&step.name);
+        match step.kind() {
+            StepKind::Generate => dir.join("samples.parquet"),
+            _ => dir,
+        }
+    }
+
+    /// A path value of a step: references become the earlier step's output, anything else is
+    /// taken as is (relative to the current directory).
+    pub fn resolve(&self, value: &str) -> PathBuf {
+        match parse_ref(value) {
+            Some(Ok((name, sub))) => {
+                let step = self.steps.iter().find(|s| s.name == name);
+                let out = step
+                    .map(|s| self.output(s))
+                    .unwrap_or_else(|| self.workdir.join(name));
+                if sub.is_empty() {
+                    out
+                } else {
+                    out.join(sub)
+                }
+            }
+            _ => PathBuf::from(value),
+        }
+    }
+
+    fn resolve_init(&self, init: &ModelInit) -> ModelInit {
+        ModelInit {
+            from: init
+                .from
+                .as_deref()
+                .map(|f| self.resolve(f).to_string_lossy().into_owned()),
+            config: init.config.clone(),
+        }
+    }
+
+    /// Runs one step; what it did, for the log line and the summary.
+    fn run_step(&self, step: &Step) -> anyhow::Result<Outcome> {
+        let output = self.output(step);
+        let dir = self.workdir.join(&step.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(match &step.config {
+            StepConfig::Task(s) => {
+                let files = task::write_task_data(&s.task, &dir)?;
+                let texts: Vec<String> = task::read_examples(&files.train)?
+                    .into_iter()
+                    .map(|e| e.prompt + &e.completion)
+                    .collect();
+                Tokenizer::train_bpe(&texts, s.task.tokenizer_vocab_size)?.save(&dir)?;
+                Outcome {
+                    line: format!(
+                        "{} train / {} test / {} prompts, BPE tokenizer ({} tokens) → {}",
+                        s.task.train_examples,
+                        s.task.test_examples,
+                        s.task.prompts,
+                        s.task.tokenizer_vocab_size,
+                        dir.display()
+                    ),
+                    tokens_per_sec: None,
+                    report: serde_json::to_value(&files)?,
+                    models: Vec::new(),
+                }
+            }
+            StepConfig::Finetune(s) => {
+                let job = FinetuneJob {
+                    data: self.resolve(&s.data),
+                    model: self.resolve_init(&s.model),
+                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t)),
+                    train: s.train.clone(),
+                    output,
+                };
+                train_outcome(train::finetune(&job)?)?
+            }
+            StepConfig::Distill(s) => {
+                let job = DistillJob {
+                    data: self.resolve(&s.data),
+                    student: self.resolve_init(&s.student),
+                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t)),
+                    kd: s.kd.clone(),
+                    train: s.train.clone(),
+                    output,
+                };
+                train_outcome(train::distill(&job)?)?
+            }
+            StepConfig::Generate(s) => {
+                let job = GenerateJob {
+                    teacher: self.resolve(&s.teacher).to_string_lossy().into_owned(),
+                    revision: s.revision.clone(),
+                    prompts: self.resolve(&s.prompts),
+                    output,
+                    sampling: s.sampling.clone(),
+                };
+                let r: GenerateReport = generate::generate(&job)?;
+                Outcome {
+                    line: format!(
+                        "{} samples, {} completion tokens, {:.0} tok/s, {:.1}s → {}",
+                        r.samples,
+                        r.completion_tokens,
+                        r.tokens_per_sec,
+                        r.wall_secs,
+                        r.output.display()
+                    ),
+                    tokens_per_sec: Some(r.tokens_per_sec),
+                    report: serde_json::to_value(&r)?,
+                    models: Vec::new(),
+                }
+            }
+            StepConfig::Eval(s) => {
+                let mut reports: Vec<EvalReport> = Vec::new();
+                for model in &s.models {
+                    let job = EvalJob {
+                        model: self.resolve(model),
+                        data: self.resolve(&s.data),
+                        task: s.task.as_deref().map(|t| self.resolve(t)),
+                        batch_size: s.batch_size,
+                    };
+                    let report =
+                        eval::evaluate(&job).with_context(|| format!("evaluating `{model}`"))?;
+                    reports.push(report);
+                }
+                // A model's row is named after the step that made it.
+                let names: Vec<String> = s
+                    .models
+                    .iter()
+                    .map(|m| match parse_ref(m) {
+                        Some(Ok((name, _))) => name.to_string(),
+                        _ => m.clone(),
+                    })
+                    .collect();
+                let rows = model_rows(&step.name, &names, &reports);
+                let path = dir.join("reports.json");
+                std::fs::write(&path, serde_json::to_string_pretty(&reports)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let scores: Vec<String> = rows
+                    .iter()
+                    .map(|r| {
+                        let acc = r
+                            .task_accuracy
+                            .map(|a| format!("acc {:.1}%, ", 100.0 * a))
+                            .unwrap_or_default();
+                        format!("{}: {acc}nll/token {:.3}", r.name, r.nll_per_token)
+                    })
+                    .collect();
+                Outcome {
+                    line: format!("{} → {}", scores.join("; "), path.display()),
+                    tokens_per_sec: None,
+                    report: serde_json::to_value(&reports)?,
+                    models: rows,
+                }
+            }
+        })
+    }
+}
+
+/// What one step did.
+struct Outcome {
+    /// The one-line result printed after the step.
+    line: String,
+    tokens_per_sec: Option<f64>,
+    /// The stage's report, kept in summary.json.
+    report: serde_json::Value,
+    /// Rows of the model table (eval steps only).
+    models: Vec<ModelRow>,
+}
+
+fn train_outcome(r: TrainReport) -> anyhow::Result<Outcome> {
+    let valid = r
+        .valid_loss
+        .map(|v| format!(" (valid {v:.3})"))
+        .unwrap_or_default();
+    Ok(Outcome {
+        line: format!(
+            "loss {:.3} → {:.3}{valid}, {} steps, {} params, {:.0} tok/s, {:.1}s → {}",
+            r.first_loss,
+            r.final_loss,
+            r.steps,
+            r.params,
+            r.tokens_per_sec,
+            r.wall_secs,
+            r.output.display()
+        ),
+        tokens_per_sec: Some(r.tokens_per_sec),
+        report: serde_json::to_value(&r)?,
+        models: Vec::new(),
+    })
+}
+
+/// Runs a recipe's steps in order, then prints the summary table and writes
+/// `<workdir>/summary.json`.
+pub fn run(path: &Path) -> anyhow::Result<RecipeSummary> {
+    let recipe = load(path)?;
+    let start = Instant::now();
+    let mut steps = Vec::new();
+    let mut models = Vec::new();
+    for step in &recipe.steps {
+        println!("==> step {} ({})", step.name, step.kind());
+        let t = Instant::now();
+        let outcome = recipe
+            .run_step(step)
+            .with_context(|| format!("step `{}` ({}) failed", step.name, step.kind()))?;
+        let wall_secs = t.elapsed().as_secs_f64();
+        println!("    {}", outcome.line);
+        steps.push(StepRow {
+            name: step.name.clone(),
+            kind: step.kind(),
+            wall_secs,
+            tokens_per_sec: outcome.tokens_per_sec,
+            output: recipe.output(step),
+            report: outcome.report,
+        });
+        models.extend(outcome.models);
+    }
+    let summary = RecipeSummary {
+        name: recipe.name.clone(),
+        workdir: recipe.workdir.clone(),
+        models,
+        steps,
+        total_wall_secs: start.elapsed().as_secs_f64(),
+    };
+    println!("\n{}", format_summary(&summary));
+    let path = recipe.workdir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("summary written to {}", path.display());
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests;
