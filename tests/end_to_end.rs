@@ -17,7 +17,7 @@ fn corpus() -> Vec<String> {
 }
 
 fn tiny_teacher(dir: &Path) -> LlamaConfig {
-    let tok = Tokenizer::train_bpe(&corpus(), 120).unwrap();
+    let tok = Tokenizer::train_bpe(&corpus(), 300).unwrap();
     tok.save(dir).unwrap();
     let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
         "vocab_size": tok.vocab_size(), "hidden_size": 32, "intermediate_size": 64,
