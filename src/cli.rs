@@ -71,7 +71,13 @@ impl GenerateArgs {
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             logprobs: self.logprobs.unwrap_or(d.logprobs),
         };
-        GenerateJob { teacher: self.teacher, revision: self.revision, prompts: self.prompts, output: self.output, sampling }
+        GenerateJob {
+            teacher: self.teacher,
+            revision: self.revision,
+            prompts: self.prompts,
+            output: self.output,
+            sampling,
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use crate::data;
 use crate::generate::{decode, eos_ids, row_rng, DecodeSettings};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
-use crate::train::batch::{Batch, Sequence, TeacherTopK};
+use crate::train::batch::{Batch, Sequence};
 use crate::train::{encode_example, loss};
 
 #[derive(Debug, Clone)]
@@ -40,7 +40,8 @@ pub struct EvalReport {
 }
 
 pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
-    let model = Llama::load(&job.model, &Device::Cpu).with_context(|| format!("loading the model from {}", job.model.display()))?;
+    let model = Llama::load(&job.model, &Device::Cpu)
+        .with_context(|| format!("loading the model from {}", job.model.display()))?;
     let tokenizer = Tokenizer::from_folder(&job.model)?;
     let seqs = sequences(&job.data, &tokenizer)?;
     let m = measure(&model, &seqs, job.batch_size.max(1))?;
@@ -64,23 +65,20 @@ pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
 fn sequences(path: &Path, tokenizer: &Tokenizer) -> anyhow::Result<Vec<Sequence>> {
     let is_samples = path.is_dir() || path.extension().is_some_and(|e| e == "parquet");
     if !is_samples {
-        return data::read_examples(path)?.iter().map(|e| encode_example(tokenizer, &e.prompt, &e.completion)).collect();
+        return data::read_examples(path)?
+            .iter()
+            .map(|e| encode_example(tokenizer, &e.prompt, &e.completion))
+            .collect();
     }
     let set = data::read_samples(path)?;
     if set.meta.tokenizer_hash != tokenizer.vocab_hash() {
-        anyhow::bail!("{} was written with a different tokenizer than the model's; KL and agreement need the same vocabulary", path.display());
+        anyhow::bail!(
+            "{} was written with a different tokenizer than the model's; KL and agreement need the same vocabulary",
+            path.display()
+        );
     }
-    Ok(set
-        .samples
-        .into_iter()
-        .map(|s| {
-            let loss_from = s.prompt_token_ids.len();
-            let mut ids = s.prompt_token_ids;
-            ids.extend(s.completion_token_ids);
-            let teacher = (!s.topk_token_ids.is_empty()).then_some(TeacherTopK { ids: s.topk_token_ids, logprobs: s.topk_logprobs });
-            Sequence { ids, loss_from, teacher }
-        })
-        .collect())
+    let with_teacher = set.meta.logprobs_k > 0;
+    Ok(set.samples.into_iter().map(|s| Sequence::from_sample(s, with_teacher)).collect())
 }
 
 struct Measures {
@@ -109,7 +107,9 @@ fn measure(model: &Llama, seqs: &[Sequence], batch_size: usize) -> anyhow::Resul
                 kl += to_f64(&loss::topk_kl(&logits, ids, lps, 1.0)?)? * count as f64;
                 let student_top = logits.argmax(D::Minus1)?;
                 let teacher_top = ids.narrow(1, 0, 1)?.squeeze(1)?;
-                agree += student_top.eq(&teacher_top)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+                agree +=
+                    student_top.eq(&teacher_top)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()?
+                        as usize;
             }
             None => with_teacher = false,
         }
@@ -131,8 +131,12 @@ fn to_f64(t: &Tensor) -> candle_core::Result<f64> {
 /// Fraction of task examples whose greedy completion is the expected answer.
 fn task_accuracy(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: usize) -> anyhow::Result<f64> {
     let examples = data::read_examples(path)?;
-    let prompts: Vec<Vec<u32>> = examples.iter().map(|e| tokenizer.encode(&e.prompt, true)).collect::<Result<_, _>>()?;
-    let longest = examples.iter().map(|e| tokenizer.encode(&e.completion, false).map(|v| v.len())).try_fold(0, |m, l| l.map(|l| m.max(l)))?;
+    let prompts: Vec<Vec<u32>> =
+        examples.iter().map(|e| tokenizer.encode(&e.prompt, true)).collect::<Result<_, _>>()?;
+    let longest = examples
+        .iter()
+        .map(|e| tokenizer.encode(&e.completion, false).map(|v| v.len()))
+        .try_fold(0, |m, l| l.map(|l| m.max(l)))?;
     let settings = DecodeSettings {
         temperature: 0.0,
         top_k: 0,

@@ -35,33 +35,6 @@ pub struct ModelFiles {
     pub revision: Option<String>,
 }
 
-impl ModelFiles {
-    /// The safetensors files holding the weights: `model.safetensors`, or every shard
-    /// `model.safetensors.index.json` lists (sorted, each once).
-    pub fn weight_files(&self) -> Result<Vec<PathBuf>, HubError> {
-        let single = self.dir.join(WEIGHTS);
-        if single.is_file() {
-            return Ok(vec![single]);
-        }
-        let index = self.dir.join(WEIGHTS_INDEX);
-        if index.is_file() {
-            return Ok(shard_names(&index)?
-                .into_iter()
-                .map(|s| self.dir.join(s))
-                .collect());
-        }
-        if has_pytorch_bin(&self.dir) {
-            return Err(HubError::PytorchBinOnly {
-                id: self.id.clone(),
-            });
-        }
-        Err(HubError::NoWeights {
-            id: self.id.clone(),
-            dir: self.dir.clone(),
-        })
-    }
-}
-
 /// How to reach the Hub. Its `Debug` output hides the token.
 #[derive(Clone)]
 pub struct HubOptions {
@@ -96,33 +69,18 @@ impl HubOptions {
 
     fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Self {
         let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let home = var("HOME")
-                .or_else(|| var("USERPROFILE"))
-                .unwrap_or_else(|| ".".into());
+            let home = var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_else(|| ".".into());
             Path::new(&home).join(".cache").join("huggingface")
         });
-        let cache_dir = var("HF_HUB_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home.join("hub"));
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        });
-        let token_file = var("HF_TOKEN_PATH")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home.join("token"));
+        let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
+        let offline = var("HF_HUB_OFFLINE")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        let token_file = var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
         let token = var("HF_TOKEN")
             .or_else(|| std::fs::read_to_string(token_file).ok())
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty());
-        Self {
-            cache_dir,
-            offline,
-            token,
-            endpoint: var("HF_ENDPOINT"),
-        }
+        Self { cache_dir, offline, token, endpoint: var("HF_ENDPOINT") }
     }
 }
 
@@ -151,64 +109,36 @@ pub enum HubError {
          fetch it with `huggingface-cli download {repo} --revision {revision}`, or rerun without HF_HUB_OFFLINE=1",
         cache_dir.display()
     )]
-    NotCached {
-        repo: String,
-        revision: String,
-        file: String,
-        cache_dir: PathBuf,
-    },
+    NotCached { repo: String, revision: String, file: String, cache_dir: PathBuf },
     #[error(
         "cannot access {repo}: the repo is gated or private (or does not exist): accept its licence on \
          its Hub page (https://huggingface.co/{repo}) and set HF_TOKEN (or `huggingface-cli login`)"
     )]
     Gated { repo: String },
     #[error("{repo} has no {file} at revision {revision}; check the repo id and `revision`")]
-    NotFound {
-        repo: String,
-        revision: String,
-        file: String,
-    },
+    NotFound { repo: String, revision: String, file: String },
     #[error(
         "cannot download {file} of {repo}: {message}; if the model is already in the Hub cache, \
          rerun with HF_HUB_OFFLINE=1"
     )]
-    Network {
-        repo: String,
-        file: String,
-        message: String,
-    },
+    Network { repo: String, file: String, message: String },
     #[error("cannot download {file} of {repo}: {message}")]
-    Download {
-        repo: String,
-        file: String,
-        message: String,
-    },
+    Download { repo: String, file: String, message: String },
     #[error("cannot read the weight index {}: {message}", path.display())]
     Index { path: PathBuf, message: String },
 }
 
 fn alias_names() -> String {
-    ALIASES
-        .iter()
-        .map(|(a, _)| *a)
-        .collect::<Vec<_>>()
-        .join(", ")
+    ALIASES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
 }
 
 /// Resolves `spec` — a folder, an alias from [`ALIASES`], or a Hub repo id `owner/name` — to
 /// files on disk, downloading what is missing unless `opts.offline`.
-pub fn resolve(
-    spec: &str,
-    revision: Option<&str>,
-    opts: &HubOptions,
-) -> Result<ModelFiles, HubError> {
+pub fn resolve(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<ModelFiles, HubError> {
     let path = Path::new(spec);
     if path.is_dir() {
         if let Some(rev) = revision {
-            return Err(HubError::RevisionForFolder {
-                dir: path.into(),
-                revision: rev.into(),
-            });
+            return Err(HubError::RevisionForFolder { dir: path.into(), revision: rev.into() });
         }
         return resolve_folder(spec, path);
     }
@@ -224,11 +154,7 @@ fn resolve_folder(spec: &str, dir: &Path) -> Result<ModelFiles, HubError> {
     if !dir.join("config.json").is_file() {
         return Err(HubError::NotAModelFolder { dir: dir.into() });
     }
-    let files = ModelFiles {
-        dir: dir.into(),
-        id: spec.into(),
-        revision: None,
-    };
+    let files = ModelFiles { dir: dir.into(), id: spec.into(), revision: None };
     if has_pytorch_bin(dir) && !dir.join(WEIGHTS).is_file() && !dir.join(WEIGHTS_INDEX).is_file() {
         return Err(HubError::PytorchBinOnly { id: spec.into() });
     }
@@ -240,9 +166,7 @@ fn is_repo_id(s: &str) -> bool {
     let ok = |part: &str| {
         !part.is_empty()
             && !part.starts_with(['.', '-'])
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(s.split_once('/'), Some((owner, name)) if ok(owner) && ok(name))
 }
@@ -253,23 +177,13 @@ fn has_pytorch_bin(dir: &Path) -> bool {
 
 /// The shard file names a `model.safetensors.index.json` lists, sorted, each once.
 fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
-    let err = |message: String| HubError::Index {
-        path: index.into(),
-        message,
-    };
+    let err = |message: String| HubError::Index { path: index.into(), message };
     let text = std::fs::read_to_string(index).map_err(|e| err(e.to_string()))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| err("no `weight_map` object".into()))?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| err("no `weight_map` object".into()))?;
     let mut shards: Vec<String> = map
         .values()
-        .map(|v| {
-            v.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| err("a `weight_map` value is not a file name".into()))
-        })
+        .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| err("a `weight_map` value is not a file name".into())))
         .collect::<Result<_, _>>()?;
     shards.sort();
     shards.dedup();
@@ -303,19 +217,11 @@ impl<'a> Fetcher<'a> {
                 message: redact(&e.to_string(), opts),
             })?)
         };
-        Ok(Self {
-            repo,
-            revision,
-            opts,
-            api,
-            commit: None,
-        })
+        Ok(Self { repo, revision, opts, api, commit: None })
     }
 
     fn repo_dir(&self) -> PathBuf {
-        self.opts
-            .cache_dir
-            .join(Repo::model(self.repo.to_owned()).folder_name())
+        self.opts.cache_dir.join(Repo::model(self.repo.to_owned()).folder_name())
     }
 
     /// The cached copy of `file`: at the pinned commit once there is one, else at `revision`
@@ -345,17 +251,12 @@ impl<'a> Fetcher<'a> {
             (None, None) => return Ok(None),
             (None, Some(api)) => {
                 let rev = self.commit.as_deref().unwrap_or(self.revision);
-                let repo =
-                    Repo::with_revision(self.repo.to_owned(), RepoType::Model, rev.to_owned());
+                let repo = Repo::with_revision(self.repo.to_owned(), RepoType::Model, rev.to_owned());
                 match api.repo(repo).download(file) {
                     Ok(p) => p,
                     Err(e) => match classify(&e) {
                         Failure::Status(404) => return Ok(None),
-                        Failure::Status(401 | 403) => {
-                            return Err(HubError::Gated {
-                                repo: self.repo.into(),
-                            })
-                        }
+                        Failure::Status(401 | 403) => return Err(HubError::Gated { repo: self.repo.into() }),
                         failure => return Err(self.download_error(file, &e, failure)),
                     },
                 }
@@ -373,44 +274,20 @@ impl<'a> Fetcher<'a> {
 
     fn missing(&self, file: &str) -> HubError {
         let (repo, file) = (self.repo.to_owned(), file.to_owned());
-        let revision = self
-            .commit
-            .clone()
-            .unwrap_or_else(|| self.revision.to_owned());
+        let revision = self.commit.clone().unwrap_or_else(|| self.revision.to_owned());
         if self.opts.offline {
-            HubError::NotCached {
-                repo,
-                revision,
-                file,
-                cache_dir: self.opts.cache_dir.clone(),
-            }
+            HubError::NotCached { repo, revision, file, cache_dir: self.opts.cache_dir.clone() }
         } else {
-            HubError::NotFound {
-                repo,
-                revision,
-                file,
-            }
+            HubError::NotFound { repo, revision, file }
         }
     }
 
     fn download_error(&self, file: &str, e: &ApiError, failure: Failure) -> HubError {
-        let (repo, file, message) = (
-            self.repo.to_owned(),
-            file.to_owned(),
-            redact(&e.to_string(), self.opts),
-        );
+        let (repo, file, message) = (self.repo.to_owned(), file.to_owned(), redact(&e.to_string(), self.opts));
         if failure == Failure::Transport {
-            HubError::Network {
-                repo,
-                file,
-                message,
-            }
+            HubError::Network { repo, file, message }
         } else {
-            HubError::Download {
-                repo,
-                file,
-                message,
-            }
+            HubError::Download { repo, file, message }
         }
     }
 
@@ -423,9 +300,9 @@ impl<'a> Fetcher<'a> {
         let rev = self.commit.as_deref().unwrap_or(self.revision);
         let repo = Repo::with_revision(self.repo.to_owned(), RepoType::Model, rev.to_owned());
         api.repo(repo).info().is_ok_and(|info| {
-            info.siblings.iter().any(|s| {
-                s.rfilename == "pytorch_model.bin" || s.rfilename == "pytorch_model.bin.index.json"
-            })
+            info.siblings
+                .iter()
+                .any(|s| s.rfilename == "pytorch_model.bin" || s.rfilename == "pytorch_model.bin.index.json")
         })
     }
 }
@@ -433,10 +310,7 @@ impl<'a> Fetcher<'a> {
 fn resolve_hub(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelFiles, HubError> {
     let mut f = Fetcher::new(repo, revision, opts)?;
     let config = f.require(REQUIRED[0])?;
-    let dir = config
-        .parent()
-        .expect("a cached file lies in a snapshot folder")
-        .to_path_buf();
+    let dir = config.parent().expect("a cached file lies in a snapshot folder").to_path_buf();
     for file in &REQUIRED[1..] {
         f.require(file)?;
     }
@@ -450,23 +324,12 @@ fn resolve_hub(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelFil
                     f.require(&shard)?;
                 }
             }
-            None if f.has_only_pytorch_bin(&dir) => {
-                return Err(HubError::PytorchBinOnly { id: repo.into() })
-            }
+            None if f.has_only_pytorch_bin(&dir) => return Err(HubError::PytorchBinOnly { id: repo.into() }),
             None if opts.offline => return Err(f.missing(WEIGHTS)),
-            None => {
-                return Err(HubError::NoWeights {
-                    id: repo.into(),
-                    dir,
-                })
-            }
+            None => return Err(HubError::NoWeights { id: repo.into(), dir }),
         }
     }
-    Ok(ModelFiles {
-        dir,
-        id: repo.into(),
-        revision: f.commit,
-    })
+    Ok(ModelFiles { dir, id: repo.into(), revision: f.commit })
 }
 
 /// The commit of a cached file's snapshot: `.../snapshots/<commit>/<file>`.
@@ -491,23 +354,13 @@ enum Failure {
     Other,
 }
 
-/// What kind of failure an hf-hub error is. `ureq` is not a direct dependency of kdllm, so its
-/// `Error::Status(code, _)` / `Error::Transport(_)` variants are told apart by their `Debug` form.
+/// What kind of failure an hf-hub error is.
 fn classify(e: &ApiError) -> Failure {
     match e {
-        ApiError::RequestError(r) => {
-            let debug = format!("{r:?}");
-            if let Some(rest) = debug.strip_prefix("Status(") {
-                rest.split(',')
-                    .next()
-                    .and_then(|n| n.trim().parse().ok())
-                    .map_or(Failure::Other, Failure::Status)
-            } else if debug.starts_with("Transport(") {
-                Failure::Transport
-            } else {
-                Failure::Other
-            }
-        }
+        ApiError::RequestError(r) => match r.as_ref() {
+            ureq::Error::Status(code, _) => Failure::Status(*code),
+            ureq::Error::Transport(_) => Failure::Transport,
+        },
         ApiError::TooManyRetries(inner) => classify(inner),
         _ => Failure::Other,
     }
@@ -531,9 +384,7 @@ mod tests {
     /// A Hub cache as huggingface_hub lays it out, with `repo` at `COMMIT` behind `refs/main`.
     fn fake_cache(repo: &str, files: &[&str]) -> (tempfile::TempDir, PathBuf) {
         let cache = tempfile::tempdir().unwrap();
-        let repo_dir = cache
-            .path()
-            .join(format!("models--{}", repo.replace('/', "--")));
+        let repo_dir = cache.path().join(format!("models--{}", repo.replace('/', "--")));
         std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
         std::fs::write(repo_dir.join("refs/main"), COMMIT).unwrap();
         let snap = repo_dir.join("snapshots").join(COMMIT);
@@ -545,12 +396,7 @@ mod tests {
     }
 
     fn offline(cache: &Path) -> HubOptions {
-        HubOptions {
-            cache_dir: cache.into(),
-            offline: true,
-            token: Some("hf_SECRET".into()),
-            endpoint: None,
-        }
+        HubOptions { cache_dir: cache.into(), offline: true, token: Some("hf_SECRET".into()), endpoint: None }
     }
 
     const BASIC: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
@@ -559,18 +405,8 @@ mod tests {
     fn offline_resolves_a_repo_id_from_the_cache() {
         let (cache, snap) = fake_cache("owner/name", &BASIC);
         let files = resolve("owner/name", None, &offline(cache.path())).unwrap();
-        assert_eq!(
-            files,
-            ModelFiles {
-                dir: snap.clone(),
-                id: "owner/name".into(),
-                revision: Some(COMMIT.into())
-            }
-        );
-        assert_eq!(
-            files.weight_files().unwrap(),
-            vec![snap.join("model.safetensors")]
-        );
+        assert_eq!(files, ModelFiles { dir: snap.clone(), id: "owner/name".into(), revision: Some(COMMIT.into()) });
+        assert_eq!(crate::model::llama::weight_files(&files.dir).unwrap(), vec![snap.join("model.safetensors")]);
     }
 
     #[test]
@@ -578,10 +414,7 @@ mod tests {
         let (cache, snap) = fake_cache("owner/name", &BASIC);
         let opts = offline(cache.path());
         let by_hash = resolve("owner/name", Some(COMMIT), &opts).unwrap();
-        assert_eq!(
-            (by_hash.dir.as_path(), by_hash.revision.as_deref()),
-            (snap.as_path(), Some(COMMIT))
-        );
+        assert_eq!((by_hash.dir.as_path(), by_hash.revision.as_deref()), (snap.as_path(), Some(COMMIT)));
 
         let repo_dir = cache.path().join("models--owner--name");
         std::fs::write(repo_dir.join("refs/v1.0"), format!("{OTHER}\n")).unwrap();
@@ -591,10 +424,7 @@ mod tests {
             std::fs::write(other.join(f), "{}").unwrap();
         }
         let by_ref = resolve("owner/name", Some("v1.0"), &opts).unwrap();
-        assert_eq!(
-            (by_ref.dir, by_ref.revision.as_deref()),
-            (other, Some(OTHER))
-        );
+        assert_eq!((by_ref.dir, by_ref.revision.as_deref()), (other, Some(OTHER)));
     }
 
     #[test]
@@ -604,37 +434,23 @@ mod tests {
             "b": "model-00001-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}}"#;
         std::fs::write(snap.join(WEIGHTS_INDEX), index).unwrap();
         std::fs::write(snap.join("model-00001-of-00002.safetensors"), "x").unwrap();
-        let err = resolve("owner/name", None, &offline(cache.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("model-00002-of-00002.safetensors of owner/name"),
-            "{err}"
-        );
+        let err = resolve("owner/name", None, &offline(cache.path())).unwrap_err().to_string();
+        assert!(err.starts_with("model-00002-of-00002.safetensors of owner/name"), "{err}");
 
         std::fs::write(snap.join("model-00002-of-00002.safetensors"), "x").unwrap();
         let files = resolve("owner/name", None, &offline(cache.path())).unwrap();
-        let names: Vec<_> = files
-            .weight_files()
+        let names: Vec<_> = crate::model::llama::weight_files(&files.dir)
             .unwrap()
             .iter()
             .map(|p| p.file_name().unwrap().to_owned())
             .collect();
-        assert_eq!(
-            names,
-            [
-                "model-00001-of-00002.safetensors",
-                "model-00002-of-00002.safetensors"
-            ]
-        );
+        assert_eq!(names, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
     }
 
     #[test]
     fn offline_missing_file_names_repo_revision_file_cache_and_command() {
         let (cache, _) = fake_cache("owner/name", &["config.json", "model.safetensors"]);
-        let err = resolve("owner/name", None, &offline(cache.path()))
-            .unwrap_err()
-            .to_string();
+        let err = resolve("owner/name", None, &offline(cache.path())).unwrap_err().to_string();
         for part in [
             "tokenizer.json",
             "owner/name",
@@ -647,48 +463,29 @@ mod tests {
         }
         assert!(!err.contains("hf_SECRET"));
 
-        let err = resolve("owner/other", Some("dev"), &offline(cache.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("config.json of owner/other (revision dev)"),
-            "{err}"
-        );
-        assert!(
-            err.contains("huggingface-cli download owner/other --revision dev"),
-            "{err}"
-        );
+        let err = resolve("owner/other", Some("dev"), &offline(cache.path())).unwrap_err().to_string();
+        assert!(err.starts_with("config.json of owner/other (revision dev)"), "{err}");
+        assert!(err.contains("huggingface-cli download owner/other --revision dev"), "{err}");
     }
 
     #[test]
     fn alias_resolves_to_its_repo() {
         let (cache, snap) = fake_cache("HuggingFaceTB/SmolLM2-135M-Instruct", &BASIC);
         let files = resolve("smollm2", None, &offline(cache.path())).unwrap();
-        assert_eq!(
-            (files.dir, files.id.as_str()),
-            (snap, "HuggingFaceTB/SmolLM2-135M-Instruct")
-        );
+        assert_eq!((files.dir, files.id.as_str()), (snap, "HuggingFaceTB/SmolLM2-135M-Instruct"));
     }
 
     #[test]
     fn unknown_model_lists_the_aliases() {
         let cache = tempfile::tempdir().unwrap();
-        let err = resolve("not-a-model", None, &offline(cache.path()))
-            .unwrap_err()
-            .to_string();
+        let err = resolve("not-a-model", None, &offline(cache.path())).unwrap_err().to_string();
         assert_eq!(
             err,
             "unknown model `not-a-model`: not a folder, not an alias (known: llama, smollm2, \
              smollm2-360m, tinyllama), not a Hub repo id (owner/name)"
         );
         for bad in ["a/b/c", "/x", "owner/", "owner/na me"] {
-            assert!(
-                matches!(
-                    resolve(bad, None, &offline(cache.path())),
-                    Err(HubError::UnknownModel { .. })
-                ),
-                "{bad}"
-            );
+            assert!(matches!(resolve(bad, None, &offline(cache.path())), Err(HubError::UnknownModel { .. })), "{bad}");
         }
     }
 
@@ -700,52 +497,24 @@ mod tests {
         }
         let spec = dir.path().to_str().unwrap();
         let files = resolve(spec, None, &offline(Path::new("/nonexistent"))).unwrap();
-        assert_eq!(
-            files,
-            ModelFiles {
-                dir: dir.path().into(),
-                id: spec.into(),
-                revision: None
-            }
-        );
+        assert_eq!(files, ModelFiles { dir: dir.path().into(), id: spec.into(), revision: None });
 
-        let err = resolve(spec, Some("main"), &offline(Path::new("/nonexistent")))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`revision` (main) applies to Hub models"),
-            "{err}"
-        );
+        let err = resolve(spec, Some("main"), &offline(Path::new("/nonexistent"))).unwrap_err().to_string();
+        assert!(err.contains("`revision` (main) applies to Hub models"), "{err}");
     }
 
     #[test]
     fn folder_without_config_json_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = resolve(dir.path().to_str().unwrap(), None, &offline(dir.path()))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            format!(
-                "{} is not a model folder: it has no config.json",
-                dir.path().display()
-            )
-        );
+        let err = resolve(dir.path().to_str().unwrap(), None, &offline(dir.path())).unwrap_err().to_string();
+        assert_eq!(err, format!("{} is not a model folder: it has no config.json", dir.path().display()));
     }
 
     #[test]
     fn pytorch_bin_only_is_refused_with_a_conversion_hint() {
-        let (cache, _) = fake_cache(
-            "owner/name",
-            &["config.json", "tokenizer.json", "pytorch_model.bin"],
-        );
-        let err = resolve("owner/name", None, &offline(cache.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("only PyTorch weights") && err.contains("save_pretrained"),
-            "{err}"
-        );
+        let (cache, _) = fake_cache("owner/name", &["config.json", "tokenizer.json", "pytorch_model.bin"]);
+        let err = resolve("owner/name", None, &offline(cache.path())).unwrap_err().to_string();
+        assert!(err.contains("only PyTorch weights") && err.contains("save_pretrained"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
         for f in ["config.json", "tokenizer.json", "pytorch_model.bin"] {
@@ -761,13 +530,8 @@ mod tests {
         std::fs::write(home.path().join("token"), "hf_fromfile\n").unwrap();
         let home_s = home.path().to_str().unwrap().to_owned();
         let env = |pairs: &[(&str, &str)]| {
-            let pairs: Vec<(String, String)> = pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            HubOptions::from_lookup(move |k| {
-                pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-            })
+            let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            HubOptions::from_lookup(move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
         };
         let o = env(&[("HOME", "/h")]);
         assert_eq!(o.cache_dir, Path::new("/h/.cache/huggingface/hub"));
@@ -776,21 +540,10 @@ mod tests {
         let o = env(&[("HF_HOME", &home_s), ("HF_HUB_OFFLINE", "YES")]);
         assert_eq!(o.cache_dir, home.path().join("hub"));
         assert_eq!((o.offline, o.token.as_deref()), (true, Some("hf_fromfile")));
-        assert!(
-            !format!("{o:?}").contains("hf_fromfile"),
-            "Debug hides the token"
-        );
+        assert!(!format!("{o:?}").contains("hf_fromfile"), "Debug hides the token");
 
-        let o = env(&[
-            ("HF_HOME", &home_s),
-            ("HF_HUB_CACHE", "/c"),
-            ("HF_TOKEN", "hf_env"),
-            ("HF_HUB_OFFLINE", "0"),
-        ]);
-        assert_eq!(
-            (o.cache_dir.as_path(), o.offline, o.token.as_deref()),
-            (Path::new("/c"), false, Some("hf_env"))
-        );
+        let o = env(&[("HF_HOME", &home_s), ("HF_HUB_CACHE", "/c"), ("HF_TOKEN", "hf_env"), ("HF_HUB_OFFLINE", "0")]);
+        assert_eq!((o.cache_dir.as_path(), o.offline, o.token.as_deref()), (Path::new("/c"), false, Some("hf_env")));
         for v in ["1", "true", "On"] {
             assert!(env(&[("HF_HUB_OFFLINE", v)]).offline, "{v}");
         }
@@ -799,9 +552,6 @@ mod tests {
     #[test]
     fn redact_hides_the_token() {
         let opts = offline(Path::new("/c"));
-        assert_eq!(
-            redact("Bearer hf_SECRET failed", &opts),
-            "Bearer <token> failed"
-        );
+        assert_eq!(redact("Bearer hf_SECRET failed", &opts), "Bearer <token> failed");
     }
 }

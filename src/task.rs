@@ -1,7 +1,7 @@
 //! The quickstart's own formal task: multi-digit addition, with answers that can be checked.
 //!
 //! A task small enough to train a teacher from scratch on a CPU in minutes, yet with a notion of
-//! "correct" that does not depend on any model: `57+68=` has exactly one right completion. That
+//! "correct" that does not depend on any model: `750+860=` (57 + 68, digits least-significant first) has exactly one right completion. That
 //! makes the effect of distillation measurable as plain accuracy, next to NLL and KL.
 //!
 //! `write_task_data` writes four JSONL files into one folder:
@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
@@ -40,8 +40,8 @@ pub struct TaskConfig {
     pub kind: TaskKind,
     /// Each operand has 1..=`max_digits` digits (at most 18, so that sums fit in a u64).
     pub max_digits: usize,
-    /// Write the sum least-significant digit first (see `answer`).
-    pub reverse_answer: bool,
+    /// Write every number, operands and sum, least-significant digit first (see `number`).
+    pub reverse_digits: bool,
     pub train_examples: usize,
     pub test_examples: usize,
     /// Problems the teacher will answer for distillation.
@@ -56,7 +56,7 @@ impl Default for TaskConfig {
         Self {
             kind: TaskKind::Addition,
             max_digits: 3,
-            reverse_answer: true,
+            reverse_digits: true,
             train_examples: 20_000,
             test_examples: 500,
             prompts: 2000,
@@ -66,12 +66,11 @@ impl Default for TaskConfig {
     }
 }
 
-/// One task example, as stored in `train.jsonl` and `test.jsonl`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Example {
-    pub prompt: String,
-    pub completion: String,
+/// One row of `train.jsonl` / `test.jsonl` (read back with `data::read_examples`).
+#[derive(Serialize)]
+struct ExampleRow {
+    prompt: String,
+    completion: String,
 }
 
 /// One prompt, as stored in `prompts.jsonl` and `test_prompts.jsonl` (the prompt-file format
@@ -100,59 +99,42 @@ pub enum TaskError {
          {available} distinct problems have at most {max_digits} digits per operand; \
          lower the counts or raise `max_digits`"
     )]
-    TooManyProblems {
-        requested: u128,
-        available: u128,
-        max_digits: usize,
-    },
+    TooManyProblems { requested: u128, available: u128, max_digits: usize },
     #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}: not a {{\"prompt\",\"completion\"}} example: {source}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        source: serde_json::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
-/// The prompt of the problem `a + b`.
-fn prompt(a: u64, b: u64) -> String {
-    format!("{a}+{b}=")
-}
-
-/// The expected completion of `a + b`.
+/// `n` zero-padded to `width` digits, least-significant digit first when `reverse`.
 ///
-/// Why reversed: a causal model writes the answer left to right, but carries propagate right to
-/// left. Written least-significant digit first, each digit depends only on the operands' digits
-/// at that position and the carry the model has just produced, so a small transformer can learn
-/// the algorithm instead of guessing the carry ahead of time (Lee et al. 2023, "Teaching
-/// Arithmetic to Small Transformers").
-fn answer(a: u64, b: u64, reverse: bool) -> String {
-    let sum = (a + b).to_string();
+/// Why fixed width: each digit then sits at a fixed position, so attention finds the digits to
+/// add by relative position alone. Why reversed: a causal model writes the sum left to right but
+/// carries travel from the least-significant digit; written LSB-first, sum digit i needs operand
+/// digits i (and i − 1 for the carry), which sit at the same distance back for every i (Lee et
+/// al. 2023, "Teaching Arithmetic to Small Transformers").
+fn number(n: u64, width: usize, reverse: bool) -> String {
+    let plain = format!("{n:0width$}");
     if reverse {
-        sum.chars().rev().collect()
+        plain.chars().rev().collect()
     } else {
-        sum
+        plain
     }
+}
+
+/// The prompt of the problem `a + b`, operands `width` digits wide.
+fn prompt(a: u64, b: u64, width: usize, reverse: bool) -> String {
+    format!("{}+{}=", number(a, width, reverse), number(b, width, reverse))
+}
+
+/// The expected completion: the sum, `width + 1` digits wide (the most two operands need).
+fn answer(a: u64, b: u64, width: usize, reverse: bool) -> String {
+    number(a + b, width + 1, reverse)
 }
 
 /// Draws one operand: a digit count uniform in 1..=max_digits, then a value uniform among the
 /// numbers with that many digits (so 3-digit numbers do not swamp the 1-digit ones).
 fn operand(rng: &mut StdRng, max_digits: usize) -> u64 {
     let digits = rng.random_range(1..=max_digits) as u32;
-    let lo = if digits == 1 {
-        0
-    } else {
-        10u64.pow(digits - 1)
-    };
+    let lo = if digits == 1 { 0 } else { 10u64.pow(digits - 1) };
     let hi = 10u64.pow(digits) - 1;
     rng.random_range(lo..=hi)
 }
@@ -169,11 +151,7 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
     let available = 10u128.pow(cfg.max_digits as u32).pow(2);
     let requested = (cfg.train_examples + cfg.test_examples + cfg.prompts) as u128;
     if requested > available {
-        return Err(TaskError::TooManyProblems {
-            requested,
-            available,
-            max_digits: cfg.max_digits,
-        });
+        return Err(TaskError::TooManyProblems { requested, available, max_digits: cfg.max_digits });
     }
 
     // Rejection sampling of unseen (a, b) pairs keeps the three sets disjoint.
@@ -182,10 +160,7 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
     let mut draw = |n: usize| -> Vec<(u64, u64)> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let pair = (
-                operand(&mut rng, cfg.max_digits),
-                operand(&mut rng, cfg.max_digits),
-            );
+            let pair = (operand(&mut rng, cfg.max_digits), operand(&mut rng, cfg.max_digits));
             if seen.insert(pair) {
                 out.push(pair);
             }
@@ -196,24 +171,21 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
     let train = draw(cfg.train_examples);
     let prompts = draw(cfg.prompts);
 
-    std::fs::create_dir_all(dir).map_err(|source| TaskError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(|source| TaskError::Write { path: dir.to_path_buf(), source })?;
     let files = TaskFiles {
         train: dir.join("train.jsonl"),
         test: dir.join("test.jsonl"),
         prompts: dir.join("prompts.jsonl"),
         test_prompts: dir.join("test_prompts.jsonl"),
     };
-    let example = |&(a, b): &(u64, u64)| Example {
-        prompt: prompt(a, b),
-        completion: answer(a, b, cfg.reverse_answer),
+    let example = |&(a, b): &(u64, u64)| ExampleRow {
+        prompt: prompt(a, b, cfg.max_digits, cfg.reverse_digits),
+        completion: answer(a, b, cfg.max_digits, cfg.reverse_digits),
     };
     let prompt_rows = |prefix: &'static str, pairs: &[(u64, u64)]| -> Vec<PromptRow> {
         let row = |(i, &(a, b)): (usize, &(u64, u64))| PromptRow {
             id: format!("{prefix}-{i}"),
-            prompt: prompt(a, b),
+            prompt: prompt(a, b, cfg.max_digits, cfg.reverse_digits),
         };
         pairs.iter().enumerate().map(row).collect()
     };
@@ -225,41 +197,13 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
 }
 
 fn write_jsonl<T: Serialize>(path: &Path, rows: impl Iterator<Item = T>) -> Result<(), TaskError> {
-    let err = |source| TaskError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source| TaskError::Write { path: path.to_path_buf(), source };
     let mut out = BufWriter::new(File::create(path).map_err(err)?);
     for row in rows {
         serde_json::to_writer(&mut out, &row).map_err(|e| err(e.into()))?;
         out.write_all(b"\n").map_err(err)?;
     }
     out.flush().map_err(err)
-}
-
-/// Reads a `train.jsonl` / `test.jsonl` written by `write_task_data`.
-pub fn read_examples(path: &Path) -> Result<Vec<Example>, TaskError> {
-    let file = File::open(path).map_err(|source| TaskError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| TaskError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let ex = serde_json::from_str(&line).map_err(|source| TaskError::Parse {
-            path: path.to_path_buf(),
-            line: i + 1,
-            source,
-        })?;
-        out.push(ex);
-    }
-    Ok(out)
 }
 
 /// Whether a generated completion is the expected answer: exact match after trimming whitespace
@@ -296,21 +240,18 @@ mod tests {
 
     #[test]
     fn answers_are_sums_reversed_or_plain() {
-        assert_eq!(prompt(57, 68), "57+68=");
-        assert_eq!(answer(57, 68, true), "521");
-        assert_eq!(answer(57, 68, false), "125");
-        assert_eq!(answer(0, 0, true), "0");
-        assert_eq!(answer(999, 1, true), "0001");
-        assert_eq!(answer(100, 20, true), "021");
+        assert_eq!(prompt(57, 68, 3, true), "750+860=");
+        assert_eq!(prompt(57, 68, 3, false), "057+068=");
+        assert_eq!(answer(57, 68, 3, true), "5210");
+        assert_eq!(answer(57, 68, 3, false), "0125");
+        assert_eq!(answer(0, 0, 3, true), "0000");
+        assert_eq!(answer(999, 1, 3, true), "0001");
+        assert_eq!(answer(100, 20, 2, true), "021");
     }
 
     #[test]
     fn same_seed_same_files_other_seed_other_files() {
-        let (d1, d2, d3) = (
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-        );
+        let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let f1 = write_task_data(&small(), d1.path()).unwrap();
         let f2 = write_task_data(&small(), d2.path()).unwrap();
         let f3 = write_task_data(&TaskConfig { seed: 8, ..small() }, d3.path()).unwrap();
@@ -322,38 +263,21 @@ mod tests {
         ] {
             assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
         }
-        assert_ne!(
-            std::fs::read(&f1.train).unwrap(),
-            std::fs::read(&f3.train).unwrap()
-        );
+        assert_ne!(std::fs::read(&f1.train).unwrap(), std::fs::read(&f3.train).unwrap());
     }
 
     #[test]
     fn test_set_is_disjoint_from_train_and_prompts_and_matches_test_prompts() {
         let dir = tempfile::tempdir().unwrap();
         let f = write_task_data(&small(), dir.path()).unwrap();
-        let (train, test, prompts, test_prompts) = (
-            pairs(&f.train),
-            pairs(&f.test),
-            pairs(&f.prompts),
-            pairs(&f.test_prompts),
-        );
+        let (train, test, prompts, test_prompts) =
+            (pairs(&f.train), pairs(&f.test), pairs(&f.prompts), pairs(&f.test_prompts));
         assert_eq!((train.len(), test.len(), prompts.len()), (300, 50, 100));
         let all: HashSet<_> = train.iter().chain(&test).chain(&prompts).collect();
-        assert_eq!(
-            all.len(),
-            450,
-            "train, test and prompts must be pairwise disjoint"
-        );
+        assert_eq!(all.len(), 450, "train, test and prompts must be pairwise disjoint");
         assert_eq!(test, test_prompts);
-        let first: serde_json::Value = serde_json::from_str(
-            std::fs::read_to_string(&f.test_prompts)
-                .unwrap()
-                .lines()
-                .next()
-                .unwrap(),
-        )
-        .unwrap();
+        let first: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&f.test_prompts).unwrap().lines().next().unwrap()).unwrap();
         assert_eq!(first["id"], "test-0");
     }
 
@@ -361,24 +285,15 @@ mod tests {
     fn completions_are_correct_sums() {
         for reverse in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            let f = write_task_data(
-                &TaskConfig {
-                    reverse_answer: reverse,
-                    ..small()
-                },
-                dir.path(),
-            )
-            .unwrap();
-            for ex in read_examples(&f.train).unwrap() {
+            let f = write_task_data(&TaskConfig { reverse_digits: reverse, ..small() }, dir.path()).unwrap();
+            let value = |digits: &str| -> u64 {
+                let plain: String = if reverse { digits.chars().rev().collect() } else { digits.to_string() };
+                plain.parse().unwrap()
+            };
+            for ex in crate::data::read_examples(&f.train).unwrap() {
                 let (a, b) = ex.prompt.trim_end_matches('=').split_once('+').unwrap();
-                let sum = a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap();
-                let got: String = if reverse {
-                    ex.completion.chars().rev().collect()
-                } else {
-                    ex.completion.clone()
-                };
-                assert_eq!(got, sum.to_string(), "{ex:?}");
-                assert!(a.len() <= 2 && b.len() <= 2);
+                assert_eq!(value(&ex.completion), value(a) + value(b), "{ex:?}");
+                assert_eq!((a.len(), b.len(), ex.completion.len()), (2, 2, 3), "fixed width: {ex:?}");
             }
         }
     }
@@ -387,32 +302,16 @@ mod tests {
     fn test_set_does_not_depend_on_train_size() {
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let f1 = write_task_data(&small(), d1.path()).unwrap();
-        let f2 = write_task_data(
-            &TaskConfig {
-                train_examples: 10,
-                ..small()
-            },
-            d2.path(),
-        )
-        .unwrap();
+        let f2 = write_task_data(&TaskConfig { train_examples: 10, ..small() }, d2.path()).unwrap();
         assert_eq!(pairs(&f1.test), pairs(&f2.test));
     }
 
     #[test]
     fn too_many_problems_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = TaskConfig {
-            max_digits: 1,
-            train_examples: 90,
-            test_examples: 10,
-            prompts: 1,
-            ..small()
-        };
+        let cfg = TaskConfig { max_digits: 1, train_examples: 90, test_examples: 10, prompts: 1, ..small() };
         let err = write_task_data(&cfg, dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains("101 problems requested") && err.contains("only 100"),
-            "{err}"
-        );
+        assert!(err.contains("101 problems requested") && err.contains("only 100"), "{err}");
         // Exactly all of them is fine.
         write_task_data(&TaskConfig { prompts: 0, ..cfg }, dir.path()).unwrap();
     }

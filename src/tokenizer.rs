@@ -82,15 +82,10 @@ impl Tokenizer {
     pub fn from_folder(dir: &Path) -> Result<Self, TokenizerError> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(TokenizerError::MissingTokenizerJson {
-                dir: dir.to_path_buf(),
-            });
+            return Err(TokenizerError::MissingTokenizerJson { dir: dir.to_path_buf() });
         }
-        let inner =
-            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| TokenizerError::Parse {
-                path: tok_path.clone(),
-                message: e.to_string(),
-            })?;
+        let inner = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| TokenizerError::Parse { path: tok_path.clone(), message: e.to_string() })?;
 
         let config = match read_json(&dir.join("tokenizer_config.json"))? {
             Some(Value::Object(map)) => map,
@@ -107,16 +102,11 @@ impl Tokenizer {
 
         // BOS: tokenizer_config's `bos_token` when the key is there (even null); otherwise config.json.
         let bos = if config.contains_key("bos_token") {
-            token_string(config.get("bos_token"))
-                .and_then(|s| inner.token_to_id(&s).map(|id| (s, id)))
+            token_string(config.get("bos_token")).and_then(|s| inner.token_to_id(&s).map(|id| (s, id)))
         } else {
             [&generation_config, &model_config]
                 .iter()
-                .find_map(|c| {
-                    c.as_ref()
-                        .and_then(|c| c.get("bos_token_id"))
-                        .and_then(Value::as_u64)
-                })
+                .find_map(|c| c.as_ref().and_then(|c| c.get("bos_token_id")).and_then(Value::as_u64))
                 .and_then(|id| {
                     let id = u32::try_from(id).ok()?;
                     inner.id_to_token(id).map(|s| (s, id))
@@ -140,9 +130,7 @@ impl Tokenizer {
 
         let add_bos = match config.get("add_bos_token").and_then(Value::as_bool) {
             Some(b) => b && bos.is_some(),
-            None => bos
-                .as_ref()
-                .is_some_and(|(_, id)| post_processor_adds_bos(&inner, *id)),
+            None => bos.as_ref().is_some_and(|(_, id)| post_processor_adds_bos(&inner, *id)),
         };
 
         let chat_template = match config.get("chat_template") {
@@ -157,10 +145,8 @@ impl Tokenizer {
                 let path = dir.join("chat_template.jinja");
                 if path.is_file() {
                     Some(
-                        std::fs::read_to_string(&path).map_err(|e| TokenizerError::Read {
-                            path,
-                            message: e.to_string(),
-                        })?,
+                        std::fs::read_to_string(&path)
+                            .map_err(|e| TokenizerError::Read { path, message: e.to_string() })?,
                     )
                 } else {
                     None
@@ -169,16 +155,7 @@ impl Tokenizer {
         };
         let model_max_length = config.get("model_max_length").and_then(Value::as_u64);
 
-        Ok(Self {
-            inner,
-            bos,
-            eos_token,
-            eos_ids,
-            add_bos,
-            chat_template,
-            model_max_length,
-            config,
-        })
+        Ok(Self { inner, bos, eos_token, eos_ids, add_bos, chat_template, model_max_length, config })
     }
 
     /// Sets the `model_max_length` written by [`save`](Self::save) (the model's context length).
@@ -193,13 +170,9 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| TokenizerError::Tokenizers {
-                op: "encode",
-                message: e.to_string(),
-            })?;
+            .map_err(|e| TokenizerError::Tokenizers { op: "encode", message: e.to_string() })?;
         let mut ids = enc.get_ids().to_vec();
-        if let (true, true, Some((bos_str, bos_id))) = (add_special_tokens, self.add_bos, &self.bos)
-        {
+        if let (true, true, Some((bos_str, bos_id))) = (add_special_tokens, self.add_bos, &self.bos) {
             if !text.starts_with(bos_str.as_str()) && ids.first() != Some(bos_id) {
                 ids.insert(0, *bos_id);
             }
@@ -209,12 +182,7 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| TokenizerError::Tokenizers {
-                op: "decode",
-                message: e.to_string(),
-            })
+        self.inner.decode(ids, true).map_err(|e| TokenizerError::Tokenizers { op: "decode", message: e.to_string() })
     }
 
     /// Number of ids, added tokens included.
@@ -242,47 +210,29 @@ impl Tokenizer {
     /// Renders `messages` with the model's chat template, as transformers'
     /// `apply_chat_template(messages, add_generation_prompt=True, tokenize=False)` does.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
-        let source = self
-            .chat_template
-            .as_deref()
-            .ok_or(TokenizerError::NoChatTemplate)?;
+        let source = self.chat_template.as_deref().ok_or(TokenizerError::NoChatTemplate)?;
         let mut env = minijinja::Environment::new();
         // transformers compiles chat templates with trim_blocks and lstrip_blocks on.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
         env.set_unknown_method_callback(python_string_methods);
-        let template = env
-            .template_from_str(source)
-            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let template = env.template_from_str(source).map_err(|e| TokenizerError::Template(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => messages,
             bos_token => self.bos.as_ref().map(|(s, _)| s.as_str()).unwrap_or(""),
             eos_token => self.eos_token.as_deref().unwrap_or(""),
             add_generation_prompt => true,
         };
-        template
-            .render(ctx)
-            .map_err(|e| TokenizerError::Template(e.to_string()))
+        template.render(ctx).map_err(|e| TokenizerError::Template(e.to_string()))
     }
 
     /// SHA-256 (hex) over every (id, token) pair sorted by id, added tokens included: equal for
     /// identical vocabularies, different when any token or id differs.
     pub fn vocab_hash(&self) -> String {
-        let mut vocab: Vec<(u32, String)> = self
-            .inner
-            .get_vocab(true)
-            .into_iter()
-            .map(|(t, id)| (id, t))
-            .collect();
+        let mut vocab: Vec<(u32, String)> = self.inner.get_vocab(true).into_iter().map(|(t, id)| (id, t)).collect();
         vocab.sort_unstable();
         let mut h = Sha256::new();
         for (id, token) in &vocab {
@@ -296,34 +246,19 @@ impl Tokenizer {
     /// Writes `dir/tokenizer.json` and `dir/tokenizer_config.json`, loadable by transformers'
     /// `AutoTokenizer.from_pretrained(dir)` and by [`from_folder`](Self::from_folder).
     pub fn save(&self, dir: &Path) -> Result<(), TokenizerError> {
-        std::fs::create_dir_all(dir).map_err(|e| TokenizerError::Write {
-            path: dir.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| TokenizerError::Write { path: dir.to_path_buf(), message: e.to_string() })?;
         let tok_path = dir.join("tokenizer.json");
         self.inner
             .save(&tok_path, false)
-            .map_err(|e| TokenizerError::Write {
-                path: tok_path,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| TokenizerError::Write { path: tok_path, message: e.to_string() })?;
 
         let mut cfg = self.config.clone();
         cfg.remove("auto_map"); // custom Python tokenizer classes do not apply to the fast file
         cfg.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-        let bos = self
-            .bos
-            .as_ref()
-            .map(|(s, _)| Value::from(s.as_str()))
-            .unwrap_or(Value::Null);
+        let bos = self.bos.as_ref().map(|(s, _)| Value::from(s.as_str())).unwrap_or(Value::Null);
         cfg.insert("bos_token".into(), bos);
-        cfg.insert(
-            "eos_token".into(),
-            self.eos_token
-                .clone()
-                .map(Value::from)
-                .unwrap_or(Value::Null),
-        );
+        cfg.insert("eos_token".into(), self.eos_token.clone().map(Value::from).unwrap_or(Value::Null));
         cfg.insert("add_bos_token".into(), self.add_bos.into());
         match &self.chat_template {
             Some(t) => cfg.insert("chat_template".into(), t.as_str().into()),
@@ -334,12 +269,8 @@ impl Tokenizer {
             None => cfg.remove("model_max_length"),
         };
         let cfg_path = dir.join("tokenizer_config.json");
-        let text =
-            serde_json::to_string_pretty(&Value::Object(cfg)).expect("JSON values serialize");
-        std::fs::write(&cfg_path, text).map_err(|e| TokenizerError::Write {
-            path: cfg_path,
-            message: e.to_string(),
-        })
+        let text = serde_json::to_string_pretty(&Value::Object(cfg)).expect("JSON values serialize");
+        std::fs::write(&cfg_path, text).map_err(|e| TokenizerError::Write { path: cfg_path, message: e.to_string() })
     }
 
     /// Trains a byte-level BPE on `texts`: digits are split one per token, every byte is in the
@@ -353,10 +284,7 @@ impl Tokenizer {
                 "`vocab_size` must be >= {min} (3 special tokens + 256 bytes), got {vocab_size}"
             )));
         }
-        let specials: Vec<AddedToken> = TRAINED_SPECIALS
-            .iter()
-            .map(|t| AddedToken::from(*t, true))
-            .collect();
+        let specials: Vec<AddedToken> = TRAINED_SPECIALS.iter().map(|t| AddedToken::from(*t, true)).collect();
         let mut trainer = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
             .min_frequency(2)
@@ -364,10 +292,7 @@ impl Tokenizer {
             .special_tokens(specials)
             .initial_alphabet(alphabet.into_iter().collect::<HashSet<char>>())
             .build();
-        let pre_tokenizer = Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ]);
+        let pre_tokenizer = Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]);
         let post_processor = TemplateProcessing::builder()
             .try_single("<s> $A")
             .and_then(|b| b.try_pair("<s> $A <s>:1 $B:1"))
@@ -375,29 +300,21 @@ impl Tokenizer {
             .special_tokens(vec![("<s>", 1u32)])
             .build()
             .map_err(|e| TokenizerError::Train(e.to_string()))?;
-        let mut tk = TokenizerBuilder::<
-            BPE,
-            tokenizers::NormalizerWrapper,
-            Sequence,
-            TemplateProcessing,
-            ByteLevel,
-        >::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(pre_tokenizer))
-        .with_post_processor(Some(post_processor))
-        .with_decoder(Some(ByteLevel::default()))
-        .build()
-        .map_err(|e| TokenizerError::Train(e.to_string()))?;
-        tk.train(&mut trainer, texts.iter())
-            .map_err(|e| TokenizerError::Train(e.to_string()))?;
+        let mut tk =
+            TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, Sequence, TemplateProcessing, ByteLevel>::new()
+                .with_model(BPE::default())
+                .with_normalizer(None)
+                .with_pre_tokenizer(Some(pre_tokenizer))
+                .with_post_processor(Some(post_processor))
+                .with_decoder(Some(ByteLevel::default()))
+                .build()
+                .map_err(|e| TokenizerError::Train(e.to_string()))?;
+        tk.train(&mut trainer, texts.iter()).map_err(|e| TokenizerError::Train(e.to_string()))?;
         let inner: tokenizers::Tokenizer = tk.into();
 
         for (want, t) in TRAINED_SPECIALS.iter().enumerate() {
             if inner.token_to_id(t) != Some(want as u32) {
-                return Err(TokenizerError::Train(format!(
-                    "`{t}` did not get id {want}"
-                )));
+                return Err(TokenizerError::Train(format!("`{t}` did not get id {want}")));
             }
         }
         let mut config = Map::new();
@@ -421,19 +338,11 @@ fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(TokenizerError::Read {
-                path: path.into(),
-                message: e.to_string(),
-            })
-        }
+        Err(e) => return Err(TokenizerError::Read { path: path.into(), message: e.to_string() }),
     };
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| TokenizerError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })
+        .map_err(|e| TokenizerError::Parse { path: path.into(), message: e.to_string() })
 }
 
 /// A special token in tokenizer_config.json: `"<s>"` or `{"content": "<s>", ...}`.
@@ -448,16 +357,8 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 /// `eos_token_id` as an int or a list of ints.
 fn id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Array(xs)) => xs
-            .iter()
-            .filter_map(Value::as_u64)
-            .filter_map(|x| u32::try_from(x).ok())
-            .collect(),
-        Some(x) => x
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .into_iter()
-            .collect(),
+        Some(Value::Array(xs)) => xs.iter().filter_map(Value::as_u64).filter_map(|x| u32::try_from(x).ok()).collect(),
+        Some(x) => x.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
         None => Vec::new(),
     }
 }
@@ -465,11 +366,7 @@ fn id_list(v: Option<&Value>) -> Vec<u32> {
 /// Whether tokenizer.json's post-processor puts `bos` first (what transformers' fast tokenizers
 /// do when tokenizer_config.json has no `add_bos_token`).
 fn post_processor_adds_bos(tk: &tokenizers::Tokenizer, bos: u32) -> bool {
-    let first = |special| {
-        tk.encode("a", special)
-            .ok()
-            .and_then(|e| e.get_ids().first().copied())
-    };
+    let first = |special| tk.encode("a", special).ok().and_then(|e| e.get_ids().first().copied());
     first(true) == Some(bos) && first(false) != Some(bos)
 }
 
@@ -481,9 +378,7 @@ fn python_string_methods(
     args: &[minijinja::Value],
 ) -> Result<minijinja::Value, minijinja::Error> {
     use minijinja::{Error, ErrorKind, Value as V};
-    let s = value
-        .as_str()
-        .ok_or_else(|| Error::from(ErrorKind::UnknownMethod))?;
+    let s = value.as_str().ok_or_else(|| Error::from(ErrorKind::UnknownMethod))?;
     let arg = |i: usize| args.get(i).and_then(|a| a.as_str());
     let chars = |i: usize| arg(i).map(|c| c.chars().collect::<Vec<_>>());
     Ok(match method {
@@ -519,23 +414,13 @@ mod tests {
             "Tabs\tand\nnewlines, ünïcödé, 日本語, emoji 🙂.".to_string(),
         ];
         for i in 0..200 {
-            v.push(format!(
-                "{i} + {} = {}. The cat sat on the mat.",
-                i * 7,
-                i * 8
-            ));
+            v.push(format!("{i} + {} = {}. The cat sat on the mat.", i * 7, i * 8));
         }
         v
     }
 
     fn chat(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
-        pairs
-            .iter()
-            .map(|(r, c)| ChatMessage {
-                role: r.to_string(),
-                content: c.to_string(),
-            })
-            .collect()
+        pairs.iter().map(|(r, c)| ChatMessage { role: r.to_string(), content: c.to_string() }).collect()
     }
 
     fn shared_dir() -> PathBuf {
@@ -547,11 +432,7 @@ mod tests {
     #[test]
     fn train_bpe_round_trips_varied_text() {
         let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap();
-        assert!(
-            tk.vocab_size() <= 400 && tk.vocab_size() > 259,
-            "{}",
-            tk.vocab_size()
-        );
+        assert!(tk.vocab_size() <= 400 && tk.vocab_size() > 259, "{}", tk.vocab_size());
         for text in [
             "Once upon a time",
             "  leading spaces and trailing  ",
@@ -563,11 +444,7 @@ mod tests {
             assert_eq!(tk.decode(&ids).unwrap(), text);
             let with_bos = tk.encode(text, true).unwrap();
             assert_eq!(with_bos[0], 1);
-            assert_eq!(
-                tk.decode(&with_bos).unwrap(),
-                text,
-                "BOS is skipped on decode"
-            );
+            assert_eq!(tk.decode(&with_bos).unwrap(), text, "BOS is skipped on decode");
         }
         assert_eq!((tk.bos_id(), tk.eos_ids()), (Some(1), &[2u32][..]));
         assert!(!tk.has_chat_template());
@@ -591,40 +468,27 @@ mod tests {
         assert_eq!(a.vocab_hash(), b.vocab_hash());
         let c = Tokenizer::train_bpe(&corpus(), 271).unwrap();
         assert_eq!((a.vocab_size(), c.vocab_size()), (270, 271));
-        assert_ne!(
-            a.vocab_hash(),
-            c.vocab_hash(),
-            "one more token changes the hash"
-        );
+        assert_ne!(a.vocab_hash(), c.vocab_hash(), "one more token changes the hash");
     }
 
     #[test]
     fn train_bpe_rejects_a_vocab_smaller_than_the_bytes() {
-        let err = Tokenizer::train_bpe(&corpus(), 100)
-            .unwrap_err()
-            .to_string();
+        let err = Tokenizer::train_bpe(&corpus(), 100).unwrap_err().to_string();
         assert!(err.contains("`vocab_size` must be >= 259"), "{err}");
     }
 
     #[test]
     fn save_then_from_folder_keeps_ids_bos_eos_and_hash() {
-        let tk = Tokenizer::train_bpe(&corpus(), 400)
-            .unwrap()
-            .with_model_max_length(256);
+        let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap().with_model_max_length(256);
         let dir = tempfile::tempdir().unwrap();
         tk.save(dir.path()).unwrap();
         let back = Tokenizer::from_folder(dir.path()).unwrap();
         assert_eq!(back.vocab_hash(), tk.vocab_hash());
         assert_eq!((back.bos_id(), back.eos_ids()), (Some(1), &[2u32][..]));
         let text = "Once upon a time 123+45=168";
-        assert_eq!(
-            back.encode(text, true).unwrap(),
-            tk.encode(text, true).unwrap()
-        );
-        let cfg: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap(),
-        )
-        .unwrap();
+        assert_eq!(back.encode(text, true).unwrap(), tk.encode(text, true).unwrap());
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap()).unwrap();
         assert_eq!(cfg["tokenizer_class"], "PreTrainedTokenizerFast");
         assert_eq!(cfg["bos_token"], "<s>");
         assert_eq!(cfg["eos_token"], "</s>");
@@ -663,8 +527,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         tk.save(dir.path()).unwrap();
         let cfg_path = dir.path().join("tokenizer_config.json");
-        let mut cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
         cfg["chat_template"] = Value::from(
             "{{ bos_token }}{% for m in messages %}\
              {% if m.role not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}\
@@ -674,28 +537,16 @@ mod tests {
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
         let tk = Tokenizer::from_folder(dir.path()).unwrap();
         assert!(tk.has_chat_template());
-        let out = tk
-            .render_chat(&chat(&[("system", "Be brief."), ("user", "  2+2?  ")]))
-            .unwrap();
+        let out = tk.render_chat(&chat(&[("system", "Be brief."), ("user", "  2+2?  ")])).unwrap();
         assert_eq!(
             out,
             "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
         );
         let ids = tk.encode(&out, true).unwrap();
-        assert_eq!(
-            ids.iter().filter(|&&i| i == 1).count(),
-            1,
-            "rendered BOS is not doubled"
-        );
+        assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 1, "rendered BOS is not doubled");
 
-        let err = tk
-            .render_chat(&chat(&[("tool", "x")]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("chat template failed") && err.contains("bad role tool"),
-            "{err}"
-        );
+        let err = tk.render_chat(&chat(&[("tool", "x")])).unwrap_err().to_string();
+        assert!(err.starts_with("chat template failed") && err.contains("bad role tool"), "{err}");
     }
 
     #[test]
@@ -704,8 +555,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         tk.save(dir.path()).unwrap();
         let cfg_path = dir.path().join("tokenizer_config.json");
-        let mut cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
         cfg["chat_template"] = serde_json::json!([
             {"name": "tool_use", "template": "TOOLS"},
             {"name": "default", "template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"},
@@ -717,27 +567,15 @@ mod tests {
         cfg["chat_template"] = Value::from("{% for m in messages %}{{ m.content }");
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
         let bad = Tokenizer::from_folder(dir.path()).unwrap();
-        let err = bad
-            .render_chat(&chat(&[("user", "hi")]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("chat template failed: syntax error"),
-            "{err}"
-        );
+        let err = bad.render_chat(&chat(&[("user", "hi")])).unwrap_err().to_string();
+        assert!(err.starts_with("chat template failed: syntax error"), "{err}");
     }
 
     #[test]
     fn no_chat_template_says_to_use_prompt() {
         let tk = Tokenizer::train_bpe(&corpus(), 270).unwrap();
-        let err = tk
-            .render_chat(&chat(&[("user", "hi")]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`prompt` instead of `messages`") && err.contains("chat_template"),
-            "{err}"
-        );
+        let err = tk.render_chat(&chat(&[("user", "hi")])).unwrap_err().to_string();
+        assert!(err.contains("`prompt` instead of `messages`") && err.contains("chat_template"), "{err}");
     }
 
     #[test]
@@ -745,11 +583,7 @@ mod tests {
         let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap();
         let dir = tempfile::tempdir().unwrap();
         tk.save(dir.path()).unwrap();
-        std::fs::write(
-            dir.path().join("generation_config.json"),
-            r#"{"eos_token_id": [2, 7]}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 7]}"#).unwrap();
         std::fs::write(dir.path().join("config.json"), r#"{"eos_token_id": 9}"#).unwrap();
         let tk = Tokenizer::from_folder(dir.path()).unwrap();
         assert_eq!(tk.eos_ids(), &[2, 7, 9]);
@@ -759,10 +593,7 @@ mod tests {
     fn missing_tokenizer_json_names_the_folder() {
         let dir = tempfile::tempdir().unwrap();
         let err = Tokenizer::from_folder(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains("no tokenizer.json in") && err.contains("save_pretrained"),
-            "{err}"
-        );
+        assert!(err.contains("no tokenizer.json in") && err.contains("save_pretrained"), "{err}");
     }
 
     #[test]
@@ -776,26 +607,11 @@ mod tests {
         // Obtained with Python `tokenizers` 0.22.2:
         //   Tokenizer.from_file("stories260K/tokenizer.json").encode("Once upon a time").ids
         // The file's post-processor adds <s> itself, as tokenizer_config.json's add_bos_token says.
-        assert_eq!(
-            tk.encode("Once upon a time", true).unwrap(),
-            [1, 403, 407, 261, 378]
-        );
-        assert_eq!(
-            tk.encode("Once upon a time", false).unwrap(),
-            [403, 407, 261, 378]
-        );
+        assert_eq!(tk.encode("Once upon a time", true).unwrap(), [1, 403, 407, 261, 378]);
+        assert_eq!(tk.encode("Once upon a time", false).unwrap(), [403, 407, 261, 378]);
         // Python gives [1, 1, 403, ...] for "<s>Once upon a time"; kdllm keeps a single BOS.
-        assert_eq!(
-            tk.encode("<s>Once upon a time", true).unwrap(),
-            [1, 403, 407, 261, 378]
-        );
-        assert_eq!(
-            (tk.bos_id(), tk.eos_ids(), tk.vocab_size()),
-            (Some(1), &[2u32][..], 512)
-        );
-        assert_eq!(
-            tk.decode(&[1, 403, 407, 261, 378, 2]).unwrap(),
-            "Once upon a time"
-        );
+        assert_eq!(tk.encode("<s>Once upon a time", true).unwrap(), [1, 403, 407, 261, 378]);
+        assert_eq!((tk.bos_id(), tk.eos_ids(), tk.vocab_size()), (Some(1), &[2u32][..], 512));
+        assert_eq!(tk.decode(&[1, 403, 407, 261, 378, 2]).unwrap(), "Once upon a time");
     }
 }

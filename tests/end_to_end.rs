@@ -13,7 +13,9 @@ use kdllm::train::{distill, DistillJob, KdConfig, ModelInit, TrainConfig};
 const WORDS: &[&str] = &["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "big", "red", "ball", "and", "is"];
 
 fn corpus() -> Vec<String> {
-    (0..200).map(|i| (0..8).map(|j| WORDS[(i * 7 + j * 3 + i / 5) % WORDS.len()]).collect::<Vec<_>>().join(" ")).collect()
+    (0..200)
+        .map(|i| (0..8).map(|j| WORDS[(i * 7 + j * 3 + i / 5) % WORDS.len()]).collect::<Vec<_>>().join(" "))
+        .collect()
 }
 
 fn tiny_teacher(dir: &Path) -> LlamaConfig {
@@ -49,7 +51,14 @@ fn gen_job(teacher: &Path, prompts: &Path, out: PathBuf) -> GenerateJob {
         revision: None,
         prompts: prompts.to_path_buf(),
         output: out,
-        sampling: SamplingConfig { max_new_tokens: 12, samples_per_prompt: 2, batch_size: 8, logprobs: 8, seed: 5, ..Default::default() },
+        sampling: SamplingConfig {
+            max_new_tokens: 12,
+            samples_per_prompt: 2,
+            batch_size: 8,
+            logprobs: 8,
+            seed: 5,
+            ..Default::default()
+        },
     }
 }
 
@@ -86,19 +95,42 @@ fn teacher_samples_then_a_student_learns_from_them() {
         student: ModelInit { from: None, config: Some(student_cfg) },
         tokenizer: Some(teacher.clone()),
         kd: KdConfig { alpha: 0.5, temperature: 2.0 },
-        train: TrainConfig { steps: 40, batch_size: 8, lr: 1e-2, warmup_steps: 5, valid_fraction: 0.1, ..Default::default() },
+        train: TrainConfig {
+            steps: 40,
+            batch_size: 8,
+            lr: 1e-2,
+            warmup_steps: 5,
+            valid_fraction: 0.1,
+            ..Default::default()
+        },
         output: out.clone(),
     })
     .unwrap();
-    assert!(report.final_loss < report.first_loss * 0.9, "loss should fall: {} → {}", report.first_loss, report.final_loss);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "metrics.jsonl"] {
+    assert!(
+        report.final_loss < report.first_loss * 0.9,
+        "loss should fall: {} → {}",
+        report.first_loss,
+        report.final_loss
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "metrics.jsonl",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing from the student folder");
     }
     let student = Llama::load(&out, &Device::Cpu).unwrap();
     assert_eq!(student.config().num_params(), report.params);
-    assert_eq!(Tokenizer::from_folder(&out).unwrap().vocab_hash(), Tokenizer::from_folder(&teacher).unwrap().vocab_hash());
+    assert_eq!(
+        Tokenizer::from_folder(&out).unwrap().vocab_hash(),
+        Tokenizer::from_folder(&teacher).unwrap().vocab_hash()
+    );
 
-    let eval = kdllm::eval::evaluate(&kdllm::eval::EvalJob { model: out, data: a.output, task: None, batch_size: 16 }).unwrap();
+    let eval = kdllm::eval::evaluate(&kdllm::eval::EvalJob { model: out, data: a.output, task: None, batch_size: 16 })
+        .unwrap();
     assert!(eval.kl_to_teacher.unwrap() >= 0.0 && eval.top1_agreement.unwrap() <= 1.0);
     assert!((eval.perplexity - eval.nll_per_token.exp()).abs() < 1e-9);
 }
@@ -139,8 +171,81 @@ fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
     let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--top-p", "0"]);
     assert!(!ok && err.contains("top_p"), "{err}");
 
-    assert!(std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("out.")), "no output left behind");
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("out.")),
+        "no output left behind"
+    );
 
     let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--max-new-tokens", "4"]);
     assert!(ok && out.is_file(), "{err}");
+}
+
+#[test]
+fn distilling_with_another_tokenizer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts, 4);
+    let samples = generate(&gen_job(&teacher, &prompts, tmp.path().join("s.parquet"))).unwrap();
+    let other = tmp.path().join("other-tokenizer");
+    let texts: Vec<String> = corpus().iter().map(|t| t.to_uppercase()).collect();
+    Tokenizer::train_bpe(&texts, 300).unwrap().save(&other).unwrap();
+    let out = tmp.path().join("student");
+    let err = distill(&DistillJob {
+        data: samples.output,
+        student: ModelInit {
+            from: None,
+            config: Some(
+                serde_json::from_value(serde_json::json!({
+                    "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                }))
+                .unwrap(),
+            ),
+        },
+        tokenizer: Some(other),
+        kd: KdConfig::default(),
+        train: TrainConfig { steps: 2, batch_size: 2, ..Default::default() },
+        output: out.clone(),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("tokenizer") && err.contains("s.parquet"), "{err}");
+    assert!(!out.exists(), "nothing written for a refused run");
+}
+
+/// The recipe runner chains every step kind: task → finetune → generate → distill → eval.
+#[test]
+fn a_tiny_recipe_runs_every_step_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("tiny.yaml");
+    let workdir = tmp.path().join("run");
+    let model = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, max_position_embeddings: 32, tie_word_embeddings: true}";
+    let train = "{steps: 30, batch_size: 16, lr: 3.0e-3, warmup_steps: 5, valid_fraction: 0.1, log_every: 10}";
+    std::fs::write(
+        &recipe,
+        format!(
+            "name: tiny\nworkdir: {}\nsteps:\n\
+             - {{name: task, kind: task, task: {{max_digits: 2, train_examples: 300, test_examples: 20, prompts: 40}}}}\n\
+             - {{name: teacher, kind: finetune, data: steps.task.output/train.jsonl, tokenizer: steps.task.output, model: {{config: {model}}}, train: {train}}}\n\
+             - {{name: samples, kind: generate, teacher: steps.teacher.output, prompts: steps.task.output/prompts.jsonl, sampling: {{max_new_tokens: 5, logprobs: 5, batch_size: 16}}}}\n\
+             - {{name: student, kind: distill, data: steps.samples.output, tokenizer: steps.teacher.output, student: {{config: {model}}}, train: {train}}}\n\
+             - {{name: eval, kind: eval, models: [steps.teacher.output, steps.student.output], data: steps.samples.output, task: steps.task.output/test.jsonl}}\n",
+            workdir.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kdllm"))
+        .args(["train", "--recipe", recipe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for step in ["task", "teacher", "samples", "student", "eval"] {
+        assert!(stdout.contains(&format!("==> step {step} (")), "step {step} not announced:\n{stdout}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(workdir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["models"].as_array().map(Vec::len), Some(2), "{summary}");
+    assert!(Llama::load(&workdir.join("student"), &Device::Cpu).is_ok());
 }

@@ -31,11 +31,6 @@ fn hf_home_and_hf_hub_offline_from_the_environment_resolve_from_the_cache() {
     assert_eq!(files.revision.as_deref(), Some(COMMIT));
 
     // Offline means no network: a repo that is not cached fails at once with the fetch command.
-    let err = resolve("owner/absent", None, &opts)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("huggingface-cli download owner/absent --revision main"),
-        "{err}"
-    );
+    let err = resolve("owner/absent", None, &opts).unwrap_err().to_string();
+    assert!(err.contains("huggingface-cli download owner/absent --revision main"), "{err}");
 }

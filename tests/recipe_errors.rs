@@ -23,19 +23,14 @@ fn error_of(text: &str) -> (String, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("recipe.yaml");
     std::fs::write(&path, text).unwrap();
-    let err = recipe::load(&path)
-        .expect_err("the recipe should be rejected")
-        .to_string();
+    let err = recipe::load(&path).expect_err("the recipe should be rejected").to_string();
     (err, path)
 }
 
 fn assert_at(text: &str, line: usize, column: usize, needles: &[&str]) {
     let (err, path) = error_of(text);
     let prefix = format!("{}:{line}:{column}: ", path.display());
-    assert!(
-        err.starts_with(&prefix),
-        "expected `{prefix}...`, got:\n{err}"
-    );
+    assert!(err.starts_with(&prefix), "expected `{prefix}...`, got:\n{err}");
     for n in needles {
         assert!(err.contains(n), "expected `{n}` in:\n{err}");
     }
@@ -52,33 +47,21 @@ fn a_valid_recipe_loads() {
 
 #[test]
 fn malformed_yaml_gives_line_and_column() {
-    let (err, path) =
-        error_of("name: t\nworkdir: runs/t\nsteps:\n  - name: task\n    kind: [task\n");
+    let (err, path) = error_of("name: t\nworkdir: runs/t\nsteps:\n  - name: task\n    kind: [task\n");
     assert!(err.starts_with(&format!("{}:", path.display())), "{err}");
-    let line: usize = err[path.display().to_string().len() + 1..]
-        .split(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let line: usize = err[path.display().to_string().len() + 1..].split(':').next().unwrap().parse().unwrap();
     assert!(line >= 5, "{err}");
 }
 
 #[test]
 fn bad_indentation_gives_line_and_column() {
-    let (err, path) =
-        error_of("name: t\nworkdir: runs/t\nsteps:\n  - name: task\n    kind: task\n   oops: 1\n");
+    let (err, path) = error_of("name: t\nworkdir: runs/t\nsteps:\n  - name: task\n    kind: task\n   oops: 1\n");
     assert!(err.starts_with(&format!("{}:6:", path.display())), "{err}");
 }
 
 #[test]
 fn unknown_top_level_key() {
-    assert_at(
-        "name: t\nworkdir: runs/t\nstepz: []\n",
-        3,
-        1,
-        &["unknown field `stepz`", "steps"],
-    );
+    assert_at("name: t\nworkdir: runs/t\nstepz: []\n", 3, 1, &["unknown field `stepz`", "steps"]);
 }
 
 #[test]
@@ -95,18 +78,22 @@ fn key_of_another_kind_in_a_step() {
 
 #[test]
 fn unknown_key_inside_the_model_init() {
-    let text = format!("{HEAD}{TASK}  - name: s\n    kind: finetune\n    data: d.jsonl\n    model: {{form: smollm2}}\n");
+    let text =
+        format!("{HEAD}{TASK}  - name: s\n    kind: finetune\n    data: d.jsonl\n    model: {{form: smollm2}}\n");
     assert_at(&text, 9, 13, &["unknown field `form`", "from"]);
 }
 
 #[test]
-fn steps_of_the_wrong_type() {
-    assert_at(
-        "name: t\nworkdir: runs/t\nsteps: \"ten\"\n",
-        3,
-        8,
-        &["`steps`: "],
+fn typo_inside_a_model_config_points_at_the_key() {
+    let text = format!(
+        "{HEAD}{TASK}  - name: s\n    kind: finetune\n    data: d.jsonl\n    tokenizer: t\n    model:\n      config:\n        hidden_size: 8\n        tie_word_embedding: true\n"
     );
+    assert_at(&text, 13, 9, &["unknown field `tie_word_embedding`", "tie_word_embeddings"]);
+}
+
+#[test]
+fn steps_of_the_wrong_type() {
+    assert_at("name: t\nworkdir: runs/t\nsteps: \"ten\"\n", 3, 8, &["`steps`: "]);
 }
 
 #[test]
@@ -123,89 +110,50 @@ fn wrong_type_in_a_flow_mapping_names_the_key() {
 
 #[test]
 fn unknown_step_kind() {
-    assert_at(
-        &format!("{HEAD}  - name: task\n    kind: tusk\n"),
-        5,
-        11,
-        &["tusk", "task"],
-    );
+    assert_at(&format!("{HEAD}  - name: task\n    kind: tusk\n"), 5, 11, &["tusk", "task"]);
 }
 
 #[test]
 fn step_without_kind() {
-    assert_at(
-        &format!("{HEAD}  - name: task\n"),
-        4,
-        5,
-        &["missing field `kind`"],
-    );
+    assert_at(&format!("{HEAD}  - name: task\n"), 4, 5, &["missing field `kind`"]);
 }
 
 #[test]
 fn reference_to_an_unknown_step() {
-    let text = format!(
-        "{HEAD}{TASK}{}",
-        TEACHER.replace("steps.task.output/train", "steps.tsak.output/train")
-    );
+    let text = format!("{HEAD}{TASK}{}", TEACHER.replace("steps.task.output/train", "steps.tsak.output/train"));
     assert_at(
         &text,
         8,
         11,
-        &[
-            "step `teacher`",
-            "`data: steps.tsak.output/train.jsonl`",
-            "no step named `tsak`",
-            "task",
-        ],
+        &["step `teacher`", "`data: steps.tsak.output/train.jsonl`", "no step named `tsak`", "task"],
     );
 }
 
 #[test]
 fn reference_error_points_at_its_own_key() {
     // `tokenizer` is wrong, `data` (same prefix, earlier line) is right.
-    let text = format!(
-        "{HEAD}{TASK}{}",
-        TEACHER.replace(
-            "tokenizer: steps.task.output",
-            "tokenizer: steps.nope.output"
-        )
-    );
+    let text =
+        format!("{HEAD}{TASK}{}", TEACHER.replace("tokenizer: steps.task.output", "tokenizer: steps.nope.output"));
     assert_at(&text, 9, 16, &["`tokenizer: steps.nope.output`"]);
     let text = format!("{HEAD}{TASK}  - name: e\n    kind: eval\n    models: [steps.task.output, steps.later.output]\n    data: d.jsonl\n");
-    assert_at(
-        &text,
-        8,
-        33,
-        &["`models: steps.later.output`", "no step named `later`"],
-    );
+    assert_at(&text, 8, 33, &["`models: steps.later.output`", "no step named `later`"]);
 }
 
 #[test]
 fn reference_to_a_later_step() {
     let text = format!("{HEAD}{TEACHER}{TASK}");
-    assert_at(
-        &text,
-        6,
-        11,
-        &["step `teacher`", "steps.task.output", "runs later"],
-    );
+    assert_at(&text, 6, 11, &["step `teacher`", "steps.task.output", "runs later"]);
 }
 
 #[test]
 fn reference_to_itself() {
-    let text = format!(
-        "{HEAD}{TASK}{}",
-        TEACHER.replace("steps.task.output/train", "steps.teacher.output/train")
-    );
+    let text = format!("{HEAD}{TASK}{}", TEACHER.replace("steps.task.output/train", "steps.teacher.output/train"));
     assert_at(&text, 8, 11, &["step `teacher`", "itself"]);
 }
 
 #[test]
 fn malformed_reference() {
-    let text = format!(
-        "{HEAD}{TASK}{}",
-        TEACHER.replace("steps.task.output/train", "steps.task/train")
-    );
+    let text = format!("{HEAD}{TASK}{}", TEACHER.replace("steps.task.output/train", "steps.task/train"));
     assert_at(&text, 8, 11, &["`data`", "steps.NAME.output"]);
 }
 
@@ -219,44 +167,23 @@ fn sub_path_of_a_generate_output() {
 
 #[test]
 fn duplicate_step_name() {
-    assert_at(
-        &format!("{HEAD}{TASK}{TASK}"),
-        6,
-        5,
-        &["step `task`", "line 4", "unique"],
-    );
+    assert_at(&format!("{HEAD}{TASK}{TASK}"), 6, 5, &["step `task`", "line 4", "unique"]);
 }
 
 #[test]
 fn step_name_that_cannot_be_a_folder() {
-    assert_at(
-        &format!("{HEAD}  - name: a/b\n    kind: task\n"),
-        4,
-        5,
-        &["step `a/b`", "letters, digits"],
-    );
+    assert_at(&format!("{HEAD}  - name: a/b\n    kind: task\n"), 4, 5, &["step `a/b`", "letters, digits"]);
 }
 
 #[test]
 fn model_with_both_from_and_config() {
-    let text = format!(
-        "{HEAD}{TASK}{}",
-        TEACHER.replace("model:\n", "model:\n      from: smollm2\n")
-    );
-    assert_at(
-        &text,
-        10,
-        5,
-        &["`model` needs exactly one of `from`", "`config`"],
-    );
+    let text = format!("{HEAD}{TASK}{}", TEACHER.replace("model:\n", "model:\n      from: smollm2\n"));
+    assert_at(&text, 10, 5, &["`model` needs exactly one of `from`", "`config`"]);
 }
 
 #[test]
 fn model_from_config_without_tokenizer() {
-    let text = format!(
-        "{HEAD}{TASK}{}",
-        TEACHER.replace("    tokenizer: steps.task.output\n", "")
-    );
+    let text = format!("{HEAD}{TASK}{}", TEACHER.replace("    tokenizer: steps.task.output\n", ""));
     assert_at(&text, 9, 5, &["needs a `tokenizer`"]);
 }
 
@@ -264,16 +191,12 @@ fn model_from_config_without_tokenizer() {
 fn missing_top_level_key() {
     let (err, path) = error_of("name: t\nsteps: []\n");
     // serde-saphyr places a missing key at the end of the mapping.
-    assert!(
-        err.starts_with(&format!("{}:2:1: missing field `workdir`", path.display())),
-        "{err}"
-    );
+    assert!(err.starts_with(&format!("{}:2:1: missing field `workdir`", path.display())), "{err}");
 }
 
 #[test]
 fn eval_without_models() {
-    let text =
-        format!("{HEAD}{TASK}  - name: e\n    kind: eval\n    models: []\n    data: d.jsonl\n");
+    let text = format!("{HEAD}{TASK}  - name: e\n    kind: eval\n    models: []\n    data: d.jsonl\n");
     assert_at(&text, 8, 5, &["step `e`", "`models` is empty"]);
 }
 
@@ -285,13 +208,8 @@ fn no_steps() {
 
 #[test]
 fn missing_file_is_named() {
-    let err = recipe::load(Path::new("recipes/does-not-exist.yaml"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("cannot read recipe recipes/does-not-exist.yaml"),
-        "{err}"
-    );
+    let err = recipe::load(Path::new("recipes/does-not-exist.yaml")).unwrap_err().to_string();
+    assert!(err.contains("cannot read recipe recipes/does-not-exist.yaml"), "{err}");
 }
 
 #[test]

@@ -10,12 +10,7 @@ use parquet::errors::ParquetError;
 pub enum DataError {
     /// The file (or directory) could not be opened or read.
     #[error("cannot read {what} {}: {source}; {hint}", path.display())]
-    Read {
-        path: PathBuf,
-        what: &'static str,
-        hint: &'static str,
-        source: io::Error,
-    },
+    Read { path: PathBuf, what: &'static str, hint: &'static str, source: io::Error },
 
     /// The output file could not be created, written, synced or renamed.
     #[error("cannot write {}: {source}; check that the directory exists and is writable", path.display())]
@@ -23,27 +18,15 @@ pub enum DataError {
 
     /// A JSONL line is not valid JSON or does not have the expected shape.
     #[error("{}:{line}: invalid JSON: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        line: usize,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, line: usize, source: serde_json::Error },
 
     /// A line parsed but its content is wrong (missing field, duplicate id, ...).
     #[error("{}:{line}: {message}", path.display())]
-    Line {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Line { path: PathBuf, line: usize, message: String },
 
     /// The file holds no records at all.
     #[error("{} contains no {what}; {hint}", path.display())]
-    Empty {
-        path: PathBuf,
-        what: &'static str,
-        hint: &'static str,
-    },
+    Empty { path: PathBuf, what: &'static str, hint: &'static str },
 
     /// Not a Parquet file, or a damaged one (typically cut short by an interrupted run).
     #[error("{} is not a readable Parquet file ({source}); if a run was interrupted, delete it and generate it again", path.display())]
@@ -59,42 +42,21 @@ pub enum DataError {
 
     /// A column is missing, has the wrong type, or holds nulls where none are allowed.
     #[error("{}: column `{column}` {problem}; this file was not written by a compatible kdllm (regenerate it with `kdllm generate`)", path.display())]
-    Schema {
-        path: PathBuf,
-        column: String,
-        problem: String,
-    },
+    Schema { path: PathBuf, column: String, problem: String },
 
-    /// A column chunk uses a codec this build cannot decode (it has zstd only).
-    #[error("{}: column `{column}` is compressed with {codec}, which kdllm cannot read; rewrite the file with zstd or no compression (pyarrow: `compression=\"zstd\"`)", path.display())]
-    Compression {
-        path: PathBuf,
-        column: String,
-        codec: String,
-    },
+    /// A column chunk uses a codec this build cannot decode (it has zstd and snappy).
+    #[error("{}: column `{column}` is compressed with {codec}, which kdllm cannot read; rewrite the file with zstd, snappy or no compression (pyarrow: `compression=\"zstd\"`)", path.display())]
+    Compression { path: PathBuf, column: String, codec: String },
 
     /// A `kdllm.*` key-value metadata entry is missing or unparsable.
     #[error("{}: file metadata `{key}` {problem}; this file was not written by a compatible kdllm (regenerate it with `kdllm generate`)", path.display())]
-    Metadata {
-        path: PathBuf,
-        key: &'static str,
-        problem: String,
-    },
+    Metadata { path: PathBuf, key: &'static str, problem: String },
 
     /// Part files of one sample set were written with different settings.
     #[error("{} and {} disagree on {field}; keep only parts from one `kdllm generate` run in the directory", first.display(), second.display())]
-    MetadataMismatch {
-        first: PathBuf,
-        second: PathBuf,
-        field: &'static str,
-    },
+    MetadataMismatch { first: PathBuf, second: PathBuf, field: &'static str },
 
     /// A sample's lists have inconsistent lengths (or bad values).
     #[error("{}: sample `{prompt_id}` #{sample_index}: {problem}", path.display())]
-    InvalidSample {
-        path: PathBuf,
-        prompt_id: String,
-        sample_index: u32,
-        problem: String,
-    },
+    InvalidSample { path: PathBuf, prompt_id: String, sample_index: u32, problem: String },
 }

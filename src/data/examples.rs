@@ -34,18 +34,12 @@ struct Line {
 pub fn read_examples(path: &Path) -> Result<Vec<Example>, DataError> {
     let content = text::read_to_string(path, &KIND)?;
     let examples = if text::is_jsonl(path) {
-        text::numbered_lines(&content)
-            .map(|(line, raw)| parse_jsonl(path, line, raw))
-            .collect::<Result<Vec<_>, _>>()?
+        text::numbered_lines(&content).map(|(line, raw)| parse_jsonl(path, line, raw)).collect::<Result<Vec<_>, _>>()?
     } else {
         documents(&content)
     };
     if examples.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-            what: "examples",
-            hint: KIND.hint,
-        });
+        return Err(DataError::Empty { path: path.to_path_buf(), what: "examples", hint: KIND.hint });
     }
     Ok(examples)
 }
@@ -55,20 +49,10 @@ fn parse_jsonl(path: &Path, line: usize, raw: &str) -> Result<Example, DataError
     let (prompt, completion) = match (parsed.prompt, parsed.completion, parsed.text) {
         (Some(p), Some(c), None) => (p, c),
         (None, None, Some(t)) => (String::new(), t),
-        _ => {
-            return Err(line_error(
-                path,
-                line,
-                "needs either `prompt` and `completion`, or `text` alone",
-            ))
-        }
+        _ => return Err(line_error(path, line, "needs either `prompt` and `completion`, or `text` alone")),
     };
     if completion.trim().is_empty() {
-        return Err(line_error(
-            path,
-            line,
-            "the completion (or `text`) is empty",
-        ));
+        return Err(line_error(path, line, "the completion (or `text`) is empty"));
     }
     Ok(Example { prompt, completion })
 }
@@ -80,10 +64,7 @@ fn documents(content: &str) -> Vec<Example> {
     for line in content.lines().chain(std::iter::once("")) {
         if line.trim().is_empty() {
             if !current.is_empty() {
-                docs.push(Example {
-                    prompt: String::new(),
-                    completion: current.join("\n"),
-                });
+                docs.push(Example { prompt: String::new(), completion: current.join("\n") });
                 current.clear();
             }
         } else {
@@ -108,10 +89,7 @@ mod tests {
     }
 
     fn ex(prompt: &str, completion: &str) -> Example {
-        Example {
-            prompt: prompt.into(),
-            completion: completion.into(),
-        }
+        Example { prompt: prompt.into(), completion: completion.into() }
     }
 
     #[test]
@@ -120,46 +98,28 @@ mod tests {
             "e.jsonl",
             "{\"prompt\": \"2+2=\", \"completion\": \"4\", \"meta\": 1}\n\n{\"text\": \"a document\"}\n",
         );
-        assert_eq!(
-            read_examples(&path).unwrap(),
-            vec![ex("2+2=", "4"), ex("", "a document")]
-        );
+        assert_eq!(read_examples(&path).unwrap(), vec![ex("2+2=", "4"), ex("", "a document")]);
     }
 
     #[test]
     fn jsonl_rejects_mixed_or_incomplete_lines() {
-        let (_d, path) = file(
-            "e.jsonl",
-            "{\"text\": \"ok\"}\n{\"prompt\": \"only a prompt\"}\n",
-        );
+        let (_d, path) = file("e.jsonl", "{\"text\": \"ok\"}\n{\"prompt\": \"only a prompt\"}\n");
         let msg = read_examples(&path).unwrap_err().to_string();
-        assert!(
-            msg.contains("e.jsonl:2") && msg.contains("`completion`"),
-            "{msg}"
-        );
+        assert!(msg.contains("e.jsonl:2") && msg.contains("`completion`"), "{msg}");
         let (_d2, bad) = file("x.jsonl", "[1, 2]\n");
-        assert!(matches!(
-            read_examples(&bad),
-            Err(DataError::Json { line: 1, .. })
-        ));
+        assert!(matches!(read_examples(&bad), Err(DataError::Json { line: 1, .. })));
     }
 
     #[test]
     fn text_splits_documents_at_blank_lines() {
         let (_d, path) = file("docs.txt", "\nfirst doc\nsecond line\n\n\n  \nsecond doc\n");
-        assert_eq!(
-            read_examples(&path).unwrap(),
-            vec![ex("", "first doc\nsecond line"), ex("", "second doc")]
-        );
+        assert_eq!(read_examples(&path).unwrap(), vec![ex("", "first doc\nsecond line"), ex("", "second doc")]);
     }
 
     #[test]
     fn empty_file_is_an_error_naming_it() {
         let (_d, path) = file("none.txt", "\n\n");
         let msg = read_examples(&path).unwrap_err().to_string();
-        assert!(
-            msg.contains("none.txt") && msg.contains("no examples"),
-            "{msg}"
-        );
+        assert!(msg.contains("none.txt") && msg.contains("no examples"), "{msg}");
     }
 }

@@ -14,10 +14,7 @@ use super::error::DataError;
 use super::text::{self, line_error, Kind};
 use super::ChatMessage;
 
-const KIND: Kind = Kind {
-    what: "prompt file",
-    hint: "pass --prompts FILE (.jsonl, or text with one prompt per line)",
-};
+const KIND: Kind = Kind { what: "prompt file", hint: "pass --prompts FILE (.jsonl, or text with one prompt per line)" };
 
 /// What the teacher is asked: raw text, or a conversation the chat template will render.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,29 +49,19 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>, DataError> {
         let record = if text::is_jsonl(path) {
             parse_jsonl(path, line, raw)?
         } else {
-            PromptRecord {
-                id: line.to_string(),
-                input: PromptInput::Text(raw.to_string()),
-            }
+            PromptRecord { id: line.to_string(), input: PromptInput::Text(raw.to_string()) }
         };
         if let Some(first) = seen.insert(record.id.clone(), line) {
             return Err(line_error(
                 path,
                 line,
-                format!(
-                    "duplicate id `{}` (first used on line {first}); ids must be unique",
-                    record.id
-                ),
+                format!("duplicate id `{}` (first used on line {first}); ids must be unique", record.id),
             ));
         }
         records.push(record);
     }
     if records.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-            what: "prompts",
-            hint: KIND.hint,
-        });
+        return Err(DataError::Empty { path: path.to_path_buf(), what: "prompts", hint: KIND.hint });
     }
     Ok(records)
 }
@@ -86,11 +73,7 @@ fn parse_jsonl(path: &Path, line: usize, raw: &str) -> Result<PromptRecord, Data
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
         Some(other) => {
-            return Err(line_error(
-                path,
-                line,
-                format!("`id` must be a non-empty string or an integer, got {other}"),
-            ))
+            return Err(line_error(path, line, format!("`id` must be a non-empty string or an integer, got {other}")))
         }
     };
     let input = match (parsed.prompt, parsed.messages) {
@@ -99,19 +82,9 @@ fn parse_jsonl(path: &Path, line: usize, raw: &str) -> Result<PromptRecord, Data
         (None, Some(m)) if !m.is_empty() => PromptInput::Chat(m),
         (None, Some(_)) => return Err(line_error(path, line, "`messages` is empty")),
         (None, None) => {
-            return Err(line_error(
-                path,
-                line,
-                "needs a `prompt` (string) or `messages` (array of {role, content})",
-            ))
+            return Err(line_error(path, line, "needs a `prompt` (string) or `messages` (array of {role, content})"))
         }
-        (Some(_), Some(_)) => {
-            return Err(line_error(
-                path,
-                line,
-                "has both `prompt` and `messages`; keep exactly one",
-            ))
-        }
+        (Some(_), Some(_)) => return Err(line_error(path, line, "has both `prompt` and `messages`; keep exactly one")),
     };
     Ok(PromptRecord { id, input })
 }
@@ -142,25 +115,13 @@ mod tests {
             ),
         );
         let got = read_prompts(&path).unwrap();
-        let chat = vec![ChatMessage {
-            role: "user".into(),
-            content: "Yo".into(),
-        }];
+        let chat = vec![ChatMessage { role: "user".into(), content: "Yo".into() }];
         assert_eq!(
             got,
             vec![
-                PromptRecord {
-                    id: "a".into(),
-                    input: PromptInput::Text("Hi".into())
-                },
-                PromptRecord {
-                    id: "7".into(),
-                    input: PromptInput::Chat(chat)
-                },
-                PromptRecord {
-                    id: "4".into(),
-                    input: PromptInput::Text("no id".into())
-                },
+                PromptRecord { id: "a".into(), input: PromptInput::Text("Hi".into()) },
+                PromptRecord { id: "7".into(), input: PromptInput::Chat(chat) },
+                PromptRecord { id: "4".into(), input: PromptInput::Text("no id".into()) },
             ]
         );
     }
@@ -172,14 +133,8 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                PromptRecord {
-                    id: "1".into(),
-                    input: PromptInput::Text("first".into())
-                },
-                PromptRecord {
-                    id: "4".into(),
-                    input: PromptInput::Text("second line".into())
-                },
+                PromptRecord { id: "1".into(), input: PromptInput::Text("first".into()) },
+                PromptRecord { id: "4".into(), input: PromptInput::Text("second line".into()) },
             ]
         );
     }
@@ -196,23 +151,14 @@ mod tests {
     fn missing_file_says_how_to_pass_one() {
         let err = read_prompts(std::path::Path::new("/nonexistent/prompts.txt")).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("/nonexistent/prompts.txt") && msg.contains("--prompts FILE"),
-            "{msg}"
-        );
+        assert!(msg.contains("/nonexistent/prompts.txt") && msg.contains("--prompts FILE"), "{msg}");
     }
 
     #[test]
     fn duplicate_id_names_both_lines() {
-        let (_d, path) = file(
-            "d.jsonl",
-            "{\"id\": 1, \"prompt\": \"a\"}\n{\"id\": \"1\", \"prompt\": \"b\"}\n",
-        );
+        let (_d, path) = file("d.jsonl", "{\"id\": 1, \"prompt\": \"a\"}\n{\"id\": \"1\", \"prompt\": \"b\"}\n");
         let msg = read_prompts(&path).unwrap_err().to_string();
-        assert!(
-            msg.contains("d.jsonl:2") && msg.contains("duplicate id `1`") && msg.contains("line 1"),
-            "{msg}"
-        );
+        assert!(msg.contains("d.jsonl:2") && msg.contains("duplicate id `1`") && msg.contains("line 1"), "{msg}");
     }
 
     #[test]
@@ -220,24 +166,16 @@ mod tests {
         let (_d, path) = file("bad.jsonl", "{\"prompt\": \"ok\"}\n{\"prompt\": \n");
         let err = read_prompts(&path).unwrap_err();
         assert!(matches!(err, DataError::Json { line: 2, .. }), "{err:?}");
-        assert!(
-            err.to_string().contains("bad.jsonl:2: invalid JSON"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("bad.jsonl:2: invalid JSON"), "{err}");
     }
 
     #[test]
     fn line_needs_exactly_one_of_prompt_and_messages() {
         let (_d, neither) = file("n.jsonl", "{\"id\": \"x\"}\n");
         let msg = read_prompts(&neither).unwrap_err().to_string();
-        assert!(
-            msg.contains("n.jsonl:1") && msg.contains("needs a `prompt`"),
-            "{msg}"
-        );
-        let (_d2, both) = file(
-            "b.jsonl",
-            "{\"prompt\": \"a\", \"messages\": [{\"role\": \"user\", \"content\": \"b\"}]}\n",
-        );
+        assert!(msg.contains("n.jsonl:1") && msg.contains("needs a `prompt`"), "{msg}");
+        let (_d2, both) =
+            file("b.jsonl", "{\"prompt\": \"a\", \"messages\": [{\"role\": \"user\", \"content\": \"b\"}]}\n");
         let msg = read_prompts(&both).unwrap_err().to_string();
         assert!(msg.contains("b.jsonl:1") && msg.contains("both"), "{msg}");
     }

@@ -3,9 +3,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use arrow::array::{
-    Array, ArrowPrimitiveType, ListArray, PrimitiveArray, RecordBatch, StringArray,
-};
+use arrow::array::{Array, ArrowPrimitiveType, ListArray, PrimitiveArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float32Type, UInt32Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -13,8 +11,8 @@ use parquet::basic::Compression;
 use super::error::DataError;
 use super::sample::{FileMetadata, FinishReason, Sample};
 use super::schema::{
-    self, COMPLETION, COMPLETION_TOKEN_IDS, FINISH_REASON, PROMPT, PROMPT_ID, PROMPT_TOKEN_IDS,
-    SAMPLE_INDEX, TEACHER, TEACHER_REVISION, TOKEN_LOGPROBS, TOPK_LOGPROBS, TOPK_TOKEN_IDS,
+    self, COMPLETION, COMPLETION_TOKEN_IDS, FINISH_REASON, PROMPT, PROMPT_ID, PROMPT_TOKEN_IDS, SAMPLE_INDEX, TEACHER,
+    TEACHER_REVISION, TOKEN_LOGPROBS, TOPK_LOGPROBS, TOPK_TOKEN_IDS,
 };
 
 const WHAT: &str = "sample file";
@@ -47,12 +45,7 @@ pub fn read_metadata(path: &Path) -> Result<FileMetadata, DataError> {
 
 /// The files behind `path`: itself, or the sorted `*.parquet` files of a directory.
 fn parts(path: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let read_err = |source| DataError::Read {
-        path: path.to_path_buf(),
-        what: WHAT,
-        hint: HINT,
-        source,
-    };
+    let read_err = |source| DataError::Read { path: path.to_path_buf(), what: WHAT, hint: HINT, source };
     if !fs::metadata(path).map_err(read_err)?.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -64,11 +57,7 @@ fn parts(path: &Path) -> Result<Vec<PathBuf>, DataError> {
         }
     }
     if parts.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-            what: "*.parquet files",
-            hint: HINT,
-        });
+        return Err(DataError::Empty { path: path.to_path_buf(), what: "*.parquet files", hint: HINT });
     }
     parts.sort();
     Ok(parts)
@@ -88,11 +77,7 @@ fn agreed_metadata(parts: &[PathBuf]) -> Result<FileMetadata, DataError> {
         } else {
             continue;
         };
-        return Err(DataError::MetadataMismatch {
-            first: parts[0].clone(),
-            second: part.clone(),
-            field,
-        });
+        return Err(DataError::MetadataMismatch { first: parts[0].clone(), second: part.clone(), field });
     }
     Ok(first)
 }
@@ -105,25 +90,14 @@ fn open(path: &Path) -> Result<(FileMetadata, ParquetRecordBatchReaderBuilder<Fi
         hint: HINT,
         source,
     })?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| DataError::Parquet {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|source| DataError::Parquet { path: path.to_path_buf(), source })?;
     let kv = builder.metadata().file_metadata().key_value_metadata();
     let meta = schema::from_key_value(path, kv)?;
     schema::check_schema(path, builder.schema())?;
-    // Other writers default to snappy; say so now instead of failing mid-read.
-    for column in builder
-        .metadata()
-        .row_groups()
-        .iter()
-        .flat_map(|g| g.columns())
-    {
-        if !matches!(
-            column.compression(),
-            Compression::ZSTD(_) | Compression::UNCOMPRESSED
-        ) {
+    // Codecs this build cannot decode (gzip, brotli, lz4): say so now instead of failing mid-read.
+    for column in builder.metadata().row_groups().iter().flat_map(|g| g.columns()) {
+        if !matches!(column.compression(), Compression::ZSTD(_) | Compression::SNAPPY | Compression::UNCOMPRESSED) {
             return Err(DataError::Compression {
                 path: path.to_path_buf(),
                 column: column.column_path().string(),
@@ -136,26 +110,15 @@ fn open(path: &Path) -> Result<(FileMetadata, ParquetRecordBatchReaderBuilder<Fi
 
 fn read_file(path: &Path, out: &mut Vec<Sample>) -> Result<(), DataError> {
     let (meta, builder) = open(path)?;
-    let reader = builder.build().map_err(|source| DataError::Parquet {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let reader = builder.build().map_err(|source| DataError::Parquet { path: path.to_path_buf(), source })?;
     for batch in reader {
-        let batch = batch.map_err(|source| DataError::Arrow {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let batch = batch.map_err(|source| DataError::Arrow { path: path.to_path_buf(), source })?;
         read_batch(path, &batch, meta.logprobs_k, out)?;
     }
     Ok(())
 }
 
-fn read_batch(
-    path: &Path,
-    batch: &RecordBatch,
-    logprobs_k: usize,
-    out: &mut Vec<Sample>,
-) -> Result<(), DataError> {
+fn read_batch(path: &Path, batch: &RecordBatch, logprobs_k: usize, out: &mut Vec<Sample>) -> Result<(), DataError> {
     let c = Columns { path, batch };
     let prompt_id = c.strings(PROMPT_ID, false)?;
     let sample_index = c.primitive::<UInt32Type>(SAMPLE_INDEX)?;
@@ -171,14 +134,11 @@ fn read_batch(
     let teacher_revision = c.strings(TEACHER_REVISION, true)?;
 
     for row in 0..batch.num_rows() {
-        let finish_reason = finish_reason
-            .value(row)
-            .parse::<FinishReason>()
-            .map_err(|e| DataError::Schema {
-                path: path.to_path_buf(),
-                column: FINISH_REASON.to_string(),
-                problem: format!("row {row}: {e}"),
-            })?;
+        let finish_reason = finish_reason.value(row).parse::<FinishReason>().map_err(|e| DataError::Schema {
+            path: path.to_path_buf(),
+            column: FINISH_REASON.to_string(),
+            problem: format!("row {row}: {e}"),
+        })?;
         let sample = Sample {
             prompt_id: prompt_id.value(row).to_string(),
             sample_index: sample_index.value(row),
@@ -191,17 +151,14 @@ fn read_batch(
             topk_logprobs: topk_logprobs.rows(row),
             finish_reason,
             teacher: teacher.value(row).to_string(),
-            teacher_revision: (!teacher_revision.is_null(row))
-                .then(|| teacher_revision.value(row).to_string()),
+            teacher_revision: (!teacher_revision.is_null(row)).then(|| teacher_revision.value(row).to_string()),
         };
-        sample
-            .check(logprobs_k)
-            .map_err(|problem| DataError::InvalidSample {
-                path: path.to_path_buf(),
-                prompt_id: sample.prompt_id.clone(),
-                sample_index: sample.sample_index,
-                problem,
-            })?;
+        sample.check(logprobs_k).map_err(|problem| DataError::InvalidSample {
+            path: path.to_path_buf(),
+            prompt_id: sample.prompt_id.clone(),
+            sample_index: sample.sample_index,
+            problem,
+        })?;
         out.push(sample);
     }
     Ok(())
@@ -215,11 +172,7 @@ struct Columns<'a> {
 
 impl<'a> Columns<'a> {
     fn error(&self, column: &str, problem: &str) -> DataError {
-        DataError::Schema {
-            path: self.path.to_path_buf(),
-            column: column.to_string(),
-            problem: problem.to_string(),
-        }
+        DataError::Schema { path: self.path.to_path_buf(), column: column.to_string(), problem: problem.to_string() }
     }
 
     fn get<T: Array + 'static>(&self, column: &str) -> Result<&'a T, DataError> {
@@ -245,20 +198,13 @@ impl<'a> Columns<'a> {
         Ok(array)
     }
 
-    fn primitive<T: ArrowPrimitiveType>(
-        &self,
-        column: &str,
-    ) -> Result<&'a PrimitiveArray<T>, DataError> {
+    fn primitive<T: ArrowPrimitiveType>(&self, column: &str) -> Result<&'a PrimitiveArray<T>, DataError> {
         let array = self.get::<PrimitiveArray<T>>(column)?;
         self.no_nulls(column, array)?;
         Ok(array)
     }
 
-    fn flat<T: ArrowPrimitiveType>(
-        &self,
-        column: &str,
-        list: &'a ListArray,
-    ) -> Result<Flat<'a, T::Native>, DataError> {
+    fn flat<T: ArrowPrimitiveType>(&self, column: &str, list: &'a ListArray) -> Result<Flat<'a, T::Native>, DataError> {
         self.no_nulls(column, list)?;
         let values = list
             .values()
@@ -266,20 +212,14 @@ impl<'a> Columns<'a> {
             .downcast_ref::<PrimitiveArray<T>>()
             .ok_or_else(|| self.error(column, "has an unexpected item type"))?;
         self.no_nulls(column, values)?;
-        Ok(Flat {
-            offsets: list.value_offsets(),
-            values: values.values(),
-        })
+        Ok(Flat { offsets: list.value_offsets(), values: values.values() })
     }
 
     fn list<T: ArrowPrimitiveType>(&self, column: &str) -> Result<Flat<'a, T::Native>, DataError> {
         self.flat::<T>(column, self.get::<ListArray>(column)?)
     }
 
-    fn nested<T: ArrowPrimitiveType>(
-        &self,
-        column: &str,
-    ) -> Result<Nested<'a, T::Native>, DataError> {
+    fn nested<T: ArrowPrimitiveType>(&self, column: &str) -> Result<Nested<'a, T::Native>, DataError> {
         let outer = self.get::<ListArray>(column)?;
         self.no_nulls(column, outer)?;
         let inner = outer
@@ -287,10 +227,7 @@ impl<'a> Columns<'a> {
             .as_any()
             .downcast_ref::<ListArray>()
             .ok_or_else(|| self.error(column, "has an unexpected item type"))?;
-        Ok(Nested {
-            offsets: outer.value_offsets(),
-            inner: self.flat::<T>(column, inner)?,
-        })
+        Ok(Nested { offsets: outer.value_offsets(), inner: self.flat::<T>(column, inner)? })
     }
 }
 

@@ -83,31 +83,19 @@ impl Sample {
             ("topk_logprobs", self.topk_logprobs.len()),
         ] {
             if len != n {
-                return Err(format!(
-                    "`{name}` has {len} entries but `completion_token_ids` has {n}"
-                ));
+                return Err(format!("`{name}` has {len} entries but `completion_token_ids` has {n}"));
             }
         }
-        if let Some(pos) = self
-            .topk_token_ids
-            .iter()
-            .position(|r| r.len() != logprobs_k)
-        {
+        if let Some(pos) = self.topk_token_ids.iter().position(|r| r.len() != logprobs_k) {
             let len = self.topk_token_ids[pos].len();
             return Err(bad_row("topk_token_ids", pos, len, logprobs_k));
         }
-        if let Some(pos) = self
-            .topk_logprobs
-            .iter()
-            .position(|r| r.len() != logprobs_k)
-        {
+        if let Some(pos) = self.topk_logprobs.iter().position(|r| r.len() != logprobs_k) {
             let len = self.topk_logprobs[pos].len();
             return Err(bad_row("topk_logprobs", pos, len, logprobs_k));
         }
         // NaN means the teacher's forward pass went wrong; -inf is a legitimate masked token.
-        if self.token_logprobs.iter().any(|x| x.is_nan())
-            || self.topk_logprobs.iter().flatten().any(|x| x.is_nan())
-        {
+        if self.token_logprobs.iter().any(|x| x.is_nan()) || self.topk_logprobs.iter().flatten().any(|x| x.is_nan()) {
             return Err("log-probs contain NaN".to_string());
         }
         Ok(())
@@ -133,11 +121,7 @@ pub struct FileMetadata {
 
 impl FileMetadata {
     /// Metadata for a file written by this build of kdllm.
-    pub fn new(
-        tokenizer_hash: impl Into<String>,
-        logprobs_k: usize,
-        sampling: serde_json::Value,
-    ) -> Self {
+    pub fn new(tokenizer_hash: impl Into<String>, logprobs_k: usize, sampling: serde_json::Value) -> Self {
         FileMetadata {
             tokenizer_hash: tokenizer_hash.into(),
             logprobs_k,

@@ -53,14 +53,7 @@ pub(crate) const TEACHER: &str = "teacher";
 pub(crate) const TEACHER_REVISION: &str = "teacher_revision";
 
 /// String columns; these get dictionary encoding (ids and teacher repeat across rows).
-pub(crate) const STRING_COLUMNS: [&str; 6] = [
-    PROMPT_ID,
-    PROMPT,
-    COMPLETION,
-    FINISH_REASON,
-    TEACHER,
-    TEACHER_REVISION,
-];
+pub(crate) const STRING_COLUMNS: [&str; 6] = [PROMPT_ID, PROMPT, COMPLETION, FINISH_REASON, TEACHER, TEACHER_REVISION];
 
 const KEY_SCHEMA_VERSION: &str = "kdllm.schema_version";
 const KEY_VERSION: &str = "kdllm.version";
@@ -104,18 +97,12 @@ pub(crate) fn check_schema(path: &Path, actual: &Schema) -> Result<(), DataError
     for expected in sample_schema().fields() {
         let problem = match actual.field_with_name(expected.name()) {
             Err(_) => "is missing".to_string(),
-            Ok(found) if !same_type(expected.data_type(), found.data_type()) => format!(
-                "has type {} but kdllm expects {}",
-                found.data_type(),
-                expected.data_type()
-            ),
+            Ok(found) if !same_type(expected.data_type(), found.data_type()) => {
+                format!("has type {} but kdllm expects {}", found.data_type(), expected.data_type())
+            }
             Ok(_) => continue,
         };
-        return Err(DataError::Schema {
-            path: path.to_path_buf(),
-            column: expected.name().clone(),
-            problem,
-        });
+        return Err(DataError::Schema { path: path.to_path_buf(), column: expected.name().clone(), problem });
     }
     Ok(())
 }
@@ -142,15 +129,8 @@ pub(crate) fn to_key_value(meta: &FileMetadata) -> Vec<KeyValue> {
     .collect()
 }
 
-pub(crate) fn from_key_value(
-    path: &Path,
-    kv: Option<&Vec<KeyValue>>,
-) -> Result<FileMetadata, DataError> {
-    let bad = |key: &'static str, problem: String| DataError::Metadata {
-        path: path.to_path_buf(),
-        key,
-        problem,
-    };
+pub(crate) fn from_key_value(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<FileMetadata, DataError> {
+    let bad = |key: &'static str, problem: String| DataError::Metadata { path: path.to_path_buf(), key, problem };
     let get = |key: &'static str| -> Result<&str, DataError> {
         kv.into_iter()
             .flatten()
@@ -162,20 +142,13 @@ pub(crate) fn from_key_value(
     if version != SCHEMA_VERSION {
         return Err(bad(
             KEY_SCHEMA_VERSION,
-            format!(
-                "is `{version}` but this kdllm reads version {SCHEMA_VERSION} (upgrade kdllm?)"
-            ),
+            format!("is `{version}` but this kdllm reads version {SCHEMA_VERSION} (upgrade kdllm?)"),
         ));
     }
     let k = get(KEY_LOGPROBS_K)?;
-    let logprobs_k = k.parse().map_err(|_| {
-        bad(
-            KEY_LOGPROBS_K,
-            format!("is `{k}`, not a non-negative integer"),
-        )
-    })?;
-    let sampling = serde_json::from_str(get(KEY_SAMPLING)?)
-        .map_err(|e| bad(KEY_SAMPLING, format!("is not valid JSON: {e}")))?;
+    let logprobs_k = k.parse().map_err(|_| bad(KEY_LOGPROBS_K, format!("is `{k}`, not a non-negative integer")))?;
+    let sampling =
+        serde_json::from_str(get(KEY_SAMPLING)?).map_err(|e| bad(KEY_SAMPLING, format!("is not valid JSON: {e}")))?;
     Ok(FileMetadata {
         tokenizer_hash: get(KEY_TOKENIZER_HASH)?.to_string(),
         logprobs_k,

@@ -27,35 +27,19 @@ pub(crate) fn read_to_string(path: &Path, kind: &Kind) -> Result<String, DataErr
 }
 
 pub(crate) fn is_jsonl(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
 }
 
 /// Non-blank lines with their 1-based line numbers (`\r\n` endings handled by `lines`).
 pub(crate) fn numbered_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.lines()
-        .enumerate()
-        .map(|(i, line)| (i + 1, line))
-        .filter(|(_, line)| !line.trim().is_empty())
+    text.lines().enumerate().map(|(i, line)| (i + 1, line)).filter(|(_, line)| !line.trim().is_empty())
 }
 
 /// Parses one JSONL line; the error carries `file:line` and serde's message.
-pub(crate) fn parse_line<T: DeserializeOwned>(
-    path: &Path,
-    line: usize,
-    text: &str,
-) -> Result<T, DataError> {
-    serde_json::from_str(text).map_err(|source| DataError::Json {
-        path: path.to_path_buf(),
-        line,
-        source,
-    })
+pub(crate) fn parse_line<T: DeserializeOwned>(path: &Path, line: usize, text: &str) -> Result<T, DataError> {
+    serde_json::from_str(text).map_err(|source| DataError::Json { path: path.to_path_buf(), line, source })
 }
 
 pub(crate) fn line_error(path: &Path, line: usize, message: impl Into<String>) -> DataError {
-    DataError::Line {
-        path: path.to_path_buf(),
-        line,
-        message: message.into(),
-    }
+    DataError::Line { path: path.to_path_buf(), line, message: message.into() }
 }

@@ -6,9 +6,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, Float32Builder, ListBuilder, RecordBatch, StringBuilder, UInt32Builder,
-};
+use arrow::array::{ArrayRef, Float32Builder, ListBuilder, RecordBatch, StringBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -17,9 +15,7 @@ use parquet::schema::types::ColumnPath;
 
 use super::error::DataError;
 use super::sample::{FileMetadata, Sample};
-use super::schema::{
-    self, list_item, COMPLETION_TOKEN_IDS, TOKEN_LOGPROBS, TOPK_LOGPROBS, TOPK_TOKEN_IDS,
-};
+use super::schema::{self, list_item, COMPLETION_TOKEN_IDS, TOKEN_LOGPROBS, TOPK_LOGPROBS, TOPK_TOKEN_IDS};
 
 /// zstd's own default level; parquet-rs defaults to 1.
 const ZSTD_LEVEL: i32 = 3;
@@ -48,15 +44,9 @@ pub struct SampleWriter {
 impl SampleWriter {
     /// Creates `<path>.partial` (and missing parent directories).
     pub fn create(path: &Path, meta: &FileMetadata) -> Result<Self, DataError> {
-        let write_err = |source| DataError::Write {
-            path: path.to_path_buf(),
-            source,
-        };
+        let write_err = |source| DataError::Write { path: path.to_path_buf(), source };
         let name = path.file_name().ok_or_else(|| {
-            write_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the output path has no file name",
-            ))
+            write_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the output path has no file name"))
         })?;
         let mut partial_name = name.to_os_string();
         partial_name.push(".partial");
@@ -64,23 +54,13 @@ impl SampleWriter {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(write_err)?;
         }
-        let file = File::create(&partial).map_err(|source| DataError::Write {
-            path: partial.clone(),
-            source,
-        })?;
+        let file = File::create(&partial).map_err(|source| DataError::Write { path: partial.clone(), source })?;
 
         let key_values = schema::to_key_value(meta);
         // Also on the Arrow schema: pyarrow's `read_table().schema.metadata` shows only that.
-        let schema_metadata: HashMap<String, String> = key_values
-            .iter()
-            .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
-            .collect();
-        let schema = Arc::new(
-            schema::sample_schema()
-                .as_ref()
-                .clone()
-                .with_metadata(schema_metadata),
-        );
+        let schema_metadata: HashMap<String, String> =
+            key_values.iter().map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default())).collect();
+        let schema = Arc::new(schema::sample_schema().as_ref().clone().with_metadata(schema_metadata));
         let level = ZstdLevel::try_new(ZSTD_LEVEL).expect("3 is a valid zstd level");
         let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
@@ -102,10 +82,7 @@ impl SampleWriter {
             Ok(writer) => writer,
             Err(source) => {
                 let _ = fs::remove_file(&partial);
-                return Err(DataError::ParquetWrite {
-                    path: partial,
-                    source,
-                });
+                return Err(DataError::ParquetWrite { path: partial, source });
             }
         };
         Ok(SampleWriter {
@@ -123,13 +100,12 @@ impl SampleWriter {
 
     /// Validates and buffers one sample; a full row group is written out.
     pub fn write(&mut self, s: &Sample) -> Result<(), DataError> {
-        s.check(self.logprobs_k)
-            .map_err(|problem| DataError::InvalidSample {
-                path: self.path.clone(),
-                prompt_id: s.prompt_id.clone(),
-                sample_index: s.sample_index,
-                problem,
-            })?;
+        s.check(self.logprobs_k).map_err(|problem| DataError::InvalidSample {
+            path: self.path.clone(),
+            prompt_id: s.prompt_id.clone(),
+            sample_index: s.sample_index,
+            problem,
+        })?;
         self.columns.append(s);
         self.rows += 1;
         if self.columns.len >= self.row_group_rows {
@@ -142,13 +118,8 @@ impl SampleWriter {
     pub fn finish(mut self) -> Result<u64, DataError> {
         self.flush_row_group()?;
         let writer = self.writer.take().expect("writer present until finish");
-        let file = writer
-            .into_inner()
-            .map_err(|source| self.parquet_err(source))?;
-        let write_err = |source| DataError::Write {
-            path: self.path.clone(),
-            source,
-        };
+        let file = writer.into_inner().map_err(|source| self.parquet_err(source))?;
+        let write_err = |source| DataError::Write { path: self.path.clone(), source };
         file.sync_all().map_err(write_err)?;
         drop(file);
         fs::rename(&self.partial, &self.path).map_err(write_err)?;
@@ -166,28 +137,15 @@ impl SampleWriter {
         if self.columns.len == 0 {
             return Ok(());
         }
-        let batch =
-            RecordBatch::try_new(self.schema.clone(), self.columns.finish()).map_err(|source| {
-                DataError::Arrow {
-                    path: self.partial.clone(),
-                    source,
-                }
-            })?;
+        let batch = RecordBatch::try_new(self.schema.clone(), self.columns.finish())
+            .map_err(|source| DataError::Arrow { path: self.partial.clone(), source })?;
         let writer = self.writer.as_mut().expect("writer present until finish");
-        writer
-            .write(&batch)
-            .map_err(|source| DataError::ParquetWrite {
-                path: self.partial.clone(),
-                source,
-            })?;
+        writer.write(&batch).map_err(|source| DataError::ParquetWrite { path: self.partial.clone(), source })?;
         writer.flush().map_err(|source| self.parquet_err(source))
     }
 
     fn parquet_err(&self, source: parquet::errors::ParquetError) -> DataError {
-        DataError::ParquetWrite {
-            path: self.partial.clone(),
-            source,
-        }
+        DataError::ParquetWrite { path: self.partial.clone(), source }
     }
 }
 
@@ -196,10 +154,7 @@ impl SampleWriter {
 fn leaf(column: &str, depth: usize) -> ColumnPath {
     let mut parts = vec![column.to_string()];
     for _ in 0..depth {
-        parts.extend([
-            "list".to_string(),
-            Field::LIST_FIELD_DEFAULT_NAME.to_string(),
-        ]);
+        parts.extend(["list".to_string(), Field::LIST_FIELD_DEFAULT_NAME.to_string()]);
     }
     ColumnPath::new(parts)
 }
@@ -234,8 +189,7 @@ struct Columns {
 impl Columns {
     fn new() -> Self {
         let ids = || ListBuilder::new(UInt32Builder::new()).with_field(list_item(DataType::UInt32));
-        let logprobs =
-            || ListBuilder::new(Float32Builder::new()).with_field(list_item(DataType::Float32));
+        let logprobs = || ListBuilder::new(Float32Builder::new()).with_field(list_item(DataType::Float32));
         let ids_type = DataType::List(list_item(DataType::UInt32));
         let logprobs_type = DataType::List(list_item(DataType::Float32));
         Columns {
@@ -260,12 +214,9 @@ impl Columns {
         self.sample_index.append_value(s.sample_index);
         self.prompt.append_value(&s.prompt);
         self.completion.append_value(&s.completion);
-        self.prompt_token_ids
-            .append_value(s.prompt_token_ids.iter().map(|&x| Some(x)));
-        self.completion_token_ids
-            .append_value(s.completion_token_ids.iter().map(|&x| Some(x)));
-        self.token_logprobs
-            .append_value(s.token_logprobs.iter().map(|&x| Some(x)));
+        self.prompt_token_ids.append_value(s.prompt_token_ids.iter().map(|&x| Some(x)));
+        self.completion_token_ids.append_value(s.completion_token_ids.iter().map(|&x| Some(x)));
+        self.token_logprobs.append_value(s.token_logprobs.iter().map(|&x| Some(x)));
         for row in &s.topk_token_ids {
             self.topk_token_ids.values().values().append_slice(row);
             self.topk_token_ids.values().append(true);
@@ -278,8 +229,7 @@ impl Columns {
         self.topk_logprobs.append(true);
         self.finish_reason.append_value(s.finish_reason.as_str());
         self.teacher.append_value(&s.teacher);
-        self.teacher_revision
-            .append_option(s.teacher_revision.as_deref());
+        self.teacher_revision.append_option(s.teacher_revision.as_deref());
         self.len += 1;
     }
 
@@ -337,11 +287,7 @@ mod tests {
     }
 
     fn meta(k: usize) -> FileMetadata {
-        FileMetadata::new(
-            "sha256:abc",
-            k,
-            serde_json::json!({"temperature": 0.8, "top_p": 0.95}),
-        )
+        FileMetadata::new("sha256:abc", k, serde_json::json!({"temperature": 0.8, "top_p": 0.95}))
     }
 
     fn sample(rng: &mut Rng, id: &str, index: u32, tokens: usize, k: usize) -> Sample {
@@ -360,16 +306,10 @@ mod tests {
             completion: "x".repeat(tokens),
             prompt_token_ids: (0..7).map(|_| rng.id()).collect(),
             token_logprobs: (0..tokens).map(|_| rng.logprob()).collect(),
-            topk_token_ids: (0..tokens)
-                .map(|_| (0..k).map(|_| rng.id()).collect())
-                .collect(),
+            topk_token_ids: (0..tokens).map(|_| (0..k).map(|_| rng.id()).collect()).collect(),
             completion_token_ids,
             topk_logprobs,
-            finish_reason: if tokens % 2 == 0 {
-                FinishReason::Stop
-            } else {
-                FinishReason::Length
-            },
+            finish_reason: if tokens % 2 == 0 { FinishReason::Stop } else { FinishReason::Length },
             teacher: "qwen2.5-0.5b".to_string(),
             teacher_revision: Some("main".to_string()),
         }
@@ -386,9 +326,7 @@ mod tests {
 
     fn samples(n: usize, k: usize) -> Vec<Sample> {
         let mut rng = Rng(0x9e3779b97f4a7c15);
-        (0..n)
-            .map(|i| sample(&mut rng, &format!("p{i}"), i as u32 % 3, 3 + i % 4, k))
-            .collect()
+        (0..n).map(|i| sample(&mut rng, &format!("p{i}"), i as u32 % 3, 3 + i % 4, k)).collect()
     }
 
     #[test]
@@ -409,16 +347,11 @@ mod tests {
         assert_eq!(set.meta, meta(4));
         assert_eq!(set.samples, all);
         assert_eq!(read_metadata(&path).unwrap(), meta(4));
-        let groups = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap())
-            .unwrap()
-            .metadata()
-            .num_row_groups();
+        let groups =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap().metadata().num_row_groups();
         assert_eq!(groups, 3, "5 rows at 2 rows per group");
         // Guards the leaf paths in `leaf()`: a wrong name would silently fall back to PLAIN.
-        let meta = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap())
-            .unwrap()
-            .metadata()
-            .clone();
+        let meta = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap().metadata().clone();
         let encodings: Vec<_> = meta
             .row_group(0)
             .columns()
@@ -426,19 +359,11 @@ mod tests {
             .map(|c| (c.column_path().string(), c.encodings().collect::<Vec<_>>()))
             .collect();
         for (column, encoding) in [
-            (
-                "topk_logprobs.list.item.list.item",
-                Encoding::BYTE_STREAM_SPLIT,
-            ),
-            (
-                "topk_token_ids.list.item.list.item",
-                Encoding::DELTA_BINARY_PACKED,
-            ),
+            ("topk_logprobs.list.item.list.item", Encoding::BYTE_STREAM_SPLIT),
+            ("topk_token_ids.list.item.list.item", Encoding::DELTA_BINARY_PACKED),
         ] {
             assert!(
-                encodings
-                    .iter()
-                    .any(|(c, e)| c == column && e.contains(&encoding)),
+                encodings.iter().any(|(c, e)| c == column && e.contains(&encoding)),
                 "{column} should use {encoding:?}: {encodings:?}"
             );
         }
@@ -475,10 +400,7 @@ mod tests {
             .err()
             .expect("a file cannot be a parent directory");
         let msg = err.to_string();
-        assert!(
-            msg.contains("not-a-dir") && msg.contains("writable"),
-            "{msg}"
-        );
+        assert!(msg.contains("not-a-dir") && msg.contains("writable"), "{msg}");
     }
 
     #[test]
@@ -489,29 +411,20 @@ mod tests {
         s.prompt_id = "q-17".to_string();
         s.token_logprobs.pop();
         let err = w.write(&s).unwrap_err().to_string();
-        assert!(
-            err.contains("q-17") && err.contains("token_logprobs"),
-            "{err}"
-        );
+        assert!(err.contains("q-17") && err.contains("token_logprobs"), "{err}");
 
         let mut s = samples(1, 4).remove(0);
         s.prompt_id = "q-18".to_string();
         s.topk_logprobs[1].push(-1.0);
         let err = w.write(&s).unwrap_err().to_string();
-        assert!(
-            err.contains("q-18") && err.contains("logprobs_k is 4"),
-            "{err}"
-        );
+        assert!(err.contains("q-18") && err.contains("logprobs_k is 4"), "{err}");
     }
 
     /// A file with kdllm's metadata and the given schema, holding no rows.
     fn write_foreign(path: &Path, schema: Schema, meta: Option<&FileMetadata>) {
-        let props = WriterProperties::builder()
-            .set_key_value_metadata(meta.map(schema::to_key_value))
-            .build();
+        let props = WriterProperties::builder().set_key_value_metadata(meta.map(schema::to_key_value)).build();
         let schema = std::sync::Arc::new(schema);
-        let mut w =
-            ArrowWriter::try_new(File::create(path).unwrap(), schema.clone(), Some(props)).unwrap();
+        let mut w = ArrowWriter::try_new(File::create(path).unwrap(), schema.clone(), Some(props)).unwrap();
         w.write(&RecordBatch::new_empty(schema)).unwrap();
         w.close().unwrap();
     }
@@ -530,9 +443,7 @@ mod tests {
             .collect::<Vec<_>>();
         write_foreign(&path, Schema::new(fields), Some(&meta(4)));
         match read_samples(&path) {
-            Err(DataError::Schema {
-                column, problem, ..
-            }) => {
+            Err(DataError::Schema { column, problem, .. }) => {
                 assert_eq!(column, SAMPLE_INDEX);
                 assert!(problem.contains("Int64"), "{problem}");
             }
@@ -546,10 +457,7 @@ mod tests {
         let path = dir.path().join("nometa.parquet");
         write_foreign(&path, schema::sample_schema().as_ref().clone(), None);
         let err = read_metadata(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("kdllm.schema_version") && err.contains("nometa.parquet"),
-            "{err}"
-        );
+        assert!(err.contains("kdllm.schema_version") && err.contains("nometa.parquet"), "{err}");
     }
 
     #[test]
@@ -565,45 +473,25 @@ mod tests {
 
         let text = dir.path().join("notes.parquet");
         fs::write(&text, "just some text, definitely not parquet").unwrap();
-        assert!(matches!(
-            read_samples(&text),
-            Err(DataError::Parquet { .. })
-        ));
+        assert!(matches!(read_samples(&text), Err(DataError::Parquet { .. })));
     }
 
     #[test]
     fn directory_parts_are_read_in_name_order_and_partial_files_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let all = samples(6, 2);
-        write_all(
-            &dir.path().join("part-001.parquet"),
-            &meta(2),
-            &all[3..],
-            1024,
-        );
-        write_all(
-            &dir.path().join("part-000.parquet"),
-            &meta(2),
-            &all[..3],
-            1024,
-        );
+        write_all(&dir.path().join("part-001.parquet"), &meta(2), &all[3..], 1024);
+        write_all(&dir.path().join("part-000.parquet"), &meta(2), &all[..3], 1024);
         fs::write(dir.path().join("part-002.parquet.partial"), b"half written").unwrap();
         let set = read_samples(dir.path()).unwrap();
         assert_eq!(set.samples, all);
 
         let mut other = meta(2);
         other.tokenizer_hash = "sha256:different".to_string();
-        write_all(
-            &dir.path().join("part-003.parquet"),
-            &other,
-            &all[..1],
-            1024,
-        );
+        write_all(&dir.path().join("part-003.parquet"), &other, &all[..1], 1024);
         let err = read_samples(dir.path()).unwrap_err().to_string();
         assert!(
-            err.contains("part-000.parquet")
-                && err.contains("part-003.parquet")
-                && err.contains("tokenizer_hash"),
+            err.contains("part-000.parquet") && err.contains("part-003.parquet") && err.contains("tokenizer_hash"),
             "{err}"
         );
     }
@@ -615,9 +503,8 @@ mod tests {
     fn bytes_per_token_k20() {
         let (n, tokens, k) = (200, 64, 20);
         let mut rng = Rng(42);
-        let mut all: Vec<Sample> = (0..n)
-            .map(|i| sample(&mut rng, &format!("p{}", i / 4), i as u32 % 4, tokens, k))
-            .collect();
+        let mut all: Vec<Sample> =
+            (0..n).map(|i| sample(&mut rng, &format!("p{}", i / 4), i as u32 % 4, tokens, k)).collect();
         // Edge cases for readers in other tools: an empty completion and a null revision.
         all[0].completion_token_ids.clear();
         all[0].token_logprobs.clear();

@@ -135,7 +135,8 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let prompts = data::read_prompts(&job.prompts)?;
     let files = hub::resolve(&job.teacher, job.revision.as_deref(), &HubOptions::from_env())?;
     let tokenizer = Tokenizer::from_folder(&files.dir)?;
-    let model = Llama::load(&files.dir, &Device::Cpu).with_context(|| format!("loading the teacher from {}", files.dir.display()))?;
+    let model = Llama::load(&files.dir, &Device::Cpu)
+        .with_context(|| format!("loading the teacher from {}", files.dir.display()))?;
     let vocab = model.config().vocab_size;
     if cfg.logprobs > vocab {
         return Err(GenerateError::LogprobsTooLarge { k: cfg.logprobs, vocab }.into());
@@ -153,7 +154,12 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
         };
         let ids = tokenizer.encode(&text, true)?;
         if ids.len() + cfg.max_new_tokens > max_ctx {
-            let e = GenerateError::PromptTooLong { id: p.id.clone(), len: ids.len(), new: cfg.max_new_tokens, max: max_ctx };
+            let e = GenerateError::PromptTooLong {
+                id: p.id.clone(),
+                len: ids.len(),
+                new: cfg.max_new_tokens,
+                max: max_ctx,
+            };
             return Err(e.into());
         }
         rendered.push((text, ids));
@@ -165,9 +171,8 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
         std::fs::create_dir_all(parent).with_context(|| format!("creating output folder {}", parent.display()))?;
     }
     let mut writer = SampleWriter::create(&job.output, &meta)?;
-    let work: Vec<(usize, u32)> = (0..prompts.len())
-        .flat_map(|p| (0..cfg.samples_per_prompt as u32).map(move |s| (p, s)))
-        .collect();
+    let work: Vec<(usize, u32)> =
+        (0..prompts.len()).flat_map(|p| (0..cfg.samples_per_prompt as u32).map(move |s| (p, s))).collect();
     let bar = crate::progress::bar(work.len() as u64, "generate");
     let mut tokens = 0;
     let decode_started = Instant::now();

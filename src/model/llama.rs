@@ -56,7 +56,10 @@ impl TokenIds {
 
 /// Mirrors the fields of HF `LlamaConfig` that change the computation; names match config.json.
 /// `vocab_size: 0` (the default, e.g. in a recipe) means "take it from the tokenizer".
+/// Strict about keys, so a typo in a recipe is an error; `from_file` drops the many other keys
+/// an HF config.json carries before parsing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
     #[serde(default)]
     pub vocab_size: usize,
@@ -104,10 +107,31 @@ fn default_hidden_act() -> String {
 }
 
 impl LlamaConfig {
+    /// Every key this struct reads (kept in sync by a test).
+    pub const FIELDS: [&'static str; 17] = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "tie_word_embeddings",
+        "hidden_act",
+        "bos_token_id",
+        "eos_token_id",
+        "rope_scaling",
+        "attention_bias",
+        "mlp_bias",
+    ];
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ModelError::ReadConfig { path: path.to_path_buf(), source })?;
-        let raw: serde_json::Value = serde_json::from_str(&text)
+        let mut raw: serde_json::Value = serde_json::from_str(&text)
             .map_err(|source| ModelError::ParseConfig { path: path.to_path_buf(), source })?;
         if let Some(arch) = raw.get("model_type").and_then(|v| v.as_str()) {
             if arch != "llama" {
@@ -116,6 +140,9 @@ impl LlamaConfig {
                     path.display()
                 )));
             }
+        }
+        if let Some(obj) = raw.as_object_mut() {
+            obj.retain(|k, _| Self::FIELDS.contains(&k.as_str()));
         }
         let cfg: LlamaConfig = serde_json::from_value(raw)
             .map_err(|source| ModelError::ParseConfig { path: path.to_path_buf(), source })?;
@@ -215,9 +242,8 @@ struct Rope {
 impl Rope {
     fn new(cfg: &LlamaConfig, dev: &Device) -> Result<Self> {
         let d = cfg.head_dim();
-        let inv_freq: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
-            .collect();
+        let inv_freq: Vec<f32> =
+            (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64) as f32).collect();
         let n = cfg.max_position_embeddings;
         let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), dev)?;
         let pos = Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)?.reshape((n, 1))?;
@@ -464,10 +490,8 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        let positions: Vec<u32> = pads
-            .iter()
-            .flat_map(|&p| (past..past + t).map(move |a| a.saturating_sub(p) as u32))
-            .collect();
+        let positions: Vec<u32> =
+            pads.iter().flat_map(|&p| (past..past + t).map(move |a| a.saturating_sub(p) as u32)).collect();
         let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
         let (cos, sin) = self.rope.tables(&positions)?;
         let mask = attention_mask(&pads, past, t, &self.device)?;
@@ -540,10 +564,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|source| ModelError::ReadConfig { path: index.clone(), source })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|source| ModelError::ParseConfig { path: index.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&index).map_err(|source| ModelError::ReadConfig { path: index.clone(), source })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::ParseConfig { path: index.clone(), source })?;
         let mut files: Vec<String> = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -562,7 +586,10 @@ pub fn load_weights(varmap: &VarMap, files: &[PathBuf]) -> Result<()> {
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
     let describe = || files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
     let data = varmap.data().lock().expect("varmap lock");
-    for (name, var) in data.iter() {
+    // Sorted, so the first problem reported is the same on every run.
+    let mut vars: Vec<(&String, &Var)> = data.iter().collect();
+    vars.sort_by_key(|(name, _)| *name);
+    for (name, var) in vars {
         let tensor = st
             .load(name, &Device::Cpu)
             .map_err(|_| ModelError::MissingTensor { name: name.clone(), files: describe() })?;
@@ -683,7 +710,8 @@ mod tests {
             let (vm, m) = tiny_model(&cfg);
             let ids = Tensor::from_vec((0..16u32).collect::<Vec<_>>(), (2, 8), &Device::Cpu).unwrap();
             let logits = m.forward(&ids, None).unwrap();
-            let loss = candle_nn::loss::cross_entropy(&logits.reshape((16, 50)).unwrap(), &ids.flatten_all().unwrap()).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits.reshape((16, 50)).unwrap(), &ids.flatten_all().unwrap())
+                .unwrap();
             let grads = loss.backward().unwrap();
             let data = vm.data().lock().unwrap();
             assert_eq!(data.len(), cfg.num_hidden_layers * 9 + 2 + usize::from(!tie));
@@ -709,6 +737,28 @@ mod tests {
     }
 
     #[test]
+    fn fields_lists_every_key() {
+        let full = LlamaConfig {
+            num_key_value_heads: Some(2),
+            head_dim: Some(8),
+            bos_token_id: Some(1),
+            eos_token_id: Some(TokenIds::One(2)),
+            rope_scaling: Some(serde_json::json!({"type": "llama3"})),
+            ..tiny_config()
+        };
+        let v = serde_json::to_value(&full).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut fields = LlamaConfig::FIELDS.to_vec();
+        keys.sort_unstable();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+        let typo = serde_json::json!({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 1, "tie_word_embedding": true});
+        let err = serde_json::from_value::<LlamaConfig>(typo).unwrap_err().to_string();
+        assert!(err.contains("tie_word_embedding"), "{err}");
+    }
+
+    #[test]
     fn shape_mismatch_names_the_tensor() {
         let cfg = tiny_config();
         let (vm, _) = tiny_model(&cfg);
@@ -717,6 +767,6 @@ mod tests {
         let bigger = LlamaConfig { intermediate_size: 64, ..cfg };
         let (vm2, _) = Llama::trainable(&bigger, &Device::Cpu).unwrap();
         let err = load_weights(&vm2, &[dir.path().join("model.safetensors")]).unwrap_err().to_string();
-        assert!(err.contains("mlp.") && err.contains("[48, 32]"), "{err}");
+        assert!(err.contains("model.layers.0.mlp.down_proj.weight") && err.contains("[32, 48]"), "{err}");
     }
 }

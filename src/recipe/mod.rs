@@ -13,7 +13,7 @@
 //!     data: steps.task.output/train.jsonl
 //!     tokenizer: steps.task.output
 //!     model: {config: {hidden_size: 128, intermediate_size: 384, num_hidden_layers: 4, num_attention_heads: 4}}
-//!     train: {steps: 1500}
+//!     train: {steps: 1800}
 //!   - name: samples
 //!     kind: generate                # generate::GenerateJob
 //!     teacher: steps.teacher.output
@@ -210,19 +210,10 @@ fn default_eval_batch_size() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
     #[error("cannot read recipe {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// Malformed YAML, an unknown key, a wrong type, or a bad name or reference at a place.
     #[error("{}:{line}:{column}: {message}\n{snippet}", path.display())]
-    At {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-        snippet: String,
-    },
+    At { path: PathBuf, line: usize, column: usize, message: String, snippet: String },
     /// A problem with the recipe as a whole (no steps, no name).
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
@@ -282,17 +273,10 @@ fn parse_ref(value: &str) -> Option<Result<(&str, &str), String>> {
 
 /// Reads, parses and validates a recipe.
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
     let (name, workdir, steps) = parse::parse(path, &text)?;
-    let recipe = Recipe {
-        path: path.to_path_buf(),
-        name,
-        workdir,
-        steps,
-    };
+    let recipe = Recipe { path: path.to_path_buf(), name, workdir, steps };
     recipe.validate(&text)?;
     Ok(recipe)
 }
@@ -300,52 +284,29 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
 impl Recipe {
     /// Checks what the types cannot: names, references, and the either-or keys.
     fn validate(&self, text: &str) -> Result<(), RecipeError> {
-        let whole = |message: String| RecipeError::Invalid {
-            path: self.path.clone(),
-            message,
-        };
+        let whole = |message: String| RecipeError::Invalid { path: self.path.clone(), message };
         if self.name.trim().is_empty() {
-            return Err(whole(
-                "the recipe `name` is empty; give the recipe a name".into(),
-            ));
+            return Err(whole("the recipe `name` is empty; give the recipe a name".into()));
         }
         if self.steps.is_empty() {
             return Err(whole("the recipe has no `steps`; add at least one".into()));
         }
         for (i, step) in self.steps.iter().enumerate() {
             let err = |message: String| {
-                parse::at(
-                    &self.path,
-                    text,
-                    step.line,
-                    step.column,
-                    format!("step `{}`: {message}", step.name),
-                )
+                parse::at(&self.path, text, step.line, step.column, format!("step `{}`: {message}", step.name))
             };
             // Errors about one value point at it: its first occurrence within the step's lines.
             let end = self.steps.get(i + 1).map_or(usize::MAX, |s| s.line);
-            let err_at =
-                |needle: &str, message: String| match parse::find(text, step.line, end, needle) {
-                    Some((line, column)) => parse::at(
-                        &self.path,
-                        text,
-                        line,
-                        column,
-                        format!("step `{}`: {message}", step.name),
-                    ),
-                    None => err(message),
-                };
-            if step.name.is_empty()
-                || !step
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(err(
-                    "a step name must be non-empty and use only letters, digits, `-` and `_` \
+            let err_at = |needle: &str, message: String| match parse::find(text, step.line, end, needle) {
+                Some((line, column)) => {
+                    parse::at(&self.path, text, line, column, format!("step `{}`: {message}", step.name))
+                }
+                None => err(message),
+            };
+            if step.name.is_empty() || !step.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(err("a step name must be non-empty and use only letters, digits, `-` and `_` \
                      (it names the step's output folder and appears in `steps.NAME.output`)"
-                        .into(),
-                ));
+                    .into()));
             }
             if let Some(first) = self.steps[..i].iter().find(|s| s.name == step.name) {
                 return Err(err(format!(
@@ -381,19 +342,12 @@ impl Recipe {
                     let message = if self.steps.iter().any(|s| s.name == target) {
                         format!("`{key}: {value}` refers to step `{target}`, which runs later; a step can only use the output of an earlier step (move it up)")
                     } else {
-                        let known = if earlier.is_empty() {
-                            "none".to_string()
-                        } else {
-                            earlier.join(", ")
-                        };
+                        let known = if earlier.is_empty() { "none".to_string() } else { earlier.join(", ") };
                         format!("`{key}: {value}` refers to no step named `{target}`; steps before this one: {known}")
                     };
                     return Err(at_value(message));
                 }
-                let target_kind = self.steps[..i]
-                    .iter()
-                    .find(|s| s.name == target)
-                    .map(Step::kind);
+                let target_kind = self.steps[..i].iter().find(|s| s.name == target).map(Step::kind);
                 if target_kind == Some(StepKind::Generate) && !sub.is_empty() {
                     return Err(at_value(format!(
                         "`{key}: {value}`: the output of generate step `{target}` is a Parquet file, not a folder; drop `/{sub}`"
@@ -414,11 +368,12 @@ impl Recipe {
             match &step.config {
                 StepConfig::Finetune(s) => model_init("model", &s.model, &s.tokenizer)?,
                 StepConfig::Distill(s) => model_init("student", &s.student, &s.tokenizer)?,
-                StepConfig::Eval(s) if s.models.is_empty() => return Err(err_at(
-                    "models:",
-                    "`models` is empty; list the models to evaluate, e.g. `[steps.teacher.output]`"
-                        .into(),
-                )),
+                StepConfig::Eval(s) if s.models.is_empty() => {
+                    return Err(err_at(
+                        "models:",
+                        "`models` is empty; list the models to evaluate, e.g. `[steps.teacher.output]`".into(),
+                    ))
+                }
                 _ => {}
             }
         }
@@ -441,9 +396,7 @@ impl Recipe {
         match parse_ref(value) {
             Some(Ok((name, sub))) => {
                 let step = self.steps.iter().find(|s| s.name == name);
-                let out = step
-                    .map(|s| self.output(s))
-                    .unwrap_or_else(|| self.workdir.join(name));
+                let out = step.map(|s| self.output(s)).unwrap_or_else(|| self.workdir.join(name));
                 if sub.is_empty() {
                     out
                 } else {
@@ -456,10 +409,7 @@ impl Recipe {
 
     fn resolve_init(&self, init: &ModelInit) -> ModelInit {
         ModelInit {
-            from: init
-                .from
-                .as_deref()
-                .map(|f| self.resolve(f).to_string_lossy().into_owned()),
+            from: init.from.as_deref().map(|f| self.resolve(f).to_string_lossy().into_owned()),
             config: init.config.clone(),
         }
     }
@@ -472,10 +422,8 @@ impl Recipe {
         Ok(match &step.config {
             StepConfig::Task(s) => {
                 let files = task::write_task_data(&s.task, &dir)?;
-                let texts: Vec<String> = task::read_examples(&files.train)?
-                    .into_iter()
-                    .map(|e| e.prompt + &e.completion)
-                    .collect();
+                let texts: Vec<String> =
+                    crate::data::read_examples(&files.train)?.into_iter().map(|e| e.prompt + &e.completion).collect();
                 Tokenizer::train_bpe(&texts, s.task.tokenizer_vocab_size)?.save(&dir)?;
                 Outcome {
                     line: format!(
@@ -544,8 +492,7 @@ impl Recipe {
                         task: s.task.as_deref().map(|t| self.resolve(t)),
                         batch_size: s.batch_size,
                     };
-                    let report =
-                        eval::evaluate(&job).with_context(|| format!("evaluating `{model}`"))?;
+                    let report = eval::evaluate(&job).with_context(|| format!("evaluating `{model}`"))?;
                     reports.push(report);
                 }
                 // A model's row is named after the step that made it.
@@ -564,10 +511,7 @@ impl Recipe {
                 let scores: Vec<String> = rows
                     .iter()
                     .map(|r| {
-                        let acc = r
-                            .task_accuracy
-                            .map(|a| format!("acc {:.1}%, ", 100.0 * a))
-                            .unwrap_or_default();
+                        let acc = r.task_accuracy.map(|a| format!("acc {:.1}%, ", 100.0 * a)).unwrap_or_default();
                         format!("{}: {acc}nll/token {:.3}", r.name, r.nll_per_token)
                     })
                     .collect();
@@ -594,10 +538,7 @@ struct Outcome {
 }
 
 fn train_outcome(r: TrainReport) -> anyhow::Result<Outcome> {
-    let valid = r
-        .valid_loss
-        .map(|v| format!(" (valid {v:.3})"))
-        .unwrap_or_default();
+    let valid = r.valid_loss.map(|v| format!(" (valid {v:.3})")).unwrap_or_default();
     Ok(Outcome {
         line: format!(
             "loss {:.3} → {:.3}{valid}, {} steps, {} params, {:.0} tok/s, {:.1}s → {}",
@@ -625,9 +566,8 @@ pub fn run(path: &Path) -> anyhow::Result<RecipeSummary> {
     for step in &recipe.steps {
         println!("==> step {} ({})", step.name, step.kind());
         let t = Instant::now();
-        let outcome = recipe
-            .run_step(step)
-            .with_context(|| format!("step `{}` ({}) failed", step.name, step.kind()))?;
+        let outcome =
+            recipe.run_step(step).with_context(|| format!("step `{}` ({}) failed", step.name, step.kind()))?;
         let wall_secs = t.elapsed().as_secs_f64();
         println!("    {}", outcome.line);
         steps.push(StepRow {

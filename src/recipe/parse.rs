@@ -14,9 +14,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use serde::de::{
-    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
-};
+use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::{MessageFormatter, Spanned, UserMessageFormatter};
 
@@ -81,23 +79,15 @@ fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> RecipeError {
             };
             at(path, text, line, column, message)
         }
-        _ => RecipeError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        },
+        _ => RecipeError::Invalid { path: path.to_path_buf(), message },
     }
 }
 
 /// The key whose value starts at `line:column`, as in `  steps: ten` or `{steps: ten`.
 fn key_before(text: &str, line: usize, column: usize) -> Option<&str> {
     let src = text.lines().nth(line.checked_sub(1)?)?;
-    let before = src
-        .get(..column.checked_sub(1)?)?
-        .trim_end()
-        .strip_suffix(':')?;
-    let key = before
-        .rsplit(|c: char| c.is_whitespace() || c == '{' || c == ',')
-        .next()?;
+    let before = src.get(..column.checked_sub(1)?)?.trim_end().strip_suffix(':')?;
+    let key = before.rsplit(|c: char| c.is_whitespace() || c == '{' || c == ',').next()?;
     (!key.is_empty()).then_some(key)
 }
 
@@ -111,20 +101,8 @@ pub(super) fn find(text: &str, from: usize, to: usize, needle: &str) -> Option<(
 }
 
 /// An error at `line:column` of the recipe, with that line quoted under it.
-pub(super) fn at(
-    path: &Path,
-    text: &str,
-    line: usize,
-    column: usize,
-    message: String,
-) -> RecipeError {
-    RecipeError::At {
-        path: path.to_path_buf(),
-        line,
-        column,
-        message,
-        snippet: snippet(text, line, column),
-    }
+pub(super) fn at(path: &Path, text: &str, line: usize, column: usize, message: String) -> RecipeError {
+    RecipeError::At { path: path.to_path_buf(), line, column, message, snippet: snippet(text, line, column) }
 }
 
 /// The source line and a caret under the column, rustc-style.
@@ -174,9 +152,7 @@ impl<'de> Visitor<'de> for RecipeSeed<'_> {
             match key {
                 TopKey::Name => name = Some(map.next_value()?),
                 TopKey::Workdir => workdir = Some(map.next_value()?),
-                TopKey::Steps => {
-                    steps = Some(map.next_value_seed(StepsSeed { kinds: self.kinds })?)
-                }
+                TopKey::Steps => steps = Some(map.next_value_seed(StepsSeed { kinds: self.kinds })?),
             }
         }
         Ok(Body {

@@ -75,15 +75,7 @@ pub fn model_rows(eval_step: &str, names: &[String], reports: &[EvalReport]) -> 
 pub fn format_summary(s: &RecipeSummary) -> String {
     let mut out = String::new();
     if !s.models.is_empty() {
-        let header = [
-            "model",
-            "params",
-            "task acc",
-            "acc vs first",
-            "nll/token",
-            "kl to teacher",
-            "top-1 agree",
-        ];
+        let header = ["model", "params", "task acc", "acc vs first", "nll/token", "kl to teacher", "top-1 agree"];
         let rows: Vec<Vec<String>> = s
             .models
             .iter()
@@ -107,12 +99,7 @@ pub fn format_summary(s: &RecipeSummary) -> String {
         .steps
         .iter()
         .map(|st| {
-            vec![
-                st.name.clone(),
-                st.kind.to_string(),
-                format!("{:.1}", st.wall_secs),
-                opt(st.tokens_per_sec, human),
-            ]
+            vec![st.name.clone(), st.kind.to_string(), format!("{:.1}", st.wall_secs), opt(st.tokens_per_sec, human)]
         })
         .collect();
     out.push_str(&table(&header, &rows, 2));
@@ -152,13 +139,7 @@ fn table(header: &[&str], rows: &[Vec<String>], text_columns: usize) -> String {
             .iter()
             .zip(&widths)
             .enumerate()
-            .map(|(i, (c, &w))| {
-                if i < text_columns {
-                    format!("{c:<w$}")
-                } else {
-                    format!("{c:>w$}")
-                }
-            })
+            .map(|(i, (c, &w))| if i < text_columns { format!("{c:<w$}") } else { format!("{c:>w$}") })
             .collect();
         parts.join("  ").trim_end().to_string() + "\n"
     };
@@ -230,11 +211,7 @@ mod tests {
     #[test]
     fn no_relative_accuracy_without_task_accuracy() {
         let names = vec!["a".to_string(), "b".to_string()];
-        let rows = model_rows(
-            "eval",
-            &names,
-            &[report("a", 1, None, None), report("b", 1, Some(0.5), None)],
-        );
+        let rows = model_rows("eval", &names, &[report("a", 1, None, None), report("b", 1, Some(0.5), None)]);
         assert_eq!(rows[1].accuracy_vs_first, None);
     }
 
@@ -257,10 +234,7 @@ total wall time: 96.3 s
 
     #[test]
     fn summary_without_models_has_only_the_step_table() {
-        let text = format_summary(&RecipeSummary {
-            models: vec![],
-            ..summary()
-        });
+        let text = format_summary(&RecipeSummary { models: vec![], ..summary() });
         assert!(text.starts_with("step "), "{text}");
     }
 

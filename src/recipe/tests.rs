@@ -6,14 +6,8 @@ use crate::model::LlamaConfig;
 #[test]
 fn references_parse_into_step_and_sub_path() {
     assert_eq!(parse_ref("steps.task.output"), Some(Ok(("task", ""))));
-    assert_eq!(
-        parse_ref("steps.task.output/train.jsonl"),
-        Some(Ok(("task", "train.jsonl")))
-    );
-    assert_eq!(
-        parse_ref("steps.student-seq.output/a/b"),
-        Some(Ok(("student-seq", "a/b")))
-    );
+    assert_eq!(parse_ref("steps.task.output/train.jsonl"), Some(Ok(("task", "train.jsonl"))));
+    assert_eq!(parse_ref("steps.student-seq.output/a/b"), Some(Ok(("student-seq", "a/b"))));
     assert_eq!(parse_ref("data/train.jsonl"), None);
     assert_eq!(parse_ref("smollm2"), None);
     assert!(matches!(parse_ref("steps.task/train.jsonl"), Some(Err(_))));
@@ -26,29 +20,12 @@ fn quickstart_resolves_references_to_step_outputs() {
     assert_eq!(r.workdir, PathBuf::from("runs/quickstart"));
     let kinds: Vec<StepKind> = r.steps.iter().map(Step::kind).collect();
     use StepKind::*;
-    assert_eq!(
-        kinds,
-        [Task, Finetune, Generate, Generate, Distill, Distill, Eval]
-    );
-    assert_eq!(
-        r.resolve("steps.task.output/train.jsonl"),
-        PathBuf::from("runs/quickstart/task/train.jsonl")
-    );
-    assert_eq!(
-        r.resolve("steps.teacher.output"),
-        PathBuf::from("runs/quickstart/teacher")
-    );
-    assert_eq!(
-        r.resolve("steps.samples.output"),
-        PathBuf::from("runs/quickstart/samples/samples.parquet")
-    );
-    assert_eq!(
-        r.resolve("prompts/x.jsonl"),
-        PathBuf::from("prompts/x.jsonl")
-    );
-    let StepConfig::Eval(eval) = &r.steps[6].config else {
-        panic!("last step is not eval")
-    };
+    assert_eq!(kinds, [Task, Finetune, Generate, Generate, Distill, Distill, Eval]);
+    assert_eq!(r.resolve("steps.task.output/train.jsonl"), PathBuf::from("runs/quickstart/task/train.jsonl"));
+    assert_eq!(r.resolve("steps.teacher.output"), PathBuf::from("runs/quickstart/teacher"));
+    assert_eq!(r.resolve("steps.samples.output"), PathBuf::from("runs/quickstart/samples/samples.parquet"));
+    assert_eq!(r.resolve("prompts/x.jsonl"), PathBuf::from("prompts/x.jsonl"));
+    let StepConfig::Eval(eval) = &r.steps[6].config else { panic!("last step is not eval") };
     assert_eq!(eval.models.len(), 3);
     assert_eq!(eval.task.as_deref(), Some("steps.task.output/test.jsonl"));
 }
@@ -58,11 +35,7 @@ fn params(cfg: &LlamaConfig, vocab: usize) -> usize {
     let (c, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
     let attn = c * cfg.num_attention_heads * d * 2 + c * cfg.num_kv_heads() * d * 2;
     let layer = attn + 3 * c * f + 2 * c;
-    let head = if cfg.tie_word_embeddings {
-        0
-    } else {
-        vocab * c
-    };
+    let head = if cfg.tie_word_embeddings { 0 } else { vocab * c };
     vocab * c + cfg.num_hidden_layers * layer + c + head
 }
 
@@ -73,46 +46,30 @@ fn quickstart_students_are_at_least_4x_smaller_than_the_teacher() {
         StepConfig::Task(t) => t.task.tokenizer_vocab_size,
         _ => panic!("first step is not the task"),
     };
-    let StepConfig::Finetune(teacher) = &r.steps[1].config else {
-        panic!()
-    };
+    let StepConfig::Finetune(teacher) = &r.steps[1].config else { panic!() };
     let teacher = params(teacher.model.config.as_ref().unwrap(), vocab);
     for step in &r.steps[4..6] {
-        let StepConfig::Distill(s) = &step.config else {
-            panic!("{} is not distill", step.name)
-        };
+        let StepConfig::Distill(s) = &step.config else { panic!("{} is not distill", step.name) };
         let student = params(s.student.config.as_ref().unwrap(), vocab);
-        assert!(
-            4 * student <= teacher,
-            "{}: {student} vs teacher {teacher}",
-            step.name
-        );
+        assert!(4 * student <= teacher, "{}: {student} vs teacher {teacher}", step.name);
     }
     // The alpha-0 row is the sequence-level baseline of the alpha-0.5 one: nothing else differs.
-    let (StepConfig::Distill(a), StepConfig::Distill(b)) = (&r.steps[4].config, &r.steps[5].config)
-    else {
-        panic!()
-    };
+    let (StepConfig::Distill(a), StepConfig::Distill(b)) = (&r.steps[4].config, &r.steps[5].config) else { panic!() };
     assert_eq!((a.kd.alpha, b.kd.alpha), (0.5, 0.0));
-    assert_eq!(
-        (&a.student, &a.train, &a.data),
-        (&b.student, &b.train, &b.data)
-    );
+    assert_eq!((&a.student, &a.train, &a.data), (&b.student, &b.train, &b.data));
 }
 
 #[test]
 fn phi_like_parses_and_validates() {
     let r = load(Path::new("recipes/phi-like.yaml")).unwrap();
-    let StepConfig::Finetune(t) = &r.steps[0].config else {
-        panic!()
-    };
+    let StepConfig::Finetune(t) = &r.steps[0].config else { panic!() };
     assert_eq!(t.model.from.as_deref(), Some("smollm2"));
     assert_eq!(r.resolve("smollm2"), PathBuf::from("smollm2"));
 }
 
 #[test]
 fn shipped_prompt_files_are_valid_jsonl() {
-    let seed = crate::task::read_examples(Path::new("prompts/phi-seed.jsonl")).unwrap();
+    let seed = crate::data::read_examples(Path::new("prompts/phi-seed.jsonl")).unwrap();
     assert!(seed.len() >= 30);
     let topics = std::fs::read_to_string("prompts/phi-topics.jsonl").unwrap();
     let mut ids = std::collections::HashSet::new();
@@ -134,16 +91,7 @@ fn omitted_sections_take_the_struct_defaults() {
     )
     .unwrap();
     let r = load(&path).unwrap();
-    assert_eq!(
-        r.steps[0].config,
-        StepConfig::Task(TaskStep {
-            _name: Seen,
-            _kind: Seen,
-            task: TaskConfig::default()
-        })
-    );
-    let StepConfig::Generate(g) = &r.steps[1].config else {
-        panic!()
-    };
+    assert_eq!(r.steps[0].config, StepConfig::Task(TaskStep { _name: Seen, _kind: Seen, task: TaskConfig::default() }));
+    let StepConfig::Generate(g) = &r.steps[1].config else { panic!() };
     assert_eq!(g.sampling, SamplingConfig::default());
 }

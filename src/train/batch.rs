@@ -23,6 +23,16 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// Prompt + completion of a teacher sample; `with_teacher` keeps its top-k rows (files
+    /// written with `--logprobs 0` have none).
+    pub fn from_sample(s: crate::data::Sample, with_teacher: bool) -> Self {
+        let loss_from = s.prompt_token_ids.len();
+        let mut ids = s.prompt_token_ids;
+        ids.extend(s.completion_token_ids);
+        let teacher = with_teacher.then_some(TeacherTopK { ids: s.topk_token_ids, logprobs: s.topk_logprobs });
+        Self { ids, loss_from, teacher }
+    }
+
     /// Keeps at most `max_len` tokens; counted tokens cut off are dropped with their top-k rows.
     pub fn truncate(mut self, max_len: usize) -> Self {
         if self.ids.len() > max_len {

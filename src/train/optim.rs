@@ -34,14 +34,7 @@ impl AdamW {
                 Ok(Param { m: var.zeros_like()?, v: var.zeros_like()?, decay, name, var })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            params,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-            step: 0,
-        })
+        Ok(Self { params, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay, step: 0 })
     }
 
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
@@ -98,7 +91,8 @@ mod tests {
         let w = Var::from_vec(vec![1.0f32, -2.0], (1, 2), &Device::Cpu).unwrap();
         let norm = Var::from_vec(vec![1.0f32, 1.0], 2, &Device::Cpu).unwrap();
         let cfg = TrainConfig { weight_decay: 0.5, eps: 0.0, ..Default::default() };
-        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("model.norm.weight".into(), norm.clone())], &cfg).unwrap();
+        let mut opt =
+            AdamW::new(vec![("w".into(), w.clone()), ("model.norm.weight".into(), norm.clone())], &cfg).unwrap();
         let grads = [
             Tensor::new(&[0.5f32, 2.0], &Device::Cpu).unwrap(), // model.norm.weight (sorted first)
             Tensor::new(&[[3.0f32, -0.1]], &Device::Cpu).unwrap(),

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
-use super::batch::{Batch, Sequence, TeacherTopK};
+use super::batch::{Batch, Sequence};
 use super::loss::{distill_loss, LossTerms};
 use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
@@ -41,17 +41,16 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     if tokenizer.vocab_hash() != set.meta.tokenizer_hash {
         return Err(TrainError::TokenizerMismatch { data: job.data.clone() }.into());
     }
+    let with_teacher = set.meta.logprobs_k > 0;
+    if !with_teacher && job.kd.alpha > 0.0 {
+        return Err(TrainError::Config(format!(
+            "{} holds no teacher top-k (written with --logprobs 0); set `kd.alpha: 0` or regenerate with --logprobs K",
+            job.data.display()
+        ))
+        .into());
+    }
     let keys = set.samples.iter().map(|s| s.prompt_id.clone()).collect();
-    let seqs = set
-        .samples
-        .into_iter()
-        .map(|s| {
-            let loss_from = s.prompt_token_ids.len();
-            let mut ids = s.prompt_token_ids;
-            ids.extend(s.completion_token_ids);
-            Sequence { ids, loss_from, teacher: Some(TeacherTopK { ids: s.topk_token_ids, logprobs: s.topk_logprobs }) }
-        })
-        .collect();
+    let seqs = set.samples.into_iter().map(|s| Sequence::from_sample(s, with_teacher)).collect();
     run(&job.student, source.as_deref(), tokenizer, seqs, keys, &job.kd, &job.train, &job.output)
 }
 
@@ -111,7 +110,12 @@ fn tokenizer_for(init: &ModelInit, tokenizer: Option<&Path>) -> anyhow::Result<(
     Ok((tok, source))
 }
 
-fn build_model(init: &ModelInit, source: Option<&Path>, tok: &Tokenizer, seed: u64) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
+fn build_model(
+    init: &ModelInit,
+    source: Option<&Path>,
+    tok: &Tokenizer,
+    seed: u64,
+) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
     let dev = Device::Cpu;
     if let Some(dir) = source {
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
@@ -150,7 +154,12 @@ fn split(seqs: Vec<Sequence>, keys: &[String], fraction: f64) -> (Vec<Sequence>,
 }
 
 /// Mean loss terms over a set of sequences, token-weighted. Returns (total, ce, kl).
-pub fn mean_loss(model: &Llama, seqs: &[Sequence], kd: &KdConfig, batch_size: usize) -> anyhow::Result<(f64, f64, Option<f64>)> {
+pub fn mean_loss(
+    model: &Llama,
+    seqs: &[Sequence],
+    kd: &KdConfig,
+    batch_size: usize,
+) -> anyhow::Result<(f64, f64, Option<f64>)> {
     let (mut total, mut ce, mut kl, mut n) = (0.0, 0.0, 0.0, 0usize);
     for chunk in seqs.chunks(batch_size.max(1)) {
         let refs: Vec<&Sequence> = chunk.iter().collect();
@@ -192,15 +201,19 @@ fn run(
     let (train, valid) = split(seqs, &keys, cfg.valid_fraction);
     let train: Vec<Sequence> = train.into_iter().filter(|s| s.counted() > 0).collect();
     if train.is_empty() {
-        bail!(TrainError::Config("no training examples left after the held-out split; add data or lower `train.valid_fraction`".into()));
+        bail!(TrainError::Config(
+            "no training examples left after the held-out split; add data or lower `train.valid_fraction`".into()
+        ));
     }
     let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
     let (model_cfg, varmap, model) = build_model(init, source, &tokenizer, cfg.seed)?;
-    let vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: Vec<(String, Var)> =
+        varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut opt = AdamW::new(vars, cfg)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating output folder {}", output.display()))?;
     let metrics_path = output.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut metrics =
+        std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
 
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
@@ -269,7 +282,12 @@ fn run(
             writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
             bar.set_message(format!("loss {loss:.4}"));
             if bar.is_hidden() {
-                eprintln!("step {:>6}/{} loss {loss:.4} lr {lr:.2e} {:.0} tok/s", step + 1, cfg.steps, tokens as f64 / train_secs);
+                eprintln!(
+                    "step {:>6}/{} loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
+                    step + 1,
+                    cfg.steps,
+                    tokens as f64 / train_secs
+                );
             }
         }
         bar.inc(1);
@@ -291,7 +309,8 @@ fn run(
         wall_secs: started.elapsed().as_secs_f64(),
     };
     let path = output.join("train_report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(report)
 }
 
@@ -304,6 +323,7 @@ fn write_generation_config(cfg: &LlamaConfig, dir: &Path) -> anyhow::Result<()> 
         "top_p": 1.0,
     });
     let path = dir.join("generation_config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
