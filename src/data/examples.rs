@@ -76,17 +76,10 @@ fn documents(content: &str) -> Vec<Example> {
 
 #[cfg(test)]
 mod tests {
-    use std::fs;
 
     use super::{read_examples, Example};
+    use crate::data::text::tests::file;
     use crate::data::DataError;
-
-    fn file(name: &str, content: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(name);
-        fs::write(&path, content).unwrap();
-        (dir, path)
-    }
 
     fn ex(prompt: &str, completion: &str) -> Example {
         Example { prompt: prompt.into(), completion: completion.into() }

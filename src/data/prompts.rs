@@ -91,17 +91,10 @@ fn parse_jsonl(path: &Path, line: usize, raw: &str) -> Result<PromptRecord, Data
 
 #[cfg(test)]
 mod tests {
-    use std::fs;
 
     use super::{read_prompts, PromptInput, PromptRecord};
+    use crate::data::text::tests::file;
     use crate::data::{ChatMessage, DataError};
-
-    fn file(name: &str, content: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(name);
-        fs::write(&path, content).unwrap();
-        (dir, path)
-    }
 
     #[test]
     fn jsonl_reads_prompt_messages_and_numeric_ids() {

@@ -43,3 +43,14 @@ pub(crate) fn parse_line<T: DeserializeOwned>(path: &Path, line: usize, text: &s
 pub(crate) fn line_error(path: &Path, line: usize, message: impl Into<String>) -> DataError {
     DataError::Line { path: path.to_path_buf(), line, message: message.into() }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// A file with `content` in a fresh temporary folder (kept alive by the returned guard).
+    pub(crate) fn file(name: &str, content: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        (dir, path)
+    }
+}

@@ -269,15 +269,14 @@ fn run(
         last_loss = loss;
 
         let last = step + 1 == cfg.steps;
-        if (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0) || last {
-            if !valid.is_empty() {
-                valid_loss = Some(mean_loss(&model, &valid, kd, cfg.batch_size)?.0);
-            }
+        let validate = !valid.is_empty() && (last || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0));
+        if validate {
+            valid_loss = Some(mean_loss(&model, &valid, kd, cfg.batch_size)?.0);
         }
-        if step % cfg.log_every.max(1) == 0 || last {
+        if validate || step % cfg.log_every.max(1) == 0 || last {
             let line = serde_json::json!({
                 "step": step + 1, "loss": loss, "ce": ce, "kl": kl, "lr": lr, "grad_norm": norm,
-                "tokens_per_sec": tokens as f64 / train_secs, "valid_loss": if last { valid_loss } else { None },
+                "tokens_per_sec": tokens as f64 / train_secs, "valid_loss": if validate { valid_loss } else { None },
             });
             writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
             bar.set_message(format!("loss {loss:.4}"));
