@@ -8,8 +8,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let cli = kdllm::cli::Cli::parse();
     if let Err(err) = kdllm::cli::run(cli) {
-        let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
+        // One line: each cause once (library messages often already quote their source).
+        let mut message = String::new();
+        for cause in err.chain().map(|e| e.to_string()) {
+            if !message.contains(&cause) {
+                if !message.is_empty() {
+                    message.push_str(": ");
+                }
+                message.push_str(&cause);
+            }
+        }
+        eprintln!("error: {message}");
         std::process::exit(1);
     }
 }
