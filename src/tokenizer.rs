@@ -550,6 +550,21 @@ mod tests {
     }
 
     #[test]
+    fn templates_may_break_out_of_loops_and_use_tojson() {
+        let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tk.save(dir.path()).unwrap();
+        let cfg_path = dir.path().join("tokenizer_config.json");
+        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["chat_template"] = Value::from(
+            "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content | tojson }}{% endfor %}",
+        );
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let tk = Tokenizer::from_folder(dir.path()).unwrap();
+        assert_eq!(tk.render_chat(&chat(&[("user", "say \"hi\""), ("user", "dropped")])).unwrap(), r#""say \"hi\"""#);
+    }
+
+    #[test]
     fn chat_template_list_form_takes_default_and_syntax_errors_are_shown() {
         let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap();
         let dir = tempfile::tempdir().unwrap();
