@@ -419,6 +419,18 @@ mod tests {
         v
     }
 
+    /// A trained tokenizer saved with `template` as its `chat_template`, then loaded back.
+    fn with_chat_template(template: Value) -> (tempfile::TempDir, Tokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        Tokenizer::train_bpe(&corpus(), 400).unwrap().save(dir.path()).unwrap();
+        let cfg_path = dir.path().join("tokenizer_config.json");
+        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["chat_template"] = template;
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let tk = Tokenizer::from_folder(dir.path()).unwrap();
+        (dir, tk)
+    }
+
     fn chat(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
         pairs.iter().map(|(r, c)| ChatMessage { role: r.to_string(), content: c.to_string() }).collect()
     }
@@ -523,19 +535,12 @@ mod tests {
 
     #[test]
     fn render_chat_with_a_chatml_template() {
-        let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        tk.save(dir.path()).unwrap();
-        let cfg_path = dir.path().join("tokenizer_config.json");
-        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-        cfg["chat_template"] = Value::from(
+        let (_dir, tk) = with_chat_template(Value::from(
             "{{ bos_token }}{% for m in messages %}\
              {% if m.role not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}\
              <|im_start|>{{ m.role }}\n{{ m.content.strip() }}<|im_end|>\n\
              {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-        );
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        let tk = Tokenizer::from_folder(dir.path()).unwrap();
+        ));
         assert!(tk.has_chat_template());
         let out = tk.render_chat(&chat(&[("system", "Be brief."), ("user", "  2+2?  ")])).unwrap();
         assert_eq!(
@@ -551,37 +556,21 @@ mod tests {
 
     #[test]
     fn templates_may_break_out_of_loops_and_use_tojson() {
-        let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        tk.save(dir.path()).unwrap();
-        let cfg_path = dir.path().join("tokenizer_config.json");
-        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-        cfg["chat_template"] = Value::from(
+        let (_dir, tk) = with_chat_template(Value::from(
             "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content | tojson }}{% endfor %}",
-        );
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        let tk = Tokenizer::from_folder(dir.path()).unwrap();
+        ));
         assert_eq!(tk.render_chat(&chat(&[("user", "say \"hi\""), ("user", "dropped")])).unwrap(), r#""say \"hi\"""#);
     }
 
     #[test]
     fn chat_template_list_form_takes_default_and_syntax_errors_are_shown() {
-        let tk = Tokenizer::train_bpe(&corpus(), 400).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        tk.save(dir.path()).unwrap();
-        let cfg_path = dir.path().join("tokenizer_config.json");
-        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-        cfg["chat_template"] = serde_json::json!([
+        let (_dir, tk) = with_chat_template(serde_json::json!([
             {"name": "tool_use", "template": "TOOLS"},
             {"name": "default", "template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"},
-        ]);
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        let tk = Tokenizer::from_folder(dir.path()).unwrap();
+        ]));
         assert_eq!(tk.render_chat(&chat(&[("user", "hi")])).unwrap(), "[hi]");
 
-        cfg["chat_template"] = Value::from("{% for m in messages %}{{ m.content }");
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        let bad = Tokenizer::from_folder(dir.path()).unwrap();
+        let (_dir, bad) = with_chat_template(Value::from("{% for m in messages %}{{ m.content }"));
         let err = bad.render_chat(&chat(&[("user", "hi")])).unwrap_err().to_string();
         assert!(err.starts_with("chat template failed: syntax error"), "{err}");
     }
