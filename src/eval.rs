@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, D};
 use serde::Serialize;
 
 use crate::data;
-use crate::generate::{decode, eos_ids, row_rng, DecodeSettings};
+use crate::generate::{decode, row_rng, DecodeSettings};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::train::batch::{Batch, Sequence};
@@ -101,10 +101,10 @@ fn measure(model: &Llama, seqs: &[Sequence], batch_size: usize) -> anyhow::Resul
             continue;
         }
         let logits = batch.select(&model.forward(&batch.inputs, None)?)?;
-        nll += to_f64(&loss::cross_entropy(&logits, &batch.targets)?)? * count as f64;
+        nll += loss::scalar(&loss::cross_entropy(&logits, &batch.targets)?)? * count as f64;
         match &batch.teacher {
             Some((ids, lps)) => {
-                kl += to_f64(&loss::topk_kl(&logits, ids, lps, 1.0)?)? * count as f64;
+                kl += loss::scalar(&loss::topk_kl(&logits, ids, lps, 1.0)?)? * count as f64;
                 let student_top = logits.argmax(D::Minus1)?;
                 let teacher_top = ids.narrow(1, 0, 1)?.squeeze(1)?;
                 agree +=
@@ -124,10 +124,6 @@ fn measure(model: &Llama, seqs: &[Sequence], batch_size: usize) -> anyhow::Resul
     })
 }
 
-fn to_f64(t: &Tensor) -> candle_core::Result<f64> {
-    t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
-}
-
 /// Fraction of task examples whose greedy completion is the expected answer.
 fn task_accuracy(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: usize) -> anyhow::Result<f64> {
     let examples = data::read_examples(path)?;
@@ -143,7 +139,7 @@ fn task_accuracy(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: 
         top_p: 1.0,
         max_new_tokens: longest + 2,
         logprobs: 0,
-        eos_ids: eos_ids(tokenizer, model),
+        eos_ids: tokenizer.eos_ids().to_vec(),
     };
     let bar = crate::progress::bar(examples.len() as u64, "task");
     let mut correct = 0;
@@ -151,8 +147,7 @@ fn task_accuracy(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: 
         // Greedy decoding never draws from these; decode wants one per row.
         let mut rngs: Vec<_> = (0..chunk.len()).map(|i| row_rng(0, "", i as u32)).collect();
         for (c, e) in decode(model, chunk, &mut rngs, &settings)?.iter().zip(exs) {
-            let ids: Vec<u32> = c.ids.iter().copied().filter(|t| !settings.eos_ids.contains(t)).collect();
-            correct += usize::from(crate::task::is_correct(&e.completion, &tokenizer.decode(&ids)?));
+            correct += usize::from(crate::task::is_correct(&e.completion, &tokenizer.decode(c.text_ids())?));
         }
         bar.inc(chunk.len() as u64);
     }

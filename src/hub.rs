@@ -124,8 +124,8 @@ pub enum HubError {
     Network { repo: String, file: String, message: String },
     #[error("cannot download {file} of {repo}: {message}")]
     Download { repo: String, file: String, message: String },
-    #[error("cannot read the weight index {}: {message}", path.display())]
-    Index { path: PathBuf, message: String },
+    #[error(transparent)]
+    Index(crate::model::llama::ModelError),
 }
 
 fn alias_names() -> String {
@@ -173,21 +173,6 @@ fn is_repo_id(s: &str) -> bool {
 
 fn has_pytorch_bin(dir: &Path) -> bool {
     dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file()
-}
-
-/// The shard file names a `model.safetensors.index.json` lists, sorted, each once.
-fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
-    let err = |message: String| HubError::Index { path: index.into(), message };
-    let text = std::fs::read_to_string(index).map_err(|e| err(e.to_string()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| err("no `weight_map` object".into()))?;
-    let mut shards: Vec<String> = map
-        .values()
-        .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| err("a `weight_map` value is not a file name".into())))
-        .collect::<Result<_, _>>()?;
-    shards.sort();
-    shards.dedup();
-    Ok(shards)
 }
 
 /// Fetches the files of one Hub repo into (or finds them in) the cache. Every file after the
@@ -320,7 +305,7 @@ fn resolve_hub(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelFil
     if f.fetch(WEIGHTS)?.is_none() {
         match f.fetch(WEIGHTS_INDEX)? {
             Some(index) => {
-                for shard in shard_names(&index)? {
+                for shard in crate::model::llama::shard_names(&index).map_err(HubError::Index)? {
                     f.require(&shard)?;
                 }
             }

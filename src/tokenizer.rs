@@ -199,10 +199,6 @@ impl Tokenizer {
         &self.eos_ids
     }
 
-    pub fn token_to_id(&self, t: &str) -> Option<u32> {
-        self.inner.token_to_id(t)
-    }
-
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }

@@ -32,6 +32,16 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
+impl Completion {
+    /// The generated ids without the final EOS: what the completion text is decoded from.
+    pub fn text_ids(&self) -> &[u32] {
+        match self.finish {
+            FinishReason::Stop => &self.ids[..self.ids.len() - 1],
+            FinishReason::Length => &self.ids,
+        }
+    }
+}
+
 /// Completes each prompt; `rngs[i]` drives row i, so a row's tokens do not depend on
 /// which other prompts share its batch.
 pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &DecodeSettings) -> Result<Vec<Completion>> {

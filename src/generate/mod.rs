@@ -119,15 +119,6 @@ pub fn row_rng(seed: u64, prompt_id: &str, sample_index: u32) -> StdRng {
     StdRng::seed_from_u64(crate::hash::fnv1a(&[&seed.to_le_bytes(), prompt_id.as_bytes(), &sample_index.to_le_bytes()]))
 }
 
-/// EOS ids of a teacher: the tokenizer's and the model config's, deduplicated.
-pub fn eos_ids(tokenizer: &Tokenizer, model: &Llama) -> Vec<u32> {
-    let mut ids = tokenizer.eos_ids().to_vec();
-    ids.extend(model.config().eos_ids());
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let started = Instant::now();
     let cfg = &job.sampling;
@@ -165,7 +156,7 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
         rendered.push((text, ids));
     }
 
-    let settings = cfg.decode_settings(eos_ids(&tokenizer, &model));
+    let settings = cfg.decode_settings(tokenizer.eos_ids().to_vec());
     let meta = FileMetadata::new(tokenizer.vocab_hash(), cfg.logprobs, serde_json::to_value(cfg)?);
     if let Some(parent) = job.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating output folder {}", parent.display()))?;
@@ -181,12 +172,11 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
         let mut rngs: Vec<StdRng> = chunk.iter().map(|&(p, s)| row_rng(cfg.seed, &prompts[p].id, s)).collect();
         for (&(p, s), c) in chunk.iter().zip(decode(&model, &ids, &mut rngs, &settings)?) {
             tokens += c.ids.len();
-            let text_ids: Vec<u32> = c.ids.iter().copied().filter(|t| !settings.eos_ids.contains(t)).collect();
             writer.write(&Sample {
                 prompt_id: prompts[p].id.clone(),
                 sample_index: s,
                 prompt: rendered[p].0.clone(),
-                completion: tokenizer.decode(&text_ids)?,
+                completion: tokenizer.decode(c.text_ids())?,
                 prompt_token_ids: rendered[p].1.clone(),
                 completion_token_ids: c.ids,
                 token_logprobs: c.token_logprobs,

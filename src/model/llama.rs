@@ -25,6 +25,8 @@ pub enum ModelError {
     Invalid(String),
     #[error("no weights found in {0}: expected model.safetensors or model.safetensors.index.json (safetensors only; convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))")]
     NoWeights(PathBuf),
+    #[error("bad weight index {path}: {message}")]
+    Index { path: PathBuf, message: String },
     #[error("tensor `{name}` is missing from {files}")]
     MissingTensor { name: String, files: String },
     #[error("tensor `{name}` has shape {found:?} in the checkpoint but the config needs {expected:?}")]
@@ -427,15 +429,6 @@ impl KvCache {
     pub fn new(cfg: &LlamaConfig, pads: Vec<usize>) -> Self {
         Self { layers: vec![None; cfg.num_hidden_layers], pads, len: 0 }
     }
-
-    /// Tokens (padding included) already in the cache.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -516,13 +509,17 @@ impl Llama {
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
-    /// Loads frozen weights (inference) from a folder in the HF layout.
+    /// Loads a model from a folder in the HF layout, for inference.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Ok(Self::load_trainable(dir, device)?.1)
+    }
+
+    /// Loads a model from a folder in the HF layout with its weights as `Var`s, for training.
+    pub fn load_trainable(dir: &Path, device: &Device) -> Result<(VarMap, Self)> {
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let files = weight_files(dir)?;
         let (varmap, model) = Self::trainable(&cfg, device)?;
-        load_weights(&varmap, &files)?;
-        Ok(model)
+        load_weights(&varmap, &weight_files(dir)?)?;
+        Ok((varmap, model))
     }
 
     /// A model whose weights are `Var`s in the returned map (all zero until initialized or loaded).
@@ -564,20 +561,24 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text =
-            std::fs::read_to_string(&index).map_err(|source| ModelError::ReadConfig { path: index.clone(), source })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::ParseConfig { path: index.clone(), source })?;
-        let mut files: Vec<String> = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        return Ok(shard_names(&index)?.into_iter().map(|f| dir.join(f)).collect());
     }
     Err(ModelError::NoWeights(dir.to_path_buf()))
+}
+
+/// The shard files a `model.safetensors.index.json` names, sorted, each once.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let err = |message: String| ModelError::Index { path: index.to_path_buf(), message };
+    let text = std::fs::read_to_string(index).map_err(|e| err(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| err("no `weight_map` object".into()))?;
+    let mut shards: Vec<String> = map
+        .values()
+        .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| err("a `weight_map` value is not a file name".into())))
+        .collect::<Result<_>>()?;
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
 }
 
 /// Fills every Var of `varmap` from safetensors files, checking names and shapes.

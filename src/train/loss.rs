@@ -11,6 +11,11 @@ use candle_nn::ops::log_softmax;
 /// A teacher tail bucket below this mass is treated as this mass (keeps log finite).
 const MIN_TAIL: f64 = 1e-10;
 
+/// A scalar loss tensor as a number (for logs and reports).
+pub fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
 /// Mean cross-entropy `−(1/N) Σ_n log softmax(z_n)[y_n]` of targets `y` (N) under logits (N, V).
 /// With `y` the teacher-written tokens this is sequence-level imitation (Kim & Rush 2016).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -107,7 +112,7 @@ mod tests {
     }
 
     fn scalar(t: &Tensor) -> f64 {
-        t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        super::scalar(t).unwrap()
     }
 
     /// Straight-line f64 reference of `topk_kl` for one row.

@@ -8,7 +8,7 @@ pub mod optim;
 pub mod schedule;
 mod trainer;
 
-pub use trainer::{distill, encode_example, finetune, mean_loss};
+pub use trainer::{distill, encode_example, finetune};
 
 use serde::{Deserialize, Serialize};
 

@@ -12,7 +12,7 @@ use candle_nn::VarMap;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use super::batch::{Batch, Sequence};
-use super::loss::{distill_loss, LossTerms};
+use super::loss::{distill_loss, scalar, LossTerms};
 use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
 use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, TrainConfig, TrainError, TrainReport};
@@ -118,10 +118,8 @@ fn build_model(
 ) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
     let dev = Device::Cpu;
     if let Some(dir) = source {
-        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let (vm, model) = Llama::trainable(&cfg, &dev)?;
-        llama::load_weights(&vm, &llama::weight_files(dir)?)?;
-        return Ok((cfg, vm, model));
+        let (vm, model) = Llama::load_trainable(dir, &dev)?;
+        return Ok((model.config().clone(), vm, model));
     }
     let mut cfg = init.config.clone().expect("checked by tokenizer_for");
     let vocab = tok.vocab_size();
@@ -154,7 +152,7 @@ fn split(seqs: Vec<Sequence>, keys: &[String], fraction: f64) -> (Vec<Sequence>,
 }
 
 /// Mean loss terms over a set of sequences, token-weighted. Returns (total, ce, kl).
-pub fn mean_loss(
+fn mean_loss(
     model: &Llama,
     seqs: &[Sequence],
     kd: &KdConfig,
@@ -179,10 +177,6 @@ fn batch_loss(model: &Llama, batch: &Batch, kd: &KdConfig) -> anyhow::Result<Los
     let logits = batch.select(&model.forward(&batch.inputs, None)?)?;
     let teacher = batch.teacher.as_ref().map(|(i, l)| (i, l));
     Ok(distill_loss(&logits, &batch.targets, teacher, kd.alpha, kd.temperature)?)
-}
-
-fn scalar(t: &Tensor) -> candle_core::Result<f64> {
-    t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
 }
 
 #[allow(clippy::too_many_arguments)]
