@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::eval::EvalJob;
 use crate::generate::{GenerateJob, SamplingConfig};
+use crate::model::Precision;
 
 #[derive(Debug, Parser)]
 #[command(name = "kdllm", version, about = "Knowledge distillation of causal language models")]
@@ -55,6 +56,9 @@ pub struct GenerateArgs {
     /// Teacher top-k log-probs stored per completion token.
     #[arg(long)]
     pub logprobs: Option<usize>,
+    /// Compute dtype of the teacher: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 impl GenerateArgs {
@@ -77,6 +81,7 @@ impl GenerateArgs {
             prompts: self.prompts,
             output: self.output,
             sampling,
+            precision: self.dtype,
         }
     }
 }
@@ -90,9 +95,12 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Model folder in the Hugging Face layout.
+    /// Model: a folder in the Hugging Face layout, an alias or a Hub repo id.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
+    /// Compute dtype: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
     /// Teacher samples (Parquet file or folder) or task examples (JSONL / text).
     #[arg(long)]
     pub data: PathBuf,
@@ -105,7 +113,13 @@ pub struct EvalArgs {
 
 impl EvalArgs {
     pub fn into_job(self) -> EvalJob {
-        EvalJob { model: self.model, data: self.data, task: self.task, batch_size: self.batch_size }
+        EvalJob {
+            model: self.model,
+            precision: self.dtype,
+            data: self.data,
+            task: self.task,
+            batch_size: self.batch_size,
+        }
     }
 }
 

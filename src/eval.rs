@@ -3,20 +3,21 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use candle_core::{Device, D};
 use serde::Serialize;
 
 use crate::data;
 use crate::generate::{decode, row_rng, DecodeSettings};
-use crate::model::Llama;
+use crate::model::{Checkpoint, Llama, Precision};
 use crate::tokenizer::Tokenizer;
 use crate::train::batch::{Batch, Sequence};
 use crate::train::{encode_example, loss};
 
 #[derive(Debug, Clone)]
 pub struct EvalJob {
-    pub model: PathBuf,
+    /// A model folder, alias or Hub repo id.
+    pub model: String,
+    pub precision: Precision,
     /// Teacher samples (Parquet) or task examples (JSONL/text).
     pub data: PathBuf,
     /// Task test set (JSONL of prompt/completion) to score greedy answers on, with the task's checker.
@@ -26,7 +27,7 @@ pub struct EvalJob {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
-    pub model: PathBuf,
+    pub model: String,
     pub params: usize,
     pub tokens: usize,
     pub nll_per_token: f64,
@@ -40,9 +41,9 @@ pub struct EvalReport {
 }
 
 pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
-    let model = Llama::load(&job.model, &Device::Cpu)
-        .with_context(|| format!("loading the model from {}", job.model.display()))?;
-    let tokenizer = Tokenizer::from_folder(&job.model)?;
+    let ckpt = Checkpoint::open(&job.model, None)?;
+    let model = ckpt.model(&Device::Cpu, job.precision)?;
+    let tokenizer = ckpt.tokenizer;
     let seqs = sequences(&job.data, &tokenizer)?;
     let m = measure(&model, &seqs, job.batch_size.max(1))?;
     let task_accuracy = match &job.task {

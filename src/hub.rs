@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
-/// Short names for the models kdllm is documented with — the one table of them.
+/// Short names for the models kdllm is documented with — the one table of them. Users add or
+/// override aliases with `KDLLM_ALIASES` or an aliases file (see [`HubOptions::from_env`]).
 pub const ALIASES: &[(&str, &str)] = &[
     ("llama", "meta-llama/Llama-3.2-1B-Instruct"),
     ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -45,6 +46,8 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// Another Hub endpoint than https://huggingface.co (a mirror).
     pub endpoint: Option<String>,
+    /// The user's aliases (from `KDLLM_ALIASES` and the aliases file); they win over [`ALIASES`].
+    pub aliases: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for HubOptions {
@@ -54,6 +57,7 @@ impl std::fmt::Debug for HubOptions {
             .field("offline", &self.offline)
             .field("token", &self.token.as_ref().map(|_| "<hidden>"))
             .field("endpoint", &self.endpoint)
+            .field("aliases", &self.aliases)
             .finish()
     }
 }
@@ -62,12 +66,14 @@ impl HubOptions {
     /// The options huggingface_hub reads from the environment: cache `HF_HUB_CACHE`, else
     /// `HF_HOME/hub`, else `~/.cache/huggingface/hub`; `HF_HUB_OFFLINE` (1/true/yes/on); token
     /// `HF_TOKEN`, else the file `HF_TOKEN_PATH`, else `HF_HOME/token` (what `huggingface-cli login`
-    /// writes); `HF_ENDPOINT`.
-    pub fn from_env() -> Self {
+    /// writes); `HF_ENDPOINT`. Aliases: the file `KDLLM_ALIASES_FILE`, else
+    /// `$XDG_CONFIG_HOME/kdllm/aliases` (else `~/.config/kdllm/aliases`), one `name = owner/repo`
+    /// a line, then `KDLLM_ALIASES` (`name=owner/repo,name2=...`), later entries winning.
+    pub fn from_env() -> Result<Self, HubError> {
         Self::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
     }
 
-    fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Self {
+    fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, HubError> {
         let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
             let home = var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_else(|| ".".into());
             Path::new(&home).join(".cache").join("huggingface")
@@ -80,17 +86,69 @@ impl HubOptions {
             .or_else(|| std::fs::read_to_string(token_file).ok())
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty());
-        Self { cache_dir, offline, token, endpoint: var("HF_ENDPOINT") }
+        let mut aliases = Vec::new();
+        let home = var("HOME").unwrap_or_else(|| ".".into());
+        let config_home = var("XDG_CONFIG_HOME").map(PathBuf::from).unwrap_or_else(|| Path::new(&home).join(".config"));
+        let (file, explicit) = match var("KDLLM_ALIASES_FILE") {
+            Some(f) => (PathBuf::from(f), true),
+            None => (config_home.join("kdllm").join("aliases"), false),
+        };
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let source = file.display().to_string();
+                for (i, line) in text.lines().enumerate() {
+                    let line = line.split('#').next().unwrap_or("").trim();
+                    if !line.is_empty() {
+                        aliases.push(parse_alias(line, &format!("{source} line {}", i + 1))?);
+                    }
+                }
+            }
+            Err(e) if explicit => {
+                return Err(HubError::Aliases { origin: file.display().to_string(), message: e.to_string() })
+            }
+            Err(_) => {}
+        }
+        for entry in var("KDLLM_ALIASES").iter().flat_map(|v| v.split(',')).map(str::trim).filter(|e| !e.is_empty()) {
+            aliases.push(parse_alias(entry, "KDLLM_ALIASES")?);
+        }
+        Ok(Self { cache_dir, offline, token, endpoint: var("HF_ENDPOINT"), aliases })
     }
+
+    /// The repo an alias names: the user's aliases first (the last definition wins), then [`ALIASES`].
+    pub fn alias(&self, name: &str) -> Option<&str> {
+        let user = self.aliases.iter().rev().find(|(a, _)| a == name).map(|(_, r)| r.as_str());
+        user.or_else(|| ALIASES.iter().find(|(a, _)| *a == name).map(|(_, r)| *r))
+    }
+
+    fn alias_names(&self) -> String {
+        let mut names: Vec<&str> = ALIASES.iter().map(|(a, _)| *a).collect();
+        names.extend(self.aliases.iter().map(|(a, _)| a.as_str()));
+        names.sort_unstable();
+        names.dedup();
+        names.join(", ")
+    }
+}
+
+/// One `name = owner/repo` (or `name=owner/repo`) alias definition.
+fn parse_alias(entry: &str, source: &str) -> Result<(String, String), HubError> {
+    let bad = |message: String| HubError::Aliases { origin: source.into(), message };
+    let (name, repo) = entry.split_once('=').ok_or_else(|| bad(format!("`{entry}` is not `name = owner/repo`")))?;
+    let (name, repo) = (name.trim(), repo.trim());
+    if name.is_empty() || name.contains('/') {
+        return Err(bad(format!("`{name}` is not a valid alias name (no `/`, not empty)")));
+    }
+    if !is_repo_id(repo) {
+        return Err(bad(format!("`{repo}` is not a Hub repo id (owner/name)")));
+    }
+    Ok((name.into(), repo.into()))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error(
-        "unknown model `{spec}`: not a folder, not an alias (known: {known}), not a Hub repo id (owner/name)",
-        known = alias_names()
-    )]
-    UnknownModel { spec: String },
+    #[error("unknown model `{spec}`: not a folder, not a .gguf file, not an alias (known: {known}), not a Hub repo id (owner/name)")]
+    UnknownModel { spec: String, known: String },
+    #[error("bad alias in {origin}: {message}")]
+    Aliases { origin: String, message: String },
     #[error("{} is not a model folder: it has no config.json", dir.display())]
     NotAModelFolder { dir: PathBuf },
     #[error("`revision` ({revision}) applies to Hub models, not to the local folder {}", dir.display())]
@@ -128,10 +186,6 @@ pub enum HubError {
     Index(crate::model::llama::ModelError),
 }
 
-fn alias_names() -> String {
-    ALIASES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
-}
-
 /// Resolves `spec` — a folder, an alias from [`ALIASES`], or a Hub repo id `owner/name` — to
 /// files on disk, downloading what is missing unless `opts.offline`.
 pub fn resolve(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<ModelFiles, HubError> {
@@ -142,10 +196,10 @@ pub fn resolve(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<
         }
         return resolve_folder(spec, path);
     }
-    let repo_id = match ALIASES.iter().find(|(alias, _)| *alias == spec) {
-        Some((_, id)) => *id,
+    let repo_id = match opts.alias(spec) {
+        Some(id) => id,
         None if is_repo_id(spec) => spec,
-        None => return Err(HubError::UnknownModel { spec: spec.into() }),
+        None => return Err(HubError::UnknownModel { spec: spec.into(), known: opts.alias_names() }),
     };
     resolve_hub(repo_id, revision.unwrap_or("main"), opts)
 }
@@ -381,7 +435,13 @@ mod tests {
     }
 
     fn offline(cache: &Path) -> HubOptions {
-        HubOptions { cache_dir: cache.into(), offline: true, token: Some("hf_SECRET".into()), endpoint: None }
+        HubOptions {
+            cache_dir: cache.into(),
+            offline: true,
+            token: Some("hf_SECRET".into()),
+            endpoint: None,
+            aliases: Vec::new(),
+        }
     }
 
     const BASIC: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
@@ -466,8 +526,8 @@ mod tests {
         let err = resolve("not-a-model", None, &offline(cache.path())).unwrap_err().to_string();
         assert_eq!(
             err,
-            "unknown model `not-a-model`: not a folder, not an alias (known: llama, smollm2, \
-             smollm2-360m, tinyllama), not a Hub repo id (owner/name)"
+            "unknown model `not-a-model`: not a folder, not a .gguf file, not an alias (known: llama, \
+             smollm2, smollm2-360m, tinyllama), not a Hub repo id (owner/name)"
         );
         for bad in ["a/b/c", "/x", "owner/", "owner/na me"] {
             assert!(matches!(resolve(bad, None, &offline(cache.path())), Err(HubError::UnknownModel { .. })), "{bad}");
@@ -516,7 +576,7 @@ mod tests {
         let home_s = home.path().to_str().unwrap().to_owned();
         let env = |pairs: &[(&str, &str)]| {
             let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            HubOptions::from_lookup(move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            HubOptions::from_lookup(move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())).unwrap()
         };
         let o = env(&[("HOME", "/h")]);
         assert_eq!(o.cache_dir, Path::new("/h/.cache/huggingface/hub"));
@@ -532,6 +592,36 @@ mod tests {
         for v in ["1", "true", "On"] {
             assert!(env(&[("HF_HUB_OFFLINE", v)]).offline, "{v}");
         }
+    }
+
+    #[test]
+    fn user_aliases_override_and_extend_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("aliases");
+        std::fs::write(&file, "# mine\nllama = meta-llama/Llama-3.1-8B-Instruct\ntiny=owner/tiny  # a comment\n")
+            .unwrap();
+        let file_s = file.to_str().unwrap().to_owned();
+        let env = |pairs: Vec<(&'static str, String)>| {
+            HubOptions::from_lookup(move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+        };
+        let o =
+            env(vec![("KDLLM_ALIASES_FILE", file_s.clone()), ("KDLLM_ALIASES", "tiny=owner/other".into())]).unwrap();
+        assert_eq!(o.alias("llama"), Some("meta-llama/Llama-3.1-8B-Instruct"));
+        assert_eq!(o.alias("tiny"), Some("owner/other"), "the environment wins over the file");
+        assert_eq!(o.alias("smollm2"), Some("HuggingFaceTB/SmolLM2-135M-Instruct"));
+        assert!(o.alias_names().contains("tiny"));
+
+        // An XDG aliases file is read when present; a missing one is fine.
+        let xdg = env(vec![("XDG_CONFIG_HOME", dir.path().join("none").to_str().unwrap().into())]).unwrap();
+        assert_eq!(xdg.alias("llama"), Some("meta-llama/Llama-3.2-1B-Instruct"));
+
+        std::fs::write(&file, "ok = a/b\nbroken line\n").unwrap();
+        let err = env(vec![("KDLLM_ALIASES_FILE", file_s.clone())]).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("`broken line` is not `name = owner/repo`"), "{err}");
+        let err = env(vec![("KDLLM_ALIASES", "x=not a repo".into())]).unwrap_err().to_string();
+        assert!(err.contains("KDLLM_ALIASES") && err.contains("not a Hub repo id"), "{err}");
+        let err = env(vec![("KDLLM_ALIASES_FILE", "/nonexistent/aliases".into())]).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/aliases"), "{err}");
     }
 
     #[test]

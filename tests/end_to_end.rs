@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use kdllm::generate::{generate, GenerateJob, SamplingConfig};
 use kdllm::model::llama::{self, Llama, LlamaConfig};
+use kdllm::model::Precision;
 use kdllm::tokenizer::Tokenizer;
 use kdllm::train::{distill, DistillJob, KdConfig, ModelInit, TrainConfig};
 
@@ -59,6 +60,7 @@ fn gen_job(teacher: &Path, prompts: &Path, out: PathBuf) -> GenerateJob {
             seed: 5,
             ..Default::default()
         },
+        precision: Precision::F32,
     }
 }
 
@@ -92,7 +94,7 @@ fn teacher_samples_then_a_student_learns_from_them() {
     let out = tmp.path().join("student");
     let report = distill(&DistillJob {
         data: a.output.clone(),
-        student: ModelInit { from: None, config: Some(student_cfg) },
+        student: ModelInit { from: None, config: Some(student_cfg), layers: None },
         tokenizer: Some(teacher.clone()),
         kd: KdConfig { alpha: 0.5, temperature: 2.0 },
         train: TrainConfig {
@@ -122,15 +124,21 @@ fn teacher_samples_then_a_student_learns_from_them() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing from the student folder");
     }
-    let student = Llama::load(&out, &Device::Cpu).unwrap();
+    let student = Llama::load(&out, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(student.config().num_params(), report.params);
     assert_eq!(
         Tokenizer::from_folder(&out).unwrap().vocab_hash(),
         Tokenizer::from_folder(&teacher).unwrap().vocab_hash()
     );
 
-    let eval = kdllm::eval::evaluate(&kdllm::eval::EvalJob { model: out, data: a.output, task: None, batch_size: 16 })
-        .unwrap();
+    let eval = kdllm::eval::evaluate(&kdllm::eval::EvalJob {
+        model: out.to_string_lossy().into_owned(),
+        precision: Precision::F32,
+        data: a.output,
+        task: None,
+        batch_size: 16,
+    })
+    .unwrap();
     assert!(eval.kl_to_teacher.unwrap() >= 0.0 && eval.top1_agreement.unwrap() <= 1.0);
     assert!((eval.perplexity - eval.nll_per_token.exp()).abs() < 1e-9);
 }
@@ -181,7 +189,7 @@ fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
 }
 
 #[test]
-fn distilling_with_another_tokenizer_is_refused() {
+fn another_tokenizer_is_refused_for_kl_and_retokenized_for_sequence_level() {
     let tmp = tempfile::tempdir().unwrap();
     let teacher = tmp.path().join("teacher");
     tiny_teacher(&teacher);
@@ -192,8 +200,8 @@ fn distilling_with_another_tokenizer_is_refused() {
     let texts: Vec<String> = corpus().iter().map(|t| t.to_uppercase()).collect();
     Tokenizer::train_bpe(&texts, 300).unwrap().save(&other).unwrap();
     let out = tmp.path().join("student");
-    let err = distill(&DistillJob {
-        data: samples.output,
+    let job = |alpha: f64| DistillJob {
+        data: samples.output.clone(),
         student: ModelInit {
             from: None,
             config: Some(
@@ -202,16 +210,22 @@ fn distilling_with_another_tokenizer_is_refused() {
                 }))
                 .unwrap(),
             ),
+            layers: None,
         },
-        tokenizer: Some(other),
-        kd: KdConfig::default(),
-        train: TrainConfig { steps: 2, batch_size: 2, ..Default::default() },
+        tokenizer: Some(other.clone()),
+        kd: KdConfig { alpha, ..KdConfig::default() },
+        train: TrainConfig { steps: 2, batch_size: 2, valid_fraction: 0.0, ..Default::default() },
         output: out.clone(),
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("tokenizer") && err.contains("s.parquet"), "{err}");
+    };
+    let err = distill(&job(0.5)).unwrap_err().to_string();
+    assert!(err.contains("tokenizer") && err.contains("s.parquet") && err.contains("kd.alpha: 0"), "{err}");
     assert!(!out.exists(), "nothing written for a refused run");
+
+    // Sequence-level only: the completions are re-tokenized with the student's tokenizer.
+    let report = distill(&job(0.0)).unwrap();
+    assert!(report.first_loss.is_finite() && report.tokens > 0);
+    let other_tok = Tokenizer::from_folder(&other).unwrap();
+    assert_eq!(Tokenizer::from_folder(&out).unwrap().vocab_hash(), other_tok.vocab_hash());
 }
 
 /// The recipe runner chains every step kind: task → finetune → generate → distill → eval.
@@ -247,5 +261,5 @@ fn a_tiny_recipe_runs_every_step_kind() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(workdir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["models"].as_array().map(Vec::len), Some(2), "{summary}");
-    assert!(Llama::load(&workdir.join("student"), &Device::Cpu).is_ok());
+    assert!(Llama::load(&workdir.join("student"), &Device::Cpu, DType::F32).is_ok());
 }

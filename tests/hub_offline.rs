@@ -23,7 +23,7 @@ fn hf_home_and_hf_hub_offline_from_the_environment_resolve_from_the_cache() {
         std::env::remove_var(unset);
     }
 
-    let opts = HubOptions::from_env();
+    let opts = HubOptions::from_env().unwrap();
     assert!(opts.offline);
     assert_eq!(opts.cache_dir, home.path().join("hub"));
     let files = resolve("owner/tiny", None, &opts).unwrap();

@@ -45,7 +45,7 @@ const CONTINUATION: &str = ", there was a little girl named Lily. She loved to p
 fn greedy_decoding_reproduces_the_reference_continuation() {
     let Some(dir) = stories() else { return };
     let tok = Tokenizer::from_folder(&dir).unwrap();
-    let model = Llama::load(&dir, &Device::Cpu).unwrap();
+    let model = Llama::load(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
     let with_bos = tok.encode("Once upon a time", true).unwrap();
     assert_eq!(with_bos[0], 1, "tokenizer_config.json says add_bos_token: true");
     assert_eq!(greedy(&model, &tok, with_bos, 60), format!("Once upon a time{CONTINUATION}"));
@@ -61,7 +61,7 @@ fn logits_match_candle_transformers_llama() {
     let Some(dir) = stories() else { return };
     let dev = Device::Cpu;
     let ids: Vec<u32> = vec![1, 403, 407, 261, 378, 29, 300, 17, 365, 41];
-    let ours = Llama::load(&dir, &dev).unwrap();
+    let ours = Llama::load(&dir, &dev, candle_core::DType::F32).unwrap();
     let input = Tensor::new(&ids[..], &dev).unwrap().unsqueeze(0).unwrap();
     let logits = ours.forward(&input, None).unwrap();
     let ours_last = logits.narrow(1, ids.len() - 1, 1).unwrap().flatten_all().unwrap();

@@ -14,9 +14,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, FileMetadata, PromptInput, Sample, SampleWriter};
-use crate::hub::{self, HubOptions};
-use crate::model::Llama;
-use crate::tokenizer::Tokenizer;
+use crate::model::{Checkpoint, Precision};
 
 /// Sampling settings; the CLI flags and recipe keys of the same names. Defaults only in `Default`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +57,8 @@ pub struct GenerateJob {
     /// The Parquet file to write.
     pub output: PathBuf,
     pub sampling: SamplingConfig,
+    /// The teacher's compute dtype.
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,10 +124,9 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let cfg = &job.sampling;
     cfg.validate()?;
     let prompts = data::read_prompts(&job.prompts)?;
-    let files = hub::resolve(&job.teacher, job.revision.as_deref(), &HubOptions::from_env())?;
-    let tokenizer = Tokenizer::from_folder(&files.dir)?;
-    let model = Llama::load(&files.dir, &Device::Cpu)
-        .with_context(|| format!("loading the teacher from {}", files.dir.display()))?;
+    let teacher = Checkpoint::open(&job.teacher, job.revision.as_deref())?;
+    let tokenizer = &teacher.tokenizer;
+    let model = teacher.model(&Device::Cpu, job.precision)?;
     let vocab = model.config().vocab_size;
     if cfg.logprobs > vocab {
         return Err(GenerateError::LogprobsTooLarge { k: cfg.logprobs, vocab }.into());
@@ -183,8 +182,8 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
                 topk_token_ids: c.topk_ids,
                 topk_logprobs: c.topk_logprobs,
                 finish_reason: c.finish,
-                teacher: files.id.clone(),
-                teacher_revision: files.revision.clone(),
+                teacher: teacher.id.clone(),
+                teacher_revision: teacher.revision.clone(),
             })?;
         }
         bar.inc(chunk.len() as u64);

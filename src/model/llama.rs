@@ -23,6 +23,10 @@ pub enum ModelError {
     ParseConfig { path: PathBuf, source: serde_json::Error },
     #[error("model config: {0}")]
     Invalid(String),
+    #[error("{path}: model_type `{model_type}` is not supported; supported: {} (architectures LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)", SUPPORTED_MODEL_TYPES.join(", "))]
+    Unsupported { path: PathBuf, model_type: String },
+    #[error("cannot read weights {path}: {message} (is the file complete? re-download or re-export it)")]
+    Safetensors { path: String, message: String },
     #[error("no weights found in {0}: expected model.safetensors or model.safetensors.index.json (safetensors only; convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))")]
     NoWeights(PathBuf),
     #[error("bad weight index {path}: {message}")]
@@ -56,13 +60,18 @@ impl TokenIds {
     }
 }
 
-/// Mirrors the fields of HF `LlamaConfig` that change the computation; names match config.json.
+/// Mirrors the fields of HF `LlamaConfig`, `MistralConfig` and `Qwen2Config` that change the
+/// computation; names match config.json. The three are one decoder: Mistral adds a sliding
+/// attention window, Qwen2 adds q/k/v biases (and an optional window on its upper layers).
 /// `vocab_size: 0` (the default, e.g. in a recipe) means "take it from the tokenizer".
 /// Strict about keys, so a typo in a recipe is an error; `from_file` drops the many other keys
 /// an HF config.json carries before parsing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
     #[serde(default)]
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -93,6 +102,33 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// Mistral: every layer attends to at most this many keys (itself included).
+    /// Qwen2: the window of the layers from `max_window_layers` up, when `use_sliding_window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Per layer `full_attention` or `sliding_attention` (Qwen2); derived when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+}
+
+/// The `model_type`s this decoder implements.
+pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+/// RoPE frequency scaling from `rope_scaling` (the types that do not depend on sequence length).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's band-wise scaling of the inverse frequencies.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+fn default_model_type() -> String {
+    "llama".to_string()
 }
 
 fn default_max_position_embeddings() -> usize {
@@ -110,7 +146,8 @@ fn default_hidden_act() -> String {
 
 impl LlamaConfig {
     /// Every key this struct reads (kept in sync by a test).
-    pub const FIELDS: [&'static str; 17] = [
+    pub const FIELDS: [&'static str; 22] = [
+        "model_type",
         "vocab_size",
         "hidden_size",
         "intermediate_size",
@@ -128,6 +165,10 @@ impl LlamaConfig {
         "rope_scaling",
         "attention_bias",
         "mlp_bias",
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
     ];
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -136,15 +177,17 @@ impl LlamaConfig {
         let mut raw: serde_json::Value = serde_json::from_str(&text)
             .map_err(|source| ModelError::ParseConfig { path: path.to_path_buf(), source })?;
         if let Some(arch) = raw.get("model_type").and_then(|v| v.as_str()) {
-            if arch != "llama" {
-                return Err(ModelError::Invalid(format!(
-                    "{}: model_type `{arch}` is not supported; supported: llama",
-                    path.display()
-                )));
+            if !SUPPORTED_MODEL_TYPES.contains(&arch) {
+                return Err(ModelError::Unsupported { path: path.to_path_buf(), model_type: arch.to_string() });
             }
         }
         if let Some(obj) = raw.as_object_mut() {
             obj.retain(|k, _| Self::FIELDS.contains(&k.as_str()));
+            let model_type = obj.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+            if model_type != "llama" && !obj.contains_key("sliding_window") {
+                // transformers' MistralConfig / Qwen2Config default (an explicit null disables it).
+                obj.insert("sliding_window".into(), 4096.into());
+            }
         }
         let cfg: LlamaConfig = serde_json::from_value(raw)
             .map_err(|source| ModelError::ParseConfig { path: path.to_path_buf(), source })?;
@@ -197,13 +240,100 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return bad(format!("`hidden_act` `{}` is not supported; use `silu`", self.hidden_act));
         }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return bad("`rope_scaling` is not supported yet; remove it or use a model without it".into());
+        if !SUPPORTED_MODEL_TYPES.contains(&self.model_type.as_str()) {
+            return bad(format!(
+                "`model_type` `{}` is not supported; supported: {}",
+                self.model_type,
+                SUPPORTED_MODEL_TYPES.join(", ")
+            ));
         }
-        if self.attention_bias || self.mlp_bias {
-            return bad("`attention_bias` / `mlp_bias` are not supported for llama yet".into());
+        self.rope_scaling()?;
+        if self.sliding_window == Some(0) {
+            return bad("`sliding_window` must be > 0 (or absent for full attention)".into());
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return bad(format!("`layer_types` has {} entries for {} layers", types.len(), self.num_hidden_layers));
+            }
+            if let Some(t) = types.iter().find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention")) {
+                return bad(format!(
+                    "`layer_types` entry `{t}` is not supported; use full_attention or sliding_attention"
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// The parsed `rope_scaling`; `None` for absent, null or `rope_type: default`.
+    pub fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
+        let Some(v) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else { return Ok(None) };
+        let bad = |m: String| ModelError::Invalid(format!("`rope_scaling`: {m}"));
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let num = |key: &str| -> Result<f64> {
+            v.get(key).and_then(|x| x.as_f64()).ok_or_else(|| bad(format!("type `{kind}` needs a number `{key}`")))
+        };
+        let scaling = match kind {
+            "default" => return Ok(None),
+            "linear" => RopeScaling::Linear { factor: num("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: v
+                    .get("original_max_position_embeddings")
+                    .and_then(|x| x.as_f64())
+                    .unwrap_or(self.max_position_embeddings as f64),
+            },
+            other => {
+                return Err(bad(format!(
+                    "type `{other}` is not supported; supported: linear, llama3 (dynamic, yarn and longrope are not)"
+                )))
+            }
+        };
+        let factor = match scaling {
+            RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } => factor,
+        };
+        if !(factor > 0.0 && factor.is_finite()) {
+            return Err(bad(format!("`factor` must be > 0, got {factor}")));
+        }
+        if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = scaling {
+            if high_freq_factor <= low_freq_factor {
+                return Err(bad("`high_freq_factor` must be larger than `low_freq_factor`".into()));
+            }
+        }
+        Ok(Some(scaling))
+    }
+
+    /// The attention window of layer `i`, as transformers decides it per model type.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            "qwen2" => {
+                let slides = match &self.layer_types {
+                    Some(types) => types[layer] == "sliding_attention",
+                    None => self.use_sliding_window == Some(true) && layer >= self.max_window_layers.unwrap_or(28),
+                };
+                if slides {
+                    self.sliding_window
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Qwen2 always has q/k/v biases; Llama's `attention_bias` adds them to all four projections.
+    fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || (self.model_type == "llama" && self.attention_bias)
+    }
+
+    fn o_bias(&self) -> bool {
+        self.model_type == "llama" && self.attention_bias
+    }
+
+    fn mlp_bias(&self) -> bool {
+        self.model_type == "llama" && self.mlp_bias
     }
 
     /// Parameter count, embeddings included (tied embeddings counted once).
@@ -211,7 +341,9 @@ impl LlamaConfig {
         let (c, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let (h, k, d) = (self.num_attention_heads, self.num_kv_heads(), self.head_dim());
         let attn = c * h * d * 2 + c * k * d * 2;
-        let layer = attn + 3 * c * f + 2 * c;
+        let attn_bias = if self.qkv_bias() { h * d + 2 * k * d } else { 0 } + if self.o_bias() { c } else { 0 };
+        let mlp_bias = if self.mlp_bias() { 2 * f + c } else { 0 };
+        let layer = attn + attn_bias + 3 * c * f + mlp_bias + 2 * c;
         let head = if self.tie_word_embeddings { 0 } else { v * c };
         v * c + self.num_hidden_layers * layer + c + head
     }
@@ -220,9 +352,18 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serializes");
         let obj = v.as_object_mut().expect("config is an object");
-        obj.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
-        obj.insert("model_type".into(), "llama".into());
+        let arch = match self.model_type.as_str() {
+            "mistral" => "MistralForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        obj.insert("architectures".into(), serde_json::json!([arch]));
+        obj.insert("model_type".into(), self.model_type.clone().into());
         obj.insert("torch_dtype".into(), "float32".into());
+        if self.model_type != "llama" {
+            // Absent means 4096 to transformers' Mistral/Qwen2 configs; null means no window.
+            obj.insert("sliding_window".into(), self.sliding_window.into());
+        }
         obj.insert("num_key_value_heads".into(), self.num_kv_heads().into());
         obj.insert("head_dim".into(), self.head_dim().into());
         obj.insert("attention_dropout".into(), 0.0.into());
@@ -233,25 +374,20 @@ impl LlamaConfig {
     }
 }
 
-/// Precomputed RoPE tables in HF's rotate-half layout: row p holds cos/sin for position p,
-/// with the D/2 frequencies repeated so the table multiplies a whole head at once.
+/// RoPE in HF's rotate-half layout. cos/sin are computed for the positions of each forward
+/// rather than tabled, since real configs allow 128k positions.
 #[derive(Debug, Clone)]
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    /// (1, D/2), f32.
+    inv_freq: Tensor,
+    dtype: DType,
 }
 
 impl Rope {
-    fn new(cfg: &LlamaConfig, dev: &Device) -> Result<Self> {
-        let d = cfg.head_dim();
-        let inv_freq: Vec<f32> =
-            (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64) as f32).collect();
-        let n = cfg.max_position_embeddings;
-        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), dev)?;
-        let pos = Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)?.reshape((n, 1))?;
-        let freqs = pos.broadcast_mul(&inv_freq)?;
-        let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()? })
+    fn new(cfg: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let inv_freq = inv_freq(cfg)?;
+        let half = inv_freq.len();
+        Ok(Self { inv_freq: Tensor::from_vec(inv_freq, (1, half), dev)?, dtype })
     }
 
     /// Rotates x (B, H, T, D) whose token t of row b sits at `positions[b*T + t]`.
@@ -263,19 +399,75 @@ impl Rope {
         Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
     }
 
-    /// cos/sin gathered for (B, T) positions, shaped (B, 1, T, D) to broadcast over heads.
+    /// cos/sin for (B, T) positions, shaped (B, 1, T, D) to broadcast over heads; the angles
+    /// in f32 (as transformers computes them) whatever the compute dtype.
     fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
-        let flat = positions.flatten_all()?;
-        let d = self.cos.dim(1)?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, d))?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, d))?;
-        Ok((cos, sin))
+        let pos = positions.flatten_all()?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        let d = freqs.dim(1)?;
+        let table = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(self.dtype)?.reshape((b, 1, t, d))?) };
+        Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
     }
 }
 
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
+/// The D/2 RoPE inverse frequencies, scaled as `rope_scaling` says (transformers'
+/// `_compute_linear_scaling_rope_parameters` / `_compute_llama3_parameters`).
+fn inv_freq(cfg: &LlamaConfig) -> Result<Vec<f32>> {
+    let d = cfg.head_dim();
+    let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+    let scaled = match cfg.rope_scaling()? {
+        None => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            let old = original_max_position_embeddings;
+            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        // Between the bands: interpolate between scaled and unscaled.
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    };
+    Ok(scaled.into_iter().map(|f| f as f32).collect())
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// A projection `y = x Wᵀ (+ b)` with HF's `<name>.weight` / `<name>.bias`.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(vb: &VarBuilder, out: usize, inp: usize, name: &str, bias: bool) -> Result<Self> {
+        let vb = vb.pp(name);
+        let weight = vb.get_with_hints((out, inp), "weight", candle_nn::Init::Const(0.0))?;
+        let bias = if bias { Some(vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -289,47 +481,45 @@ impl RmsNorm {
         Ok(Self { weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?, eps })
     }
 
-    // Composed on purpose: candle's fused rms_norm has no backward.
+    // Composed on purpose: candle's fused rms_norm has no backward. Statistics in f32 as HF does.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
         Ok(x.broadcast_mul(&self.weight)?)
     }
 }
 
-fn weight(vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result<Tensor> {
-    Ok(vb.pp(name).get_with_hints((out, inp), "weight", candle_nn::Init::Const(0.0))?)
-}
-
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 impl Mlp {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
-        let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (c, f, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias());
         Ok(Self {
-            gate: weight(&vb, f, c, "gate_proj")?,
-            up: weight(&vb, f, c, "up_proj")?,
-            down: weight(&vb, c, f, "down_proj")?,
+            gate: Linear::new(&vb, f, c, "gate_proj", bias)?,
+            up: Linear::new(&vb, f, c, "up_proj", bias)?,
+            down: Linear::new(&vb, c, f, "down_proj", bias)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (candle_nn::ops::silu(&linear(x, &self.gate)?)? * linear(x, &self.up)?)?;
-        linear(&h, &self.down)
+        let h = (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?;
+        self.down.forward(&h)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -338,11 +528,12 @@ struct Attention {
 impl Attention {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (c, h, k, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let qkv_bias = cfg.qkv_bias();
         Ok(Self {
-            q: weight(&vb, h * d, c, "q_proj")?,
-            k: weight(&vb, k * d, c, "k_proj")?,
-            v: weight(&vb, k * d, c, "v_proj")?,
-            o: weight(&vb, c, h * d, "o_proj")?,
+            q: Linear::new(&vb, h * d, c, "q_proj", qkv_bias)?,
+            k: Linear::new(&vb, k * d, c, "k_proj", qkv_bias)?,
+            v: Linear::new(&vb, k * d, c, "v_proj", qkv_bias)?,
+            o: Linear::new(&vb, c, h * d, "o_proj", cfg.o_bias())?,
             heads: h,
             kv_heads: k,
             head_dim: d,
@@ -359,8 +550,8 @@ impl Attention {
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let d = self.head_dim;
-        let split = |w: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(linear(x, w)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        let split = |w: &Linear, n: usize| -> Result<Tensor> {
+            Ok(w.forward(x)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
         let (rope, cos, sin) = rope;
         let q = rope.apply(&split(&self.q, self.heads)?, cos, sin)?;
@@ -375,14 +566,15 @@ impl Attention {
         }
         let k = self.repeat_kv(k)?;
         let v = self.repeat_kv(v)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.to_dtype(DType::F32)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // Softmax in f32 whatever the compute dtype, as HF's eager attention does.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, self.heads * d))?;
-        linear(&out, &self.o)
+        self.o.forward(&out)
     }
 
     /// (B, K, S, D) → (B, H, S, D) for grouped-query attention.
@@ -402,16 +594,18 @@ struct DecoderLayer {
     attn: Attention,
     post_attn_norm: RmsNorm,
     mlp: Mlp,
+    window: Option<usize>,
 }
 
 impl DecoderLayer {
-    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &LlamaConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
         let (c, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_norm: RmsNorm::new(c, eps, vb.pp("input_layernorm"))?,
             attn: Attention::new(cfg, vb.pp("self_attn"))?,
             post_attn_norm: RmsNorm::new(c, eps, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            window: cfg.window(layer),
         })
     }
 }
@@ -443,17 +637,20 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// Builds the model from `vb`, whose dtype is the compute dtype.
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let (v, c) = (cfg.vocab_size, cfg.hidden_size);
         let embed = vb.pp("model.embed_tokens").get_with_hints((v, c), "weight", candle_nn::Init::Const(0.0))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, vb.pp(format!("model.layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, i, vb.pp(format!("model.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(c, cfg.rms_norm_eps, vb.pp("model.norm"))?;
-        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { weight(&vb, v, c, "lm_head")? };
+        let lm_head =
+            if cfg.tie_word_embeddings { embed.clone() } else { Linear::new(&vb, v, c, "lm_head", false)?.weight };
         let device = vb.device().clone();
-        Ok(Self { embed, layers, norm, lm_head, rope: Rope::new(cfg, &device)?, cfg: cfg.clone(), device })
+        let rope = Rope::new(cfg, vb.dtype(), &device)?;
+        Ok(Self { embed, layers, norm, lm_head, rope, cfg: cfg.clone(), device })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -464,8 +661,13 @@ impl Llama {
         &self.device
     }
 
-    /// Logits (B, T, V) for every position of `ids` (B, T). With a cache, `ids` continue the
-    /// cached sequence and the cache grows by T.
+    /// The compute dtype (the dtype of the weights).
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Logits (B, T, V), in f32, for every position of `ids` (B, T). With a cache, `ids`
+    /// continue the cached sequence and the cache grows by T.
     pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len);
@@ -487,70 +689,99 @@ impl Llama {
             pads.iter().flat_map(|&p| (past..past + t).map(move |a| a.saturating_sub(p) as u32)).collect();
         let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
         let (cos, sin) = self.rope.tables(&positions)?;
-        let mask = attention_mask(&pads, past, t, &self.device)?;
+        // One mask per distinct window (full attention and, for Mistral/Qwen2, the sliding one).
+        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        for layer in &self.layers {
+            if !masks.iter().any(|(w, _)| *w == layer.window) {
+                masks.push((layer.window, attention_mask(&pads, past, t, layer.window, &self.device)?));
+            }
+        }
 
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.attn.forward(
-                &layer.input_norm.forward(&x)?,
-                (b, t),
-                (&self.rope, &cos, &sin),
-                mask.as_ref(),
-                kv,
-            )?;
+            let mask = masks.iter().find(|(w, _)| *w == layer.window).and_then(|(_, m)| m.as_ref());
+            let h = layer.attn.forward(&layer.input_norm.forward(&x)?, (b, t), (&self.rope, &cos, &sin), mask, kv)?;
             x = (x + h)?;
             x = (&x + layer.mlp.forward(&layer.post_attn_norm.forward(&x)?)?)?;
         }
         if let Some(c) = cache {
             c.len += t;
         }
-        let logits = linear(&self.norm.forward(&x)?, &self.lm_head)?;
+        let logits = linear(&self.norm.forward(&x)?, &self.lm_head, None)?.to_dtype(DType::F32)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
-    /// Loads a model from a folder in the HF layout, for inference.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        Ok(Self::load_trainable(dir, device)?.1)
+    /// Loads a model from a folder in the HF layout for inference, computing in `dtype`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+        Self::from_weights(&cfg, &Weights::Files(weight_files(dir)?), device, dtype)
     }
 
-    /// Loads a model from a folder in the HF layout with its weights as `Var`s, for training.
+    /// A model for inference with its weights taken from `weights`.
+    pub fn from_weights(cfg: &LlamaConfig, weights: &Weights, device: &Device, dtype: DType) -> Result<Self> {
+        let (varmap, model) = Self::with_varmap(cfg, device, dtype)?;
+        load_weights(&varmap, weights)?;
+        Ok(model)
+    }
+
+    /// Loads a model from a folder in the HF layout with its weights as f32 `Var`s, for training.
     pub fn load_trainable(dir: &Path, device: &Device) -> Result<(VarMap, Self)> {
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
         let (varmap, model) = Self::trainable(&cfg, device)?;
-        load_weights(&varmap, &weight_files(dir)?)?;
+        load_weights(&varmap, &Weights::Files(weight_files(dir)?))?;
         Ok((varmap, model))
     }
 
-    /// A model whose weights are `Var`s in the returned map (all zero until initialized or loaded).
+    /// A model whose weights are f32 `Var`s in the returned map (zero until initialized or loaded).
     pub fn trainable(cfg: &LlamaConfig, device: &Device) -> Result<(VarMap, Self)> {
+        Self::with_varmap(cfg, device, DType::F32)
+    }
+
+    fn with_varmap(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<(VarMap, Self)> {
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
         let model = Self::new(cfg, vb)?;
         Ok((varmap, model))
     }
 }
 
 /// Additive mask (B, 1, T, S): query t of row b (absolute position past+t) sees keys at or
-/// before it, and no padding except itself (so padded rows never softmax over nothing).
-/// None when nothing needs masking (one new token and no padding).
-fn attention_mask(pads: &[usize], past: usize, t: usize, dev: &Device) -> Result<Option<Tensor>> {
-    if t == 1 && pads.iter().all(|&p| p == 0) {
+/// before it, within `window` keys of it (itself included, as transformers counts), and no
+/// padding except itself (so padded rows never softmax over nothing). None when nothing needs
+/// masking (one new token, no padding, all keys in the window).
+fn attention_mask(
+    pads: &[usize],
+    past: usize,
+    t: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let s = past + t;
+    if t == 1 && pads.iter().all(|&p| p == 0) && window.is_none_or(|w| s <= w) {
         return Ok(None);
     }
-    let s = past + t;
     let mut m = vec![0f32; pads.len() * t * s];
     for (bi, &pad) in pads.iter().enumerate() {
         for qi in 0..t {
             let a = past + qi;
             for kj in 0..s {
-                if kj > a || (kj < pad && kj != a) {
+                let outside = window.is_some_and(|w| kj + w <= a);
+                if kj > a || (kj < pad && kj != a) || outside {
                     m[(bi * t + qi) * s + kj] = -1e9;
                 }
             }
         }
     }
     Ok(Some(Tensor::from_vec(m, (pads.len(), 1, t, s), dev)?))
+}
+
+/// Where a checkpoint's tensors come from, by HF name.
+pub enum Weights {
+    /// safetensors files (one, or the shards of an index); stored dtypes f32, f16 or bf16.
+    Files(Vec<PathBuf>),
+    /// Tensors already in memory (e.g. dequantized from a GGUF file).
+    Tensors(HashMap<String, Tensor>),
 }
 
 /// The safetensors files of a checkpoint folder (single file or sharded with an index).
@@ -581,19 +812,26 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
     Ok(shards)
 }
 
-/// Fills every Var of `varmap` from safetensors files, checking names and shapes.
-pub fn load_weights(varmap: &VarMap, files: &[PathBuf]) -> Result<()> {
-    // SAFETY: the files are opened read-only and not modified while mapped.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
-    let describe = || files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+/// Fills every Var of `varmap` from `weights`, checking names and shapes, converting dtypes.
+pub fn load_weights(varmap: &VarMap, weights: &Weights) -> Result<()> {
+    type Get<'a> = Box<dyn Fn(&str) -> Option<Tensor> + 'a>;
+    let (get, describe): (Get, String) = match weights {
+        Weights::Files(files) => {
+            let describe = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+            // SAFETY: the files are opened read-only and not modified while mapped.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+                .map_err(|e| ModelError::Safetensors { path: describe.clone(), message: e.to_string() })?;
+            (Box::new(move |name| st.load(name, &Device::Cpu).ok()), describe)
+        }
+        Weights::Tensors(map) => (Box::new(|name| map.get(name).cloned()), "the loaded checkpoint".to_string()),
+    };
     let data = varmap.data().lock().expect("varmap lock");
     // Sorted, so the first problem reported is the same on every run.
     let mut vars: Vec<(&String, &Var)> = data.iter().collect();
     vars.sort_by_key(|(name, _)| *name);
     for (name, var) in vars {
-        let tensor = st
-            .load(name, &Device::Cpu)
-            .map_err(|_| ModelError::MissingTensor { name: name.clone(), files: describe() })?;
+        let tensor =
+            get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone(), files: describe.clone() })?;
         if tensor.dims() != var.dims() {
             return Err(ModelError::ShapeMismatch {
                 name: name.clone(),
@@ -730,7 +968,7 @@ mod tests {
         let (vm, m) = tiny_model(&cfg);
         let dir = tempfile::tempdir().unwrap();
         save(&cfg, &vm, dir.path()).unwrap();
-        let loaded = Llama::load(dir.path(), &Device::Cpu).unwrap();
+        let loaded = Llama::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
         let ids = Tensor::from_vec((0..10u32).collect::<Vec<_>>(), (1, 10), &Device::Cpu).unwrap();
         let diff = max_abs_diff(&m.forward(&ids, None).unwrap(), &loaded.forward(&ids, None).unwrap());
         assert_eq!(diff, 0.0);
@@ -745,6 +983,10 @@ mod tests {
             bos_token_id: Some(1),
             eos_token_id: Some(TokenIds::One(2)),
             rope_scaling: Some(serde_json::json!({"type": "llama3"})),
+            sliding_window: Some(4),
+            use_sliding_window: Some(true),
+            max_window_layers: Some(1),
+            layer_types: Some(vec!["full_attention".into(), "sliding_attention".into()]),
             ..tiny_config()
         };
         let v = serde_json::to_value(&full).unwrap();
@@ -767,7 +1009,8 @@ mod tests {
         save(&cfg, &vm, dir.path()).unwrap();
         let bigger = LlamaConfig { intermediate_size: 64, ..cfg };
         let (vm2, _) = Llama::trainable(&bigger, &Device::Cpu).unwrap();
-        let err = load_weights(&vm2, &[dir.path().join("model.safetensors")]).unwrap_err().to_string();
+        let err =
+            load_weights(&vm2, &Weights::Files(vec![dir.path().join("model.safetensors")])).unwrap_err().to_string();
         assert!(err.contains("model.layers.0.mlp.down_proj.weight") && err.contains("[32, 48]"), "{err}");
     }
 }

@@ -1,5 +1,140 @@
-//! Causal language models that kdllm can sample from and train.
+//! Causal language models that kdllm can sample from and train, and where their weights come
+//! from: a folder in the Hugging Face layout, a Hub repo or alias (through [`crate::hub`]).
 
 pub mod llama;
 
-pub use llama::{Llama, LlamaConfig};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+pub use llama::{Llama, LlamaConfig, Weights};
+
+use crate::hub::{self, HubOptions};
+use crate::tokenizer::Tokenizer;
+
+/// The dtype a model computes in. Stored weights (f32, f16, bf16) are converted on load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("`{other}` is not a compute dtype; use f32 or bf16")),
+        }
+    }
+}
+
+/// A pretrained checkpoint, opened: its config, tokenizer and where its weights are.
+pub struct Checkpoint {
+    pub config: LlamaConfig,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+    /// The Hub repo id, or the path as given.
+    pub id: String,
+    /// The Hub commit, for Hub models.
+    pub revision: Option<String>,
+    /// The folder holding it.
+    pub dir: PathBuf,
+}
+
+impl Checkpoint {
+    /// Opens `spec`: a folder in the HF layout, an alias or a Hub repo id.
+    pub fn open(spec: &str, revision: Option<&str>) -> anyhow::Result<Self> {
+        let files = hub::resolve(spec, revision, &HubOptions::from_env()?)?;
+        let dir = files.dir;
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::Files(llama::weight_files(&dir)?);
+        let tokenizer =
+            Tokenizer::from_folder(&dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+        Ok(Self { config, weights, tokenizer, id: files.id, revision: files.revision, dir })
+    }
+
+    /// The model for inference, computing in `precision`.
+    pub fn model(&self, device: &Device, precision: Precision) -> anyhow::Result<Llama> {
+        Llama::from_weights(&self.config, &self.weights, device, precision.dtype())
+            .with_context(|| format!("loading the weights of {}", self.id))
+    }
+
+    /// The model with f32 `Var` weights, for training. With `layers`, only those layers are
+    /// kept, renumbered in the given order (a student cut out of its teacher, as DistilBERT was).
+    pub fn trainable(&self, device: &Device, layers: Option<&[usize]>) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
+        let mut cfg = self.config.clone();
+        let (varmap, model) = match layers {
+            None => {
+                let (vm, m) = Llama::trainable(&cfg, device)?;
+                llama::load_weights(&vm, &self.weights)?;
+                (vm, m)
+            }
+            Some(layers) => {
+                let n = self.config.num_hidden_layers;
+                if layers.is_empty() {
+                    anyhow::bail!("`layers` is empty: list the teacher layers to keep, e.g. [0, 2, 4]");
+                }
+                if let Some(bad) = layers.iter().find(|&&l| l >= n) {
+                    anyhow::bail!("`layers` names layer {bad}, but {} has layers 0..{}", self.id, n - 1);
+                }
+                cfg.num_hidden_layers = layers.len();
+                if let Some(types) = &mut cfg.layer_types {
+                    *types = layers.iter().map(|&l| types[l].clone()).collect();
+                }
+                let (vm, m) = Llama::trainable(&cfg, device)?;
+                llama::load_weights(&vm, &keep_layers(&self.weights, layers)?)?;
+                (vm, m)
+            }
+        };
+        Ok((cfg, varmap, model))
+    }
+}
+
+/// The tensors of `weights` with only `layers` kept, renumbered 0.. in the given order.
+fn keep_layers(weights: &Weights, layers: &[usize]) -> anyhow::Result<Weights> {
+    let all: Vec<(String, Tensor)> = match weights {
+        Weights::Tensors(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Weights::Files(files) => {
+            // SAFETY: the files are opened read-only and not modified while mapped.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
+            let names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
+            names.into_iter().map(|n| Ok((n.clone(), st.load(&n, &Device::Cpu)?))).collect::<anyhow::Result<_>>()?
+        }
+    };
+    let mut kept = std::collections::HashMap::new();
+    for (name, tensor) in all {
+        match layer_of(&name) {
+            None => {
+                kept.insert(name, tensor);
+            }
+            Some((old, rest)) => {
+                for (new, _) in layers.iter().enumerate().filter(|(_, &l)| l == old) {
+                    kept.insert(format!("model.layers.{new}.{rest}"), tensor.clone());
+                }
+            }
+        }
+    }
+    Ok(Weights::Tensors(kept))
+}
+
+/// `model.layers.7.mlp.up_proj.weight` → (7, `mlp.up_proj.weight`).
+fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (index, rest) = rest.split_once('.')?;
+    Some((index.parse().ok()?, rest))
+}

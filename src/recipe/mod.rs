@@ -63,6 +63,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::{self, EvalJob, EvalReport};
 use crate::generate::{self, GenerateJob, GenerateReport, SamplingConfig};
+use crate::model::Precision;
 use crate::task::{self, TaskConfig};
 use crate::tokenizer::Tokenizer;
 use crate::train::{self, DistillJob, FinetuneJob, KdConfig, ModelInit, TrainConfig, TrainReport};
@@ -163,6 +164,9 @@ pub struct GenerateStep {
     pub prompts: String,
     #[serde(default)]
     pub sampling: SamplingConfig,
+    /// Compute dtype of the teacher: `f32` (default) or `bf16`.
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 /// `kind: distill`: `train::distill` on teacher samples.
@@ -192,6 +196,9 @@ pub struct EvalStep {
     #[serde(default, rename = "kind")]
     _kind: Seen,
     pub models: Vec<String>,
+    /// Compute dtype: `f32` (default) or `bf16`.
+    #[serde(default)]
+    pub dtype: Precision,
     /// Teacher samples (Parquet) or task examples to score NLL/KL/agreement on.
     pub data: String,
     /// Task test set (JSONL prompt/completion) for task accuracy.
@@ -411,6 +418,7 @@ impl Recipe {
         ModelInit {
             from: init.from.as_deref().map(|f| self.resolve(f).to_string_lossy().into_owned()),
             config: init.config.clone(),
+            layers: init.layers.clone(),
         }
     }
 
@@ -467,6 +475,7 @@ impl Recipe {
                     prompts: self.resolve(&s.prompts),
                     output,
                     sampling: s.sampling.clone(),
+                    precision: s.dtype,
                 };
                 let r: GenerateReport = generate::generate(&job)?;
                 Outcome {
@@ -487,7 +496,8 @@ impl Recipe {
                 let mut reports: Vec<EvalReport> = Vec::new();
                 for model in &s.models {
                     let job = EvalJob {
-                        model: self.resolve(model),
+                        model: self.resolve(model).to_string_lossy().into_owned(),
+                        precision: s.dtype,
                         data: self.resolve(&s.data),
                         task: s.task.as_deref().map(|t| self.resolve(t)),
                         batch_size: s.batch_size,

@@ -24,7 +24,7 @@ pub struct ModelRow {
     pub eval_step: String,
     /// The step that made the model (or the model's path when it is not a step's output).
     pub name: String,
-    pub model: PathBuf,
+    pub model: String,
     pub params: usize,
     pub task_accuracy: Option<f64>,
     /// `task_accuracy` divided by that of the first model of the same eval step.
@@ -156,7 +156,7 @@ mod tests {
 
     fn report(model: &str, params: usize, acc: Option<f64>, kl: Option<f64>) -> EvalReport {
         EvalReport {
-            model: PathBuf::from(model),
+            model: model.to_string(),
             params,
             tokens: 1000,
             nll_per_token: 0.25,

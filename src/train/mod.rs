@@ -92,6 +92,9 @@ pub struct ModelInit {
     /// A new model with random weights (HF config.json field names; `vocab_size` from the tokenizer).
     #[serde(default)]
     pub config: Option<LlamaConfig>,
+    /// With `from`: keep only these layers of the pretrained model, in this order.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
 }
 
 /// Fine-tune (or pre-train) a model with cross-entropy on task data (JSONL/text examples).
@@ -135,7 +138,7 @@ pub struct TrainReport {
 pub enum TrainError {
     #[error("{0}")]
     Config(String),
-    #[error("the student's tokenizer differs from the one that wrote {data} (vocab hashes differ); token-level KL needs the teacher's tokenizer: set `tokenizer:` to the teacher's folder")]
+    #[error("the student's tokenizer differs from the one that wrote {data} (vocab hashes differ); token-level KL needs the teacher's tokenizer: set `tokenizer:` to the teacher's folder, or set `kd.alpha: 0` to train sequence-level only on the completion text re-tokenized with the student's tokenizer")]
     TokenizerMismatch { data: PathBuf },
     #[error("parameter `{0}` got no gradient: the graph is cut somewhere in the model")]
     NoGradient(String),

@@ -3,7 +3,7 @@
 //! (forward, loss, backward, accumulate) → clip → AdamW step → log / validate → save.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -17,8 +17,8 @@ use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
 use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, TrainConfig, TrainError, TrainReport};
 use crate::data;
-use crate::hub::{self, HubOptions};
 use crate::model::llama::{self, Llama, LlamaConfig};
+use crate::model::Checkpoint;
 use crate::tokenizer::Tokenizer;
 
 pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
@@ -31,17 +31,18 @@ pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let kd = KdConfig { alpha: 0.0, temperature: 1.0 };
     let keys: Vec<String> = examples.iter().map(|e| format!("{}\u{0}{}", e.prompt, e.completion)).collect();
-    run(&job.model, source.as_deref(), tokenizer, seqs, keys, &kd, &job.train, &job.output)
+    run(&job.model, source, tokenizer, seqs, keys, &kd, &job.train, &job.output)
 }
 
 pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     validate(&job.train, Some(&job.kd))?;
     let (tokenizer, source) = tokenizer_for(&job.student, job.tokenizer.as_deref())?;
     let set = data::read_samples(&job.data)?;
-    if tokenizer.vocab_hash() != set.meta.tokenizer_hash {
+    let same_vocab = tokenizer.vocab_hash() == set.meta.tokenizer_hash;
+    if !same_vocab && job.kd.alpha > 0.0 {
         return Err(TrainError::TokenizerMismatch { data: job.data.clone() }.into());
     }
-    let with_teacher = set.meta.logprobs_k > 0;
+    let with_teacher = same_vocab && set.meta.logprobs_k > 0;
     if !with_teacher && job.kd.alpha > 0.0 {
         return Err(TrainError::Config(format!(
             "{} holds no teacher top-k (written with --logprobs 0); set `kd.alpha: 0` or regenerate with --logprobs K",
@@ -50,8 +51,17 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         .into());
     }
     let keys = set.samples.iter().map(|s| s.prompt_id.clone()).collect();
-    let seqs = set.samples.into_iter().map(|s| Sequence::from_sample(s, with_teacher)).collect();
-    run(&job.student, source.as_deref(), tokenizer, seqs, keys, &job.kd, &job.train, &job.output)
+    let seqs = if same_vocab {
+        set.samples.into_iter().map(|s| Sequence::from_sample(s, with_teacher)).collect()
+    } else {
+        eprintln!(
+            "note: the student's tokenizer differs from the teacher's that wrote {}; training sequence-level only \
+             on the completion text re-tokenized with the student's tokenizer",
+            job.data.display()
+        );
+        set.samples.iter().map(|s| retokenize(&tokenizer, s)).collect::<anyhow::Result<_>>()?
+    };
+    run(&job.student, source, tokenizer, seqs, keys, &job.kd, &job.train, &job.output)
 }
 
 /// Prompt tokens (with BOS) followed by completion tokens and EOS; only the completion counts.
@@ -61,6 +71,17 @@ pub fn encode_example(tok: &Tokenizer, prompt: &str, completion: &str) -> anyhow
     let loss_from = ids.len();
     ids.extend(tok.encode(completion, false)?);
     ids.extend(tok.eos_ids().first());
+    Ok(Sequence { ids, loss_from, teacher: None })
+}
+
+/// A teacher sample as text, encoded with another tokenizer; EOS only where the teacher stopped.
+fn retokenize(tok: &Tokenizer, s: &data::Sample) -> anyhow::Result<Sequence> {
+    let mut ids = tok.encode(&s.prompt, true)?;
+    let loss_from = ids.len();
+    ids.extend(tok.encode(&s.completion, false)?);
+    if s.finish_reason == data::FinishReason::Stop {
+        ids.extend(tok.eos_ids().first());
+    }
     Ok(Sequence { ids, loss_from, teacher: None })
 }
 
@@ -92,34 +113,39 @@ fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainError> 
     Ok(())
 }
 
-/// The tokenizer to train with, and the pretrained folder the model comes from (if any).
-fn tokenizer_for(init: &ModelInit, tokenizer: Option<&Path>) -> anyhow::Result<(Tokenizer, Option<PathBuf>)> {
+/// The tokenizer to train with, and the pretrained checkpoint the model comes from (if any).
+fn tokenizer_for(init: &ModelInit, tokenizer: Option<&Path>) -> anyhow::Result<(Tokenizer, Option<Checkpoint>)> {
     let source = match (&init.from, &init.config) {
-        (Some(spec), None) => Some(hub::resolve(spec, None, &HubOptions::from_env())?.dir),
+        (Some(spec), None) => Some(Checkpoint::open(spec, None)?),
+        (None, Some(_)) if init.layers.is_some() => {
+            bail!(TrainError::Config(
+                "`layers` picks layers of a pretrained model: it needs `from`, not `config`".into()
+            ))
+        }
         (None, Some(_)) => None,
         _ => bail!(TrainError::Config("set exactly one of `from` (a pretrained model) or `config` (a new one)".into())),
     };
-    let dir = match (tokenizer, &source) {
-        (Some(dir), _) => dir.to_path_buf(),
-        (None, Some(dir)) => dir.clone(),
+    let tok = match (tokenizer, &source) {
+        (Some(dir), _) => {
+            Tokenizer::from_folder(dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))?
+        }
+        (None, Some(ckpt)) => ckpt.tokenizer.clone(),
         (None, None) => bail!(TrainError::Config(
             "a model built from `config` needs `tokenizer:` (a folder with tokenizer.json, e.g. the teacher's)".into()
         )),
     };
-    let tok = Tokenizer::from_folder(&dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
     Ok((tok, source))
 }
 
 fn build_model(
     init: &ModelInit,
-    source: Option<&Path>,
+    source: Option<&Checkpoint>,
     tok: &Tokenizer,
     seed: u64,
 ) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
     let dev = Device::Cpu;
-    if let Some(dir) = source {
-        let (vm, model) = Llama::load_trainable(dir, &dev)?;
-        return Ok((model.config().clone(), vm, model));
+    if let Some(ckpt) = source {
+        return ckpt.trainable(&dev, init.layers.as_deref());
     }
     let mut cfg = init.config.clone().expect("checked by tokenizer_for");
     let vocab = tok.vocab_size();
@@ -182,7 +208,7 @@ fn batch_loss(model: &Llama, batch: &Batch, kd: &KdConfig) -> anyhow::Result<Los
 #[allow(clippy::too_many_arguments)]
 fn run(
     init: &ModelInit,
-    source: Option<&Path>,
+    source: Option<Checkpoint>,
     tokenizer: Tokenizer,
     seqs: Vec<Sequence>,
     keys: Vec<String>,
@@ -200,7 +226,7 @@ fn run(
         ));
     }
     let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
-    let (model_cfg, varmap, model) = build_model(init, source, &tokenizer, cfg.seed)?;
+    let (model_cfg, varmap, model) = build_model(init, source.as_ref(), &tokenizer, cfg.seed)?;
     let vars: Vec<(String, Var)> =
         varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut opt = AdamW::new(vars, cfg)?;
