@@ -183,10 +183,16 @@ impl LlamaConfig {
         }
         if let Some(obj) = raw.as_object_mut() {
             obj.retain(|k, _| Self::FIELDS.contains(&k.as_str()));
+            // transformers' per-class defaults for absent keys (an explicit null means "none" for
+            // the window and "= num_attention_heads" for the kv heads).
             let model_type = obj.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
-            if model_type != "llama" && !obj.contains_key("sliding_window") {
-                // transformers' MistralConfig / Qwen2Config default (an explicit null disables it).
-                obj.insert("sliding_window".into(), 4096.into());
+            let defaults: &[(&str, usize)] = match model_type {
+                "mistral" => &[("sliding_window", 4096), ("num_key_value_heads", 8)],
+                "qwen2" => &[("sliding_window", 4096), ("num_key_value_heads", 32)],
+                _ => &[],
+            };
+            for (key, value) in defaults {
+                obj.entry(*key).or_insert((*value).into());
             }
         }
         let cfg: LlamaConfig = serde_json::from_value(raw)
@@ -940,6 +946,147 @@ mod tests {
         let out = m.forward(&ids, Some(&mut cache)).unwrap().narrow(1, 3, 5).unwrap();
         let diff = max_abs_diff(&alone, &out);
         assert!(diff <= 1e-4, "padded vs unpadded max abs diff {diff}");
+    }
+
+    fn ids(b: usize, t: usize) -> Tensor {
+        let v: Vec<u32> = (0..b * t).map(|i| (i * 7 % 50) as u32).collect();
+        Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+    }
+
+    /// Prefill 5 tokens, then decode one at a time; must equal the full forward.
+    fn assert_cache_matches_full(cfg: &LlamaConfig) {
+        let (_, m) = tiny_model(cfg);
+        let ids = ids(2, 12);
+        let full = m.forward(&ids, None).unwrap();
+        let mut cache = KvCache::new(cfg, vec![0, 0]);
+        let mut parts = vec![m.forward(&ids.narrow(1, 0, 5).unwrap(), Some(&mut cache)).unwrap()];
+        for t in 5..12 {
+            parts.push(m.forward(&ids.narrow(1, t, 1).unwrap(), Some(&mut cache)).unwrap());
+        }
+        let diff = max_abs_diff(&full, &Tensor::cat(&parts, 1).unwrap());
+        assert!(diff <= 1e-4, "{}: full vs cached max abs diff {diff}", cfg.model_type);
+    }
+
+    fn variant(json: serde_json::Value) -> LlamaConfig {
+        let mut base = serde_json::to_value(tiny_config()).unwrap();
+        base.as_object_mut().unwrap().extend(json.as_object().unwrap().clone());
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn sliding_window_masks_old_keys_and_the_cache_agrees() {
+        let mistral = variant(serde_json::json!({"model_type": "mistral", "sliding_window": 3}));
+        assert_cache_matches_full(&mistral);
+        let (vm, m) = tiny_model(&mistral);
+        let ids = ids(1, 10);
+        let windowed = m.forward(&ids, None).unwrap();
+        // Same weights without the window: the first 3 positions agree, later ones do not.
+        let full_cfg = LlamaConfig { sliding_window: None, ..mistral.clone() };
+        let full = Llama::from_weights(&full_cfg, &Weights::Tensors(tensors(&vm)), &Device::Cpu, DType::F32).unwrap();
+        let full = full.forward(&ids, None).unwrap();
+        assert!(max_abs_diff(&windowed.narrow(1, 0, 3).unwrap(), &full.narrow(1, 0, 3).unwrap()) <= 1e-5);
+        assert!(max_abs_diff(&windowed.narrow(1, 3, 7).unwrap(), &full.narrow(1, 3, 7).unwrap()) > 1e-3);
+        // Qwen2 slides only from `max_window_layers` up, and only with use_sliding_window.
+        let qwen = variant(serde_json::json!({"model_type": "qwen2", "sliding_window": 3, "use_sliding_window": true, "max_window_layers": 1}));
+        assert_eq!((qwen.window(0), qwen.window(1)), (None, Some(3)));
+        assert_cache_matches_full(&qwen);
+        let off = LlamaConfig { use_sliding_window: Some(false), ..qwen };
+        assert_eq!((off.window(0), off.window(1)), (None, None));
+    }
+
+    fn tensors(vm: &VarMap) -> HashMap<String, Tensor> {
+        vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+
+    #[test]
+    fn biases_are_loaded_and_trained() {
+        for (json, biases) in [
+            (serde_json::json!({"model_type": "qwen2"}), 3),
+            (serde_json::json!({"attention_bias": true, "mlp_bias": true}), 7),
+        ] {
+            let cfg = variant(json);
+            let (vm, m) = tiny_model(&cfg);
+            let names = tensors(&vm);
+            let n = names.keys().filter(|k| k.ends_with(".bias")).count();
+            assert_eq!(n, biases * cfg.num_hidden_layers, "{}", cfg.model_type);
+            assert_eq!(names.values().map(|t| t.elem_count()).sum::<usize>(), cfg.num_params());
+            let logits = m.forward(&ids(1, 6), None).unwrap();
+            let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in vm.data().lock().unwrap().iter().filter(|(k, _)| k.ends_with(".bias")) {
+                assert!(grads.get(var).is_some(), "no gradient for {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_follows_the_three_bands() {
+        // head_dim 8: four frequencies 1, 0.1, 0.01, 0.001 at theta 1e4. Wavelengths 6.3, 63, 628,
+        // 6283 against original length 64: high band (< 16) kept, low band (> 64) divided by 8.
+        let cfg = variant(serde_json::json!({"hidden_size": 32, "num_attention_heads": 4, "rope_scaling":
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 64}}));
+        let f = inv_freq(&cfg).unwrap();
+        let smooth = (64.0 / (2.0 * std::f64::consts::PI / 0.1) - 1.0) / 3.0;
+        let expected = [1.0, (1.0 - smooth) * 0.1 / 8.0 + smooth * 0.1, 0.01 / 8.0, 0.001 / 8.0];
+        for (got, want) in f.iter().zip(expected) {
+            assert!((*got as f64 - want).abs() <= 1e-6 * want.max(1e-3), "{f:?} vs {expected:?}");
+        }
+        let linear = variant(serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}));
+        assert!((inv_freq(&linear).unwrap()[0] - 0.5).abs() < 1e-7);
+        for (scaling, needle) in [
+            (serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "type `yarn` is not supported"),
+            (serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "needs a number `low_freq_factor`"),
+        ] {
+            let cfg = LlamaConfig { rope_scaling: Some(scaling), ..tiny_config() };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn bf16_compute_stays_close_to_f32() {
+        let cfg = tiny_config();
+        let (vm, m) = tiny_model(&cfg);
+        let half = Llama::from_weights(&cfg, &Weights::Tensors(tensors(&vm)), &Device::Cpu, DType::BF16).unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+        let ids = ids(2, 8);
+        let (a, b) = (m.forward(&ids, None).unwrap(), half.forward(&ids, None).unwrap());
+        assert_eq!(b.dtype(), DType::F32, "logits come back in f32");
+        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_abs_diff(&a, &b);
+        assert!(diff > 0.0 && diff < 0.05 * scale, "bf16 vs f32 diff {diff} (logit scale {scale})");
+    }
+
+    #[test]
+    fn unsupported_architectures_and_broken_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"model_type": "phi3", "hidden_size": 8}"#).unwrap();
+        let err = LlamaConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("model_type `phi3` is not supported; supported: llama, mistral, qwen2"), "{err}");
+
+        let cfg = tiny_config();
+        let (vm, _) = tiny_model(&cfg);
+        save(&cfg, &vm, dir.path()).unwrap();
+        let weights = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&weights).unwrap();
+        std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+        let err = Llama::load(dir.path(), &Device::Cpu, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors") && err.contains("is the file complete"), "{err}");
+    }
+
+    #[test]
+    fn mistral_config_without_a_window_key_gets_transformers_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let base = r#""hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 4"#;
+        std::fs::write(&path, format!(r#"{{"model_type": "mistral", {base}}}"#)).unwrap();
+        assert_eq!(LlamaConfig::from_file(&path).unwrap().sliding_window, Some(4096));
+        std::fs::write(&path, format!(r#"{{"model_type": "mistral", "sliding_window": null, {base}}}"#)).unwrap();
+        let cfg = LlamaConfig::from_file(&path).unwrap();
+        assert_eq!(cfg.sliding_window, None);
+        assert_eq!(cfg.to_hf_json()["sliding_window"], serde_json::Value::Null, "exported as an explicit null");
+        assert_eq!(cfg.to_hf_json()["architectures"][0], "MistralForCausalLM");
     }
 
     #[test]
