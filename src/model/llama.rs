@@ -987,7 +987,9 @@ mod tests {
         assert!(max_abs_diff(&windowed.narrow(1, 0, 3).unwrap(), &full.narrow(1, 0, 3).unwrap()) <= 1e-5);
         assert!(max_abs_diff(&windowed.narrow(1, 3, 7).unwrap(), &full.narrow(1, 3, 7).unwrap()) > 1e-3);
         // Qwen2 slides only from `max_window_layers` up, and only with use_sliding_window.
-        let qwen = variant(serde_json::json!({"model_type": "qwen2", "sliding_window": 3, "use_sliding_window": true, "max_window_layers": 1}));
+        let qwen = variant(
+            serde_json::json!({"model_type": "qwen2", "sliding_window": 3, "use_sliding_window": true, "max_window_layers": 1}),
+        );
         assert_eq!((qwen.window(0), qwen.window(1)), (None, Some(3)));
         assert_cache_matches_full(&qwen);
         let off = LlamaConfig { use_sliding_window: Some(false), ..qwen };

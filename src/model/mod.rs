@@ -138,3 +138,66 @@ fn layer_of(name: &str) -> Option<(usize, &str)> {
     let (index, rest) = rest.split_once('.')?;
     Some((index.parse().ok()?, rest))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 4-layer checkpoint folder with a tokenizer, as Checkpoint::open expects.
+    fn checkpoint() -> (tempfile::TempDir, Checkpoint, VarMap) {
+        let dir = tempfile::tempdir().unwrap();
+        let texts: Vec<String> = (0..50).map(|i| format!("{i} plus {} is {}", i * 3, i * 4)).collect();
+        let tok = Tokenizer::train_bpe(&texts, 280).unwrap();
+        tok.save(dir.path()).unwrap();
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": tok.vocab_size(), "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "max_position_embeddings": 32
+        }))
+        .unwrap();
+        let (vm, _) = Llama::trainable(&cfg, &Device::Cpu).unwrap();
+        llama::init_weights(&vm, 1).unwrap();
+        llama::save(&cfg, &vm, dir.path()).unwrap();
+        let ckpt = Checkpoint::open(dir.path().to_str().unwrap(), None).unwrap();
+        (dir, ckpt, vm)
+    }
+
+    fn var(vm: &VarMap, name: &str) -> Tensor {
+        vm.data().lock().unwrap()[name].as_tensor().clone()
+    }
+
+    #[test]
+    fn a_student_keeps_the_chosen_teacher_layers_in_order() {
+        let (_dir, ckpt, teacher) = checkpoint();
+        let (cfg, student, _) = ckpt.trainable(&Device::Cpu, Some(&[3, 0])).unwrap();
+        assert_eq!(cfg.num_hidden_layers, 2);
+        for (new, old) in [(0, 3), (1, 0)] {
+            for part in ["self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"] {
+                let (a, b) = (
+                    var(&student, &format!("model.layers.{new}.{part}")),
+                    var(&teacher, &format!("model.layers.{old}.{part}")),
+                );
+                assert_eq!(
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                );
+            }
+        }
+        let embed = "model.embed_tokens.weight";
+        assert_eq!(var(&student, embed).to_vec2::<f32>().unwrap(), var(&teacher, embed).to_vec2::<f32>().unwrap());
+
+        // Keeping every layer in order is the teacher itself.
+        let (_, _, all) = ckpt.trainable(&Device::Cpu, Some(&[0, 1, 2, 3])).unwrap();
+        let ids = Tensor::new(&[[1u32, 5, 9, 30]], &Device::Cpu).unwrap();
+        let t = ckpt.model(&Device::Cpu, Precision::F32).unwrap().forward(&ids, None).unwrap();
+        let s = all.forward(&ids, None).unwrap();
+        assert_eq!(
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            s.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+
+        for (layers, needle) in [(&[4usize][..], "names layer 4"), (&[][..], "`layers` is empty")] {
+            let err = ckpt.trainable(&Device::Cpu, Some(layers)).err().unwrap().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}

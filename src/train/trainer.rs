@@ -31,7 +31,8 @@ pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let kd = KdConfig { alpha: 0.0, temperature: 1.0 };
     let keys: Vec<String> = examples.iter().map(|e| format!("{}\u{0}{}", e.prompt, e.completion)).collect();
-    run(&job.model, source, tokenizer, seqs, keys, &kd, &job.train, &job.output)
+    let sampling = serde_json::json!({"do_sample": true, "temperature": 1.0, "top_p": 1.0, "top_k": 0});
+    run(&job.model, source, tokenizer, seqs, keys, &kd, &job.train, &job.output, sampling)
 }
 
 pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
@@ -51,6 +52,11 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         .into());
     }
     let keys = set.samples.iter().map(|s| s.prompt_id.clone()).collect();
+    // The student's generation defaults are the ones its teacher data was sampled with.
+    let setting = |key: &str, default: f64| set.meta.sampling.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
+    let temperature = setting("temperature", 1.0);
+    let sampling = serde_json::json!({"do_sample": temperature > 0.0, "temperature": temperature,
+        "top_p": setting("top_p", 1.0), "top_k": setting("top_k", 0.0) as u64});
     let seqs = if same_vocab {
         set.samples.into_iter().map(|s| Sequence::from_sample(s, with_teacher)).collect()
     } else {
@@ -61,7 +67,7 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         );
         set.samples.iter().map(|s| retokenize(&tokenizer, s)).collect::<anyhow::Result<_>>()?
     };
-    run(&job.student, source, tokenizer, seqs, keys, &job.kd, &job.train, &job.output)
+    run(&job.student, source, tokenizer, seqs, keys, &job.kd, &job.train, &job.output, sampling)
 }
 
 /// Prompt tokens (with BOS) followed by completion tokens and EOS; only the completion counts.
@@ -215,6 +221,7 @@ fn run(
     kd: &KdConfig,
     cfg: &TrainConfig,
     output: &Path,
+    sampling: serde_json::Value,
 ) -> anyhow::Result<TrainReport> {
     let started = Instant::now();
     let seqs: Vec<Sequence> = seqs.into_iter().map(|s| s.truncate(cfg.max_seq_len)).collect();
@@ -315,7 +322,7 @@ fn run(
 
     llama::save(&model_cfg, &varmap, output)?;
     tokenizer.save(output)?;
-    write_generation_config(&model_cfg, output)?;
+    write_generation_config(&model_cfg, sampling, output)?;
     let report = TrainReport {
         output: output.to_path_buf(),
         params: model_cfg.num_params(),
@@ -333,16 +340,14 @@ fn run(
     Ok(report)
 }
 
-fn write_generation_config(cfg: &LlamaConfig, dir: &Path) -> anyhow::Result<()> {
-    let json = serde_json::json!({
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_ids(),
-        "do_sample": true,
-        "temperature": 1.0,
-        "top_p": 1.0,
-    });
+/// generation_config.json: the model's special ids and the sampling defaults it should use.
+fn write_generation_config(cfg: &LlamaConfig, mut sampling: serde_json::Value, dir: &Path) -> anyhow::Result<()> {
+    if let Some(obj) = sampling.as_object_mut() {
+        obj.insert("bos_token_id".into(), cfg.bos_token_id.into());
+        obj.insert("eos_token_id".into(), cfg.eos_ids().into());
+    }
     let path = dir.join("generation_config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+    std::fs::write(&path, serde_json::to_string_pretty(&sampling)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
