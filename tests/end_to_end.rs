@@ -263,3 +263,40 @@ fn a_tiny_recipe_runs_every_step_kind() {
     assert_eq!(summary["models"].as_array().map(Vec::len), Some(2), "{summary}");
     assert!(Llama::load(&workdir.join("student"), &Device::Cpu, DType::F32).is_ok());
 }
+
+/// Chat prompts are rendered with the teacher's template; the rendered text is what the Parquet
+/// `prompt` column holds, its ids carry the template's BOS exactly once, and a template that fails
+/// to render names the prompt and shows the template's error.
+#[test]
+fn chat_prompts_use_the_template_and_its_special_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    tiny_teacher(&teacher);
+    let cfg_path = teacher.join("tokenizer_config.json");
+    let set_template = |template: &str| {
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["chat_template"] = template.into();
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    };
+    set_template(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}\
+         {% if add_generation_prompt %}assistant:{% endif %}",
+    );
+    let prompts = tmp.path().join("chat.jsonl");
+    std::fs::write(&prompts, r#"{"id": "c1", "messages": [{"role": "user", "content": "the cat sat"}]}"#).unwrap();
+    let out = generate(&gen_job(&teacher, &prompts, tmp.path().join("chat.parquet"))).unwrap();
+    let set = kdllm::data::read_samples(&out.output).unwrap();
+    let tok = Tokenizer::from_folder(&teacher).unwrap();
+    let bos = tok.bos_id().unwrap();
+    for s in &set.samples {
+        assert_eq!(s.prompt, "<s>user: the cat sat\nassistant:");
+        assert_eq!(s.prompt_token_ids.iter().filter(|&&id| id == bos).count(), 1, "{:?}", s.prompt_token_ids);
+        assert_eq!(s.prompt_token_ids[0], bos);
+    }
+
+    set_template("{{ raise_exception('only system and user roles') }}");
+    let failed = tmp.path().join("failed.parquet");
+    let err = format!("{:#}", generate(&gen_job(&teacher, &prompts, failed.clone())).unwrap_err());
+    assert!(err.contains("`c1`") && err.contains("only system and user roles"), "{err}");
+    assert!(!failed.exists());
+}

@@ -136,13 +136,18 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let max_ctx = model.config().max_position_embeddings;
     let mut rendered = Vec::with_capacity(prompts.len());
     for p in &prompts {
-        let text = match &p.input {
-            PromptInput::Text(t) => t.clone(),
-            PromptInput::Chat(messages) => tokenizer
-                .render_chat(messages)
-                .with_context(|| format!("rendering the chat template for prompt `{}`", p.id))?,
+        // As transformers does: a rendered chat template carries its own special tokens
+        // (`apply_chat_template` encodes without adding any); plain text gets the model's BOS.
+        let (text, add_special_tokens) = match &p.input {
+            PromptInput::Text(t) => (t.clone(), true),
+            PromptInput::Chat(messages) => {
+                let text = tokenizer
+                    .render_chat(messages)
+                    .with_context(|| format!("rendering the chat template for prompt `{}`", p.id))?;
+                (text, false)
+            }
         };
-        let ids = tokenizer.encode(&text, true)?;
+        let ids = tokenizer.encode(&text, add_special_tokens)?;
         if ids.len() + cfg.max_new_tokens > max_ctx {
             let e = GenerateError::PromptTooLong {
                 id: p.id.clone(),
