@@ -1066,6 +1066,17 @@ mod tests {
         std::fs::write(&path, r#"{"model_type": "phi3", "hidden_size": 8}"#).unwrap();
         let err = LlamaConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("model_type `phi3` is not supported; supported: llama, mistral, qwen2"), "{err}");
+        std::fs::write(&path, r#"{"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1}"#).unwrap();
+        let err = LlamaConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains("missing field `intermediate_size`"), "{err}");
+
+        let (vm, _) = tiny_model(&tiny_config());
+        let mut partial = tensors(&vm);
+        partial.remove("model.layers.1.self_attn.k_proj.weight");
+        let err = Llama::from_weights(&tiny_config(), &Weights::Tensors(partial), &Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tensor `model.layers.1.self_attn.k_proj.weight` is missing"), "{err}");
 
         let cfg = tiny_config();
         let (vm, _) = tiny_model(&cfg);
