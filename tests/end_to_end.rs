@@ -179,12 +179,16 @@ fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
     let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--top-p", "0"]);
     assert!(!ok && err.contains("top_p"), "{err}");
 
+    let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--dtype", "f16"]);
+    assert!(!ok && err.contains("--dtype") && err.contains("use f32 or bf16"), "{err}");
+
     assert!(
         std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("out.")),
         "no output left behind"
     );
 
-    let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--max-new-tokens", "4"]);
+    let (ok, err) =
+        kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--max-new-tokens", "4", "--dtype", "bf16"]);
     assert!(ok && out.is_file(), "{err}");
 }
 
