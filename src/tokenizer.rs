@@ -13,14 +13,23 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::normalizers::unicode::NFC;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, TokenizerBuilder};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, TokenizerBuilder,
+};
 
 use crate::data::ChatMessage;
 use crate::model::gguf::Meta;
@@ -276,39 +285,17 @@ impl Tokenizer {
     }
 
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata, as llama.cpp's
-    /// converter writes it: byte-level BPE (`tokenizer.ggml.model` = `gpt2`) with the
-    /// pre-tokenizer `tokenizer.ggml.pre` names. Control tokens (type 3) become special added
-    /// tokens (skipped on decode), user-defined ones (type 4) plain added tokens, as they were in
-    /// the Hugging Face tokenizer the file was converted from.
+    /// converter writes it and llama.cpp tokenizes: byte-level BPE (`tokenizer.ggml.model` =
+    /// `gpt2`, pre-tokenized as `tokenizer.ggml.pre` says) or SentencePiece BPE (`llama`, with
+    /// byte fallback). Control and unknown tokens become special added tokens (skipped on
+    /// decode), user-defined ones plain added tokens matched on the raw text, as llama.cpp does.
     pub fn from_gguf(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self, TokenizerError> {
         let meta = Meta(metadata);
         let missing = |key: &str| TokenizerError::Gguf(format!("missing metadata key `{key}`"));
-        let model = meta.str("tokenizer.ggml.model").map_err(TokenizerError::Gguf)?;
-        match model.ok_or_else(|| missing("tokenizer.ggml.model"))? {
-            "gpt2" => {}
-            "llama" => {
-                return Err(TokenizerError::Gguf(
-                    "tokenizer model `llama` (SentencePiece) is not supported yet; supported: gpt2 (byte-level BPE)"
-                        .into(),
-                ))
-            }
-            other => {
-                return Err(TokenizerError::Gguf(format!(
-                    "tokenizer model `{other}` is not supported; supported: gpt2 (byte-level BPE)"
-                )))
-            }
-        }
-        // llama.cpp reads a missing `pre` as `default` (with a warning).
-        let pre_name = meta.str("tokenizer.ggml.pre").map_err(TokenizerError::Gguf)?.unwrap_or("default");
-        let pre = GgufPre::from_name(pre_name)?;
         let tokens = meta
             .str_array("tokenizer.ggml.tokens")
             .map_err(TokenizerError::Gguf)?
             .ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
-        let merges = meta
-            .str_array("tokenizer.ggml.merges")
-            .map_err(TokenizerError::Gguf)?
-            .ok_or_else(|| missing("tokenizer.ggml.merges"))?;
         let types = meta.int_array("tokenizer.ggml.token_type").map_err(TokenizerError::Gguf)?.unwrap_or_default();
         if !types.is_empty() && types.len() != tokens.len() {
             return Err(TokenizerError::Gguf(format!(
@@ -317,38 +304,32 @@ impl Tokenizer {
                 tokens.len()
             )));
         }
-
         let mut vocab = Vocab::default();
         for (id, token) in tokens.iter().enumerate() {
             // A duplicated string keeps its first id, as the Hugging Face vocab it came from did.
             vocab.entry((*token).to_owned()).or_insert(id as u32);
         }
-        let merges = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| {
-                    TokenizerError::Gguf(format!("merge `{m}` in `tokenizer.ggml.merges` is not two tokens"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(pre.ignore_merges)
-            .build()
-            .map_err(|e| TokenizerError::Gguf(format!("cannot build the BPE model: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_normalizer(pre.normalizer);
-        inner.with_pre_tokenizer(Some(pre.pre_tokenizer));
-        inner.with_decoder(Some(ByteLevel::default()));
-        let (mut control, mut user) = (Vec::new(), Vec::new());
+        let model = meta.str("tokenizer.ggml.model").map_err(TokenizerError::Gguf)?;
+        let (mut inner, add_bos_default) = match model.ok_or_else(|| missing("tokenizer.ggml.model"))? {
+            "gpt2" => gguf_byte_level_bpe(&meta, vocab)?,
+            "llama" => gguf_sentencepiece(&meta, &tokens, vocab)?,
+            other => {
+                let supported = "gpt2 (byte-level BPE), llama (SentencePiece)";
+                return Err(TokenizerError::Gguf(format!(
+                    "tokenizer model `{other}` is not supported; supported: {supported}"
+                )));
+            }
+        };
+        // llama.cpp's token types: 2 unknown, 3 control, 4 user-defined.
+        let (mut special, mut user) = (Vec::new(), Vec::new());
         for (id, ty) in types.iter().enumerate() {
             match ty {
-                3 => control.push(AddedToken::from(tokens[id], true)),
-                4 => user.push(AddedToken::from(tokens[id], false)),
+                2 | 3 => special.push(AddedToken::from(tokens[id], true)),
+                4 => user.push(AddedToken::from(tokens[id], false).normalized(false)),
                 _ => {}
             }
         }
-        inner.add_special_tokens(&control);
+        inner.add_special_tokens(&special);
         inner.add_tokens(&user);
 
         let token_at = |key: &str| -> Result<Option<(String, u32)>, TokenizerError> {
@@ -379,7 +360,7 @@ impl Tokenizer {
                 ))
             }
             Some(b) => b,
-            None => pre.add_bos_default && bos.is_some(),
+            None => add_bos_default && bos.is_some(),
         };
         if let (true, Some((bos_str, bos_id))) = (add_bos, &bos) {
             // Only for the saved tokenizer.json: transformers' fast tokenizers add BOS through it.
@@ -473,6 +454,105 @@ impl Tokenizer {
             config,
         })
     }
+}
+
+/// The byte-level BPE of a `gpt2` GGUF tokenizer, and whether llama.cpp adds BOS by default.
+fn gguf_byte_level_bpe(meta: &Meta, vocab: Vocab) -> Result<(tokenizers::Tokenizer, bool), TokenizerError> {
+    // llama.cpp reads a missing `pre` as `default` (with a warning).
+    let pre_name = meta.str("tokenizer.ggml.pre").map_err(TokenizerError::Gguf)?.unwrap_or("default");
+    let pre = GgufPre::from_name(pre_name)?;
+    let merges = meta
+        .str_array("tokenizer.ggml.merges")
+        .map_err(TokenizerError::Gguf)?
+        .ok_or_else(|| TokenizerError::Gguf("missing metadata key `tokenizer.ggml.merges`".into()))?;
+    let merges = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| {
+                TokenizerError::Gguf(format!("merge `{m}` in `tokenizer.ggml.merges` is not two tokens"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre.ignore_merges)
+        .build()
+        .map_err(|e| TokenizerError::Gguf(format!("cannot build the BPE model: {e}")))?;
+    let mut tk = tokenizers::Tokenizer::new(bpe);
+    tk.with_normalizer(pre.normalizer);
+    tk.with_pre_tokenizer(Some(pre.pre_tokenizer));
+    tk.with_decoder(Some(ByteLevel::default()));
+    Ok((tk, pre.add_bos_default))
+}
+
+/// A SentencePiece BPE (`llama` GGUF tokenizer) as transformers' `LlamaTokenizerFast` (legacy)
+/// builds it: merges ranked by the merged piece's score, byte fallback to `<0xXX>` tokens, spaces
+/// as `▁` with one prepended to each text fragment when `tokenizer.ggml.add_space_prefix` (default
+/// true), as llama.cpp does. llama.cpp adds BOS by default for these.
+fn gguf_sentencepiece(
+    meta: &Meta,
+    tokens: &[&str],
+    vocab: Vocab,
+) -> Result<(tokenizers::Tokenizer, bool), TokenizerError> {
+    let scores = meta
+        .f32_array("tokenizer.ggml.scores")
+        .map_err(TokenizerError::Gguf)?
+        .ok_or_else(|| TokenizerError::Gguf("missing metadata key `tokenizer.ggml.scores`".into()))?;
+    if scores.len() != tokens.len() {
+        return Err(TokenizerError::Gguf(format!(
+            "`tokenizer.ggml.scores` has {} entries for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let merges = merges_from_scores(tokens, &scores, &vocab);
+    let unk = match meta.u64("tokenizer.ggml.unknown_token_id").map_err(TokenizerError::Gguf)? {
+        Some(id) => tokens.get(id as usize).map(|t| t.to_string()),
+        None => vocab.contains_key("<unk>").then(|| "<unk>".to_string()),
+    };
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder.build().map_err(|e| TokenizerError::Gguf(format!("cannot build the BPE model: {e}")))?;
+    let space_prefix = meta.bool("tokenizer.ggml.add_space_prefix").map_err(TokenizerError::Gguf)?.unwrap_or(true);
+    let replace = |from: &str, to: &str| {
+        Replace::new(from, to).map_err(|e| TokenizerError::Gguf(format!("SentencePiece normalizer: {e}")))
+    };
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if space_prefix {
+        normalizers.push(Prepend::new("▁".into()).into());
+    }
+    normalizers.push(replace(" ", "▁")?.into());
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![replace("▁", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    let mut tk = tokenizers::Tokenizer::new(bpe);
+    tk.with_normalizer(Some(NormalizerSequence::new(normalizers)));
+    tk.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok((tk, true))
+}
+
+/// BPE merges from SentencePiece scores, as transformers' `SentencePieceExtractor` derives them:
+/// every split of a piece into two pieces of the vocabulary, ranked by the whole piece's score
+/// (higher first), ties in vocabulary order.
+fn merges_from_scores(tokens: &[&str], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
+    let mut merges: Vec<(f32, u32, u32, &str, &str)> = Vec::new();
+    for (token, &score) in tokens.iter().zip(scores) {
+        let start = merges.len();
+        for (i, _) in token.char_indices().skip(1) {
+            let (left, right) = token.split_at(i);
+            if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
+                merges.push((score, l, r, left, right));
+            }
+        }
+        merges[start..].sort_by_key(|&(_, l, r, _, _)| (l, r));
+    }
+    // Stable: equal scores keep the order above.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    merges.into_iter().map(|(_, _, _, l, r)| (l.to_owned(), r.to_owned())).collect()
 }
 
 /// GPT-2's split: contractions, letters, digits, other symbols, whitespace (tokenizers' ByteLevel regex).
@@ -852,6 +932,40 @@ mod tests {
         assert_eq!(gguf_pieces("qwen2", "e\u{301}"), ["Ã©"]);
         let err = GgufPre::from_name("falcon").err().unwrap().to_string();
         assert!(err.contains("`falcon`") && err.contains(GgufPre::SUPPORTED), "{err}");
+    }
+
+    #[test]
+    fn gguf_sentencepiece_matches_sentencepiece() {
+        use gguf_file::Value as V;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sentencepiece_tiny.json");
+        let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let array =
+            |key: &str, f: &dyn Fn(&Value) -> V| V::Array(fixture[key].as_array().unwrap().iter().map(f).collect());
+        let id = |key: &str| V::U32(fixture[key].as_u64().unwrap() as u32);
+        let metadata: HashMap<String, V> = [
+            ("tokenizer.ggml.model", V::String("llama".into())),
+            ("tokenizer.ggml.tokens", array("tokens", &|t| V::String(t.as_str().unwrap().into()))),
+            ("tokenizer.ggml.scores", array("scores", &|x| V::F32(x.as_f64().unwrap() as f32))),
+            ("tokenizer.ggml.token_type", array("token_type", &|x| V::I32(x.as_i64().unwrap() as i32))),
+            ("tokenizer.ggml.add_space_prefix", V::Bool(fixture["add_space_prefix"].as_bool().unwrap())),
+            ("tokenizer.ggml.bos_token_id", id("bos_token_id")),
+            ("tokenizer.ggml.eos_token_id", id("eos_token_id")),
+            ("tokenizer.ggml.unknown_token_id", id("unknown_token_id")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let tk = Tokenizer::from_gguf(&metadata).unwrap();
+        // Reference ids from sentencepiece (see tests/data/make_sentencepiece_tiny.py); they
+        // exercise byte fallback, digit splits, runs of spaces and a user-defined token.
+        for case in fixture["expected"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            assert_eq!(tk.encode(text, false).unwrap(), want, "{text:?}");
+            assert_eq!(tk.encode(text, true).unwrap(), [&[1u32][..], &want].concat(), "BOS by default: {text:?}");
+            assert_eq!(tk.decode(&want).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
+        }
+        assert_eq!((tk.bos_id(), tk.eos_ids()), (Some(1), &[2u32][..]));
     }
 
     #[test]

@@ -299,6 +299,21 @@ impl Meta<'_> {
             .map(Some)
     }
 
+    pub fn f32_array(&self, key: &str) -> MetaResult<Option<Vec<f32>>> {
+        let Some(v) = self.0.get(key) else { return Ok(None) };
+        let bad = || format!("metadata `{key}` must be an array of floats, found {}", describe(v));
+        let Value::Array(items) = v else { return Err(bad()) };
+        items
+            .iter()
+            .map(|x| match x {
+                Value::F32(f) => Ok(*f),
+                Value::F64(f) => Ok(*f as f32),
+                _ => Err(bad()),
+            })
+            .collect::<MetaResult<_>>()
+            .map(Some)
+    }
+
     pub fn int_array(&self, key: &str) -> MetaResult<Option<Vec<i64>>> {
         let Some(v) = self.0.get(key) else { return Ok(None) };
         let bad = || format!("metadata `{key}` must be an array of integers, found {}", describe(v));
@@ -687,7 +702,9 @@ mod tests {
     fn unsupported_tokenizers_are_refused_by_name() {
         let err = read_error_with(|m| set(m, "tokenizer.ggml.pre", Value::String("falcon".into())));
         assert!(err.contains("pre-tokenizer `falcon`") && err.contains("supported: default, gpt-2, smollm"), "{err}");
+        let err = read_error_with(|m| set(m, "tokenizer.ggml.model", Value::String("bert".into())));
+        assert!(err.contains("tokenizer model `bert` is not supported; supported: gpt2"), "{err}");
         let err = read_error_with(|m| set(m, "tokenizer.ggml.model", Value::String("llama".into())));
-        assert!(err.contains("`llama` (SentencePiece) is not supported yet"), "{err}");
+        assert!(err.contains("missing metadata key `tokenizer.ggml.scores`"), "{err}");
     }
 }
