@@ -39,6 +39,8 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("GGUF {path}: {message}")]
+    Gguf { path: PathBuf, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

