@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use kdllm::generate::{decode, row_rng, DecodeSettings};
-use kdllm::model::gguf;
+use kdllm::model::{gguf, Checkpoint, Precision};
 use kdllm::tokenizer::Tokenizer;
 
 fn gguf_path() -> Option<PathBuf> {
@@ -31,8 +31,8 @@ fn gguf_path() -> Option<PathBuf> {
 fn greedy_decoding_names_paris() {
     let Some(path) = gguf_path() else { return };
     let start = Instant::now();
-    let ckpt = gguf::read(&path).unwrap();
-    let model = ckpt.model(&Device::Cpu).unwrap();
+    let ckpt = Checkpoint::open(path.to_str().unwrap(), None).unwrap();
+    let model = ckpt.model(&Device::Cpu, Precision::F32).unwrap();
     eprintln!("read and dequantized {} in {:.2}s", path.display(), start.elapsed().as_secs_f64());
 
     let cfg = &ckpt.config;
@@ -129,4 +129,37 @@ fn tokenizer_matches_transformers_gguf_conversion() {
     // <|im_start|> is BOS, <|im_end|> is EOS, both in the file's metadata.
     assert_eq!((tok.bos_id(), tok.eos_ids(), tok.vocab_size()), (Some(1), &[2u32][..], 49152));
     assert!(tok.has_chat_template());
+}
+
+/// The same file as `kdllm generate --teacher file.gguf`: plain and chat prompts, greedy, into
+/// Parquet; the chat prompt is rendered with the GGUF's own template.
+#[test]
+fn generate_cli_reads_the_gguf_teacher() {
+    let Some(path) = gguf_path() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"plain\", \"prompt\": \"The capital of France is\"}\n\
+         {\"id\": \"chat\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("samples.parquet");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kdllm"))
+        .args(["generate", "--teacher", path.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()])
+        .args(["-o", out.to_str().unwrap(), "--temperature", "0", "--max-new-tokens", "12", "--logprobs", "5"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let set = kdllm::data::read_samples(&out).unwrap();
+    let by_id = |id: &str| set.samples.iter().find(|s| s.prompt_id == id).unwrap();
+    assert!(by_id("plain").completion.starts_with(" Paris."), "{:?}", by_id("plain").completion);
+    let chat = by_id("chat");
+    assert!(
+        chat.prompt.starts_with("<|im_start|>system\n") && chat.prompt.ends_with("<|im_start|>assistant\n"),
+        "{:?}",
+        chat.prompt
+    );
+    assert!(chat.completion.contains("Paris"), "{:?}", chat.completion);
+    assert_eq!(set.samples[0].teacher, path.to_str().unwrap());
 }

@@ -12,9 +12,8 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
-use super::llama::{Llama, LlamaConfig, ModelError, Result};
+use super::llama::{LlamaConfig, ModelError, Result};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// A GGUF file turned into what kdllm loads from a Hugging Face folder.
@@ -66,20 +65,10 @@ pub fn read(path: &Path) -> Result<GgufCheckpoint> {
 }
 
 impl GgufCheckpoint {
-    /// The model, its weights shared with (not copied from) `self.tensors`.
-    pub fn model(&self, device: &Device) -> Result<Llama> {
-        let tensors = self.tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_device(device)?))).collect::<Result<_>>()?;
-        Llama::new(&self.config, VarBuilder::from_tensors(tensors, DType::F32, device))
-    }
-
     /// Writes `config.json`, `model.safetensors` and the tokenizer files: a Hugging Face folder
     /// that `Llama::load`, `Tokenizer::from_folder` and transformers read.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|source| ModelError::Write { path: dir.to_path_buf(), source })?;
-        let cfg_path = dir.join("config.json");
-        let json = serde_json::to_string_pretty(&self.config.to_hf_json()).expect("config serializes");
-        std::fs::write(&cfg_path, json).map_err(|source| ModelError::Write { path: cfg_path, source })?;
-        candle_core::safetensors::save(&self.tensors, dir.join("model.safetensors"))?;
+        super::llama::save_tensors(&self.config, &self.tensors, dir)?;
         self.tokenizer
             .save(dir)
             .map_err(|e| ModelError::Write { path: dir.to_path_buf(), source: std::io::Error::other(e.to_string()) })
@@ -348,8 +337,9 @@ fn describe(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::init_weights;
+    use crate::model::llama::{init_weights, Llama};
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_nn::VarBuilder;
     use candle_nn::VarMap;
     use serde_json::json;
     use std::path::PathBuf;
@@ -547,6 +537,11 @@ mod tests {
         assert!(err.contains("24 rows into 5"), "{err}");
     }
 
+    fn model(c: &GgufCheckpoint) -> Llama {
+        let weights = crate::model::Weights::Tensors(c.tensors.clone());
+        Llama::from_weights(&c.config, &weights, &Device::Cpu, DType::F32).unwrap()
+    }
+
     #[test]
     fn f32_gguf_gives_the_original_logits() {
         for tie in [false, true] {
@@ -557,11 +552,11 @@ mod tests {
 
             let dir = tempfile::tempdir().unwrap();
             ckpt.save(dir.path()).unwrap();
-            let loaded = Llama::load(dir.path(), &Device::Cpu).unwrap();
+            let loaded = Llama::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
             let want = f.model.forward(&ids(), None).unwrap();
             let diff = max_abs_diff(&want, &loaded.forward(&ids(), None).unwrap());
             assert!(diff <= 1e-5, "tie={tie}: saved-and-loaded logits differ by {diff}");
-            let diff = max_abs_diff(&want, &ckpt.model(&Device::Cpu).unwrap().forward(&ids(), None).unwrap());
+            let diff = max_abs_diff(&want, &model(&ckpt).forward(&ids(), None).unwrap());
             assert!(diff <= 1e-5, "tie={tie}: in-memory model logits differ by {diff}");
             assert!(max_abs(&want) > 1.0, "logits should not be near-uniform");
         }
@@ -571,7 +566,7 @@ mod tests {
     fn q8_0_gguf_is_close_and_needs_the_unpermutation() {
         let f = fixture(GgmlDType::Q8_0, false, true);
         let want = f.model.forward(&ids(), None).unwrap();
-        let got = read(&f.path).unwrap().model(&Device::Cpu).unwrap().forward(&ids(), None).unwrap();
+        let got = model(&read(&f.path).unwrap()).forward(&ids(), None).unwrap();
 
         // Exactly what quantizing the original in memory gives: reading adds no error of its own.
         let (vm, _) = tiny_model(&f.cfg);
@@ -588,7 +583,7 @@ mod tests {
         // same file with q/k rows left in llama.cpp's order: RoPE then rotates the wrong pairs.
         let quantized = max_abs_diff(&want, &got);
         let unpermuted = fixture(GgmlDType::Q8_0, false, false);
-        let wrong = read(&unpermuted.path).unwrap().model(&Device::Cpu).unwrap().forward(&ids(), None).unwrap();
+        let wrong = model(&read(&unpermuted.path).unwrap()).forward(&ids(), None).unwrap();
         let wrong = max_abs_diff(&unpermuted.model.forward(&ids(), None).unwrap(), &wrong);
         let scale = max_abs(&want);
         assert!(quantized <= 0.1 * scale, "Q8_0 logits differ by {quantized} (max |logit| {scale})");

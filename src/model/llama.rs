@@ -880,14 +880,19 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
 
 /// Writes config.json and model.safetensors (HF names, f32) into `dir`.
 pub fn save(cfg: &LlamaConfig, varmap: &VarMap, dir: &Path) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let tensors: HashMap<String, Tensor> =
+        data.iter().map(|(k, v): (&String, &Var)| (k.clone(), v.as_tensor().clone())).collect();
+    save_tensors(cfg, &tensors, dir)
+}
+
+/// Writes config.json and model.safetensors from tensors under their HF names.
+pub fn save_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Write { path: dir.to_path_buf(), source })?;
     let cfg_path = dir.join("config.json");
     let json = serde_json::to_string_pretty(&cfg.to_hf_json()).expect("json");
     std::fs::write(&cfg_path, json).map_err(|source| ModelError::Write { path: cfg_path, source })?;
-    let data = varmap.data().lock().expect("varmap lock");
-    let tensors: HashMap<String, Tensor> =
-        data.iter().map(|(k, v): (&String, &Var)| (k.clone(), v.as_tensor().clone())).collect();
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
     Ok(())
 }
 
@@ -1094,7 +1099,7 @@ mod tests {
     fn mistral_config_without_a_window_key_gets_transformers_default() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
-        let base = r#""hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 4"#;
+        let base = r#""hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": null, "vocab_size": 4"#;
         std::fs::write(&path, format!(r#"{{"model_type": "mistral", {base}}}"#)).unwrap();
         assert_eq!(LlamaConfig::from_file(&path).unwrap().sliding_window, Some(4096));
         std::fs::write(&path, format!(r#"{{"model_type": "mistral", "sliding_window": null, {base}}}"#)).unwrap();
@@ -1102,6 +1107,10 @@ mod tests {
         assert_eq!(cfg.sliding_window, None);
         assert_eq!(cfg.to_hf_json()["sliding_window"], serde_json::Value::Null, "exported as an explicit null");
         assert_eq!(cfg.to_hf_json()["architectures"][0], "MistralForCausalLM");
+        // Absent kv heads mean 8 to MistralConfig (32 to Qwen2Config), not num_attention_heads.
+        let heads = r#""hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 16"#;
+        std::fs::write(&path, format!(r#"{{"model_type": "mistral", {heads}}}"#)).unwrap();
+        assert_eq!(LlamaConfig::from_file(&path).unwrap().num_kv_heads(), 8);
     }
 
     #[test]

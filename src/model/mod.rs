@@ -4,7 +4,7 @@
 pub mod gguf;
 pub mod llama;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -58,8 +58,29 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `spec`: a folder in the HF layout, an alias or a Hub repo id.
+    /// Opens `spec`: a folder in the HF layout, an alias, a Hub repo id, or a llama GGUF file
+    /// (dequantized to f32 in memory, its tokenizer and chat template from its metadata).
     pub fn open(spec: &str, revision: Option<&str>) -> anyhow::Result<Self> {
+        let path = Path::new(spec);
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            if !path.is_file() {
+                anyhow::bail!("GGUF file {spec} not found");
+            }
+            if let Some(rev) = revision {
+                anyhow::bail!("`revision` ({rev}) applies to Hub models, not to the GGUF file {spec}");
+            }
+            let g = gguf::read(path)?;
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            let weights = Weights::Tensors(g.tensors);
+            return Ok(Self {
+                config: g.config,
+                weights,
+                tokenizer: g.tokenizer,
+                id: spec.into(),
+                revision: None,
+                dir,
+            });
+        }
         let files = hub::resolve(spec, revision, &HubOptions::from_env()?)?;
         let dir = files.dir;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
