@@ -1108,7 +1108,7 @@ mod tests {
         assert_eq!(cfg.to_hf_json()["sliding_window"], serde_json::Value::Null, "exported as an explicit null");
         assert_eq!(cfg.to_hf_json()["architectures"][0], "MistralForCausalLM");
         // Absent kv heads mean 8 to MistralConfig (32 to Qwen2Config), not num_attention_heads.
-        let heads = r#""hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 16"#;
+        let heads = r#""hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 16, "vocab_size": 4"#;
         std::fs::write(&path, format!(r#"{{"model_type": "mistral", {heads}}}"#)).unwrap();
         assert_eq!(LlamaConfig::from_file(&path).unwrap().num_kv_heads(), 8);
     }
