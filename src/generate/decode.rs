@@ -67,8 +67,7 @@ pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &Deco
     }
     let dev = Device::Cpu;
     let mut cache = KvCache::new(model.config(), pads);
-    let logits = model.forward(&Tensor::from_vec(padded, (b, width), &dev)?, Some(&mut cache))?;
-    let mut last = logits.narrow(1, width - 1, 1)?.squeeze(1)?;
+    let mut last = model.forward_last(&Tensor::from_vec(padded, (b, width), &dev)?, Some(&mut cache))?;
     let mut done = vec![false; b];
 
     for step in 0..s.max_new_tokens {
@@ -97,8 +96,7 @@ pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &Deco
         if done.iter().all(|&d| d) || step + 1 == s.max_new_tokens {
             break;
         }
-        let logits = model.forward(&Tensor::from_vec(next, (b, 1), &dev)?, Some(&mut cache))?;
-        last = logits.squeeze(1)?;
+        last = model.forward_last(&Tensor::from_vec(next, (b, 1), &dev)?, Some(&mut cache))?;
     }
     Ok(out)
 }

@@ -212,10 +212,8 @@ mod tests {
         let ids = Tensor::new(&[[1u32, 5, 9, 30]], &Device::Cpu).unwrap();
         let t = ckpt.model(&Device::Cpu, Precision::F32).unwrap().forward(&ids, None).unwrap();
         let s = all.forward(&ids, None).unwrap();
-        assert_eq!(
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            s.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
+        let diff = (t - s).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5, "all layers kept: logits differ from the teacher's by {diff}");
 
         for (layers, needle) in [(&[4usize][..], "names layer 4"), (&[][..], "`layers` is empty")] {
             let err = ckpt.trainable(&Device::Cpu, Some(layers)).err().unwrap().to_string();
