@@ -37,16 +37,17 @@
 //! | kind       | keys                                                                         |
 //! |------------|------------------------------------------------------------------------------|
 //! | `task`     | `task` (`task::TaskConfig`)                                                  |
-//! | `finetune` | `data`, `model` (`from` \| `config`), `tokenizer`, `train` (`train::TrainConfig`) |
-//! | `generate` | `teacher`, `prompts`, `revision`, `sampling` (`generate::SamplingConfig`)    |
-//! | `distill`  | `data`, `student` (`from` \| `config`), `tokenizer`, `kd`, `train`           |
-//! | `eval`     | `models` (a list), `data`, `task`, `batch_size`                              |
+//! | `finetune` | `data`, `model` (`from` [+ `layers`] \| `config`), `tokenizer`, `train` (`train::TrainConfig`) |
+//! | `generate` | `teacher`, `prompts`, `revision`, `sampling` (`generate::SamplingConfig`), `dtype` |
+//! | `distill`  | `data`, `student` (`from` [+ `layers`] \| `config`), `tokenizer`, `kd`, `train` |
+//! | `eval`     | `models` (a list), `data`, `task`, `batch_size`, `dtype`                     |
 //!
 //! Paths. A value `steps.NAME.output`, optionally followed by `/sub/path`, is the output of the
 //! earlier step NAME: the folder `<workdir>/NAME`, except for a `generate` step, whose output is
 //! the file `<workdir>/NAME/samples.parquet`. Any other path, `workdir` included, is relative to
-//! the current directory, as on the command line (not to the recipe's folder). A `from:` or
-//! `teacher:` that is not a reference may also be a Hub repo id or alias.
+//! the current directory, as on the command line (not to the recipe's folder). A `from:`,
+//! `teacher:` or model that is not a reference may also be a Hub repo id, an alias or a `.gguf`
+//! file.
 //!
 //! Defaults come only from the `Default` of each config struct; a section left out of a step
 //! (`train:`, `sampling:`, ...) is that default.
