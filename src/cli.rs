@@ -23,6 +23,30 @@ pub enum Command {
     Train(TrainArgs),
     /// Measure a model on teacher samples or task data; prints one JSON object.
     Eval(EvalArgs),
+    /// Time training and sampling of fixed llama configs (and a GGUF teacher) on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Only these configs (1M, 5M, 20M); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Vec<String>,
+    /// Also measure this GGUF teacher (e.g. the SmolLM2 file from tools/fetch-smollm2.sh).
+    #[arg(long)]
+    pub gguf: Option<PathBuf>,
+    /// Timed training steps per config (batch 8 × 256 tokens), after one warm-up step.
+    #[arg(long, default_value_t = 5)]
+    pub train_steps: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Batch sizes to sample at.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub gen_batches: Vec<usize>,
+    /// Write the results as JSON here (what benches/compare.py reads).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +162,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train(args) => {
             crate::recipe::run(&args.recipe)?;
+        }
+        Command::Bench(a) => {
+            let job = crate::bench::BenchJob {
+                configs: a.configs,
+                gguf: a.gguf,
+                train_steps: a.train_steps,
+                new_tokens: a.new_tokens,
+                gen_batches: a.gen_batches,
+                json: a.json,
+            };
+            crate::bench::run(&job)?;
         }
         Command::Eval(args) => {
             let report = crate::eval::evaluate(&args.into_job())?;

@@ -3,6 +3,7 @@
 //! Data flows one way: `recipe` → a stage (`generate`, `train`, `eval`) → `model` / `data`.
 //! `hub` and `tokenizer` resolve and load what the stages need.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod eval;
