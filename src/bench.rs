@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::data::{FileMetadata, FinishReason, Sample, SampleWriter};
 use crate::generate::{decode, row_rng, DecodeSettings};
 use crate::model::llama::{self, Llama, LlamaConfig};
-use crate::model::{Checkpoint, Precision};
+use crate::model::Checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::{loss, TrainConfig};
 
@@ -77,14 +77,17 @@ pub struct ModelReport {
 pub fn run(job: &BenchJob) -> anyhow::Result<Report> {
     let machine = Machine { threads: candle_core::utils::get_num_threads(), gemm_peak_gflops: gemm_peak()? };
     eprintln!("{} threads, GEMM peak {:.0} GFLOP/s (f32 1024³, best of 5)", machine.threads, machine.gemm_peak_gflops);
+    let known: Vec<&str> = CONFIGS.iter().map(|c| c.0).collect();
+    if let Some(bad) = job.configs.iter().find(|c| !known.contains(&c.as_str()) && c.as_str() != "none") {
+        anyhow::bail!("--configs: unknown config `{bad}`; known: {} (or `none`, with --gguf)", known.join(", "));
+    }
     let mut models = Vec::new();
     for (name, hidden, layers, heads, ffn) in CONFIGS {
         if !job.configs.is_empty() && !job.configs.iter().any(|c| c == name) {
             continue;
         }
         let cfg = config(hidden, layers, heads, ffn);
-        let (varmap, model) = Llama::trainable(&cfg, &Device::Cpu)?;
-        llama::init_weights(&varmap, 0)?;
+        let (varmap, model) = random_model(&cfg)?;
         let r = measure(name, &cfg, varmap, &model, job)?;
         print_row(&r, &machine);
         models.push(r);
@@ -116,6 +119,18 @@ fn config(hidden: usize, layers: usize, heads: usize, ffn: usize) -> LlamaConfig
     .expect("bench configs are valid")
 }
 
+/// A trainable model with HF's random initialization, seeded.
+fn random_model(cfg: &LlamaConfig) -> anyhow::Result<(candle_nn::VarMap, Llama)> {
+    let (varmap, model) = Llama::trainable(cfg, &Device::Cpu)?;
+    llama::init_weights(&varmap, 0)?;
+    Ok((varmap, model))
+}
+
+/// The inference model `generate` would build from the same weights.
+fn inference_copy(cfg: &LlamaConfig, varmap: &candle_nn::VarMap) -> anyhow::Result<Llama> {
+    Ok(Llama::from_weights(cfg, &llama::Weights::Tensors(llama::tensors(varmap)), &Device::Cpu, DType::F32)?)
+}
+
 fn measure(
     name: &str,
     cfg: &LlamaConfig,
@@ -126,9 +141,7 @@ fn measure(
     let params = cfg.num_params();
     // Sampling first, on an inference copy of the weights as `generate` makes: the allocator keeps
     // what a phase freed, so the training peak (the one that matters) is measured last.
-    let tensors =
-        varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    let teacher = Llama::from_weights(cfg, &llama::Weights::Tensors(tensors), &Device::Cpu, Precision::F32.dtype())?;
+    let teacher = inference_copy(cfg, &varmap)?;
     reset_peak_memory();
     let mut gen = Vec::new();
     for &b in &job.gen_batches {
@@ -219,11 +232,7 @@ fn gemm_peak() -> anyhow::Result<f64> {
 fn parquet_size() -> anyhow::Result<f64> {
     let (_, hidden, layers, heads, ffn) = CONFIGS[1];
     let cfg = config(hidden, layers, heads, ffn);
-    let (varmap, _) = Llama::trainable(&cfg, &Device::Cpu)?;
-    llama::init_weights(&varmap, 0)?;
-    let tensors =
-        varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    let model = Llama::from_weights(&cfg, &llama::Weights::Tensors(tensors), &Device::Cpu, DType::F32)?;
+    let model = inference_copy(&cfg, &random_model(&cfg)?.0)?;
     let path = std::env::temp_dir().join(format!("kdllm-bench-{}.parquet", std::process::id()));
     let mut writer = SampleWriter::create(&path, &FileMetadata::new("bench", 20, serde_json::json!({})))?;
     let settings = DecodeSettings {

@@ -74,10 +74,8 @@ impl HubOptions {
     }
 
     fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, HubError> {
-        let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let home = var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_else(|| ".".into());
-            Path::new(&home).join(".cache").join("huggingface")
-        });
+        let home = PathBuf::from(var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_else(|| ".".into()));
+        let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| home.join(".cache").join("huggingface"));
         let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
         let offline = var("HF_HUB_OFFLINE")
             .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
@@ -86,31 +84,7 @@ impl HubOptions {
             .or_else(|| std::fs::read_to_string(token_file).ok())
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty());
-        let mut aliases = Vec::new();
-        let home = var("HOME").unwrap_or_else(|| ".".into());
-        let config_home = var("XDG_CONFIG_HOME").map(PathBuf::from).unwrap_or_else(|| Path::new(&home).join(".config"));
-        let (file, explicit) = match var("KDLLM_ALIASES_FILE") {
-            Some(f) => (PathBuf::from(f), true),
-            None => (config_home.join("kdllm").join("aliases"), false),
-        };
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                let source = file.display().to_string();
-                for (i, line) in text.lines().enumerate() {
-                    let line = line.split('#').next().unwrap_or("").trim();
-                    if !line.is_empty() {
-                        aliases.push(parse_alias(line, &format!("{source} line {}", i + 1))?);
-                    }
-                }
-            }
-            Err(e) if explicit => {
-                return Err(HubError::Aliases { origin: file.display().to_string(), message: e.to_string() })
-            }
-            Err(_) => {}
-        }
-        for entry in var("KDLLM_ALIASES").iter().flat_map(|v| v.split(',')).map(str::trim).filter(|e| !e.is_empty()) {
-            aliases.push(parse_alias(entry, "KDLLM_ALIASES")?);
-        }
+        let aliases = user_aliases(&var, &home)?;
         Ok(Self { cache_dir, offline, token, endpoint: var("HF_ENDPOINT"), aliases })
     }
 
@@ -127,6 +101,36 @@ impl HubOptions {
         names.dedup();
         names.join(", ")
     }
+}
+
+/// The aliases file's entries, then `KDLLM_ALIASES`'s. A missing default file is no error; a
+/// missing `KDLLM_ALIASES_FILE` is.
+fn user_aliases(var: &impl Fn(&str) -> Option<String>, home: &Path) -> Result<Vec<(String, String)>, HubError> {
+    let mut aliases = Vec::new();
+    let config_home = var("XDG_CONFIG_HOME").map(PathBuf::from).unwrap_or_else(|| home.join(".config"));
+    let (file, explicit) = match var("KDLLM_ALIASES_FILE") {
+        Some(f) => (PathBuf::from(f), true),
+        None => (config_home.join("kdllm").join("aliases"), false),
+    };
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            let source = file.display().to_string();
+            for (i, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if !line.is_empty() {
+                    aliases.push(parse_alias(line, &format!("{source} line {}", i + 1))?);
+                }
+            }
+        }
+        Err(e) if explicit => {
+            return Err(HubError::Aliases { origin: file.display().to_string(), message: e.to_string() })
+        }
+        Err(_) => {}
+    }
+    for entry in var("KDLLM_ALIASES").iter().flat_map(|v| v.split(',')).map(str::trim).filter(|e| !e.is_empty()) {
+        aliases.push(parse_alias(entry, "KDLLM_ALIASES")?);
+    }
+    Ok(aliases)
 }
 
 /// One `name = owner/repo` (or `name=owner/repo`) alias definition.

@@ -92,7 +92,12 @@ fn unsupported_architecture_is_refused_by_name() {
 
 #[test]
 fn pytorch_pickle_checkpoint_is_refused_with_a_conversion_hint() {
-    let err = Checkpoint::open(fixture("pytorch-bin").to_str().unwrap(), None).err().unwrap();
+    // kdllm refuses pickles without reading them, so a placeholder file is enough (and no pickle
+    // is kept in the repository).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("llama2").join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::write(dir.path().join("pytorch_model.bin"), b"not a real pickle").unwrap();
+    let err = Checkpoint::open(dir.path().to_str().unwrap(), None).err().unwrap();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("pytorch_model.bin") && msg.contains("safetensors") && msg.contains("save_pretrained"),

@@ -348,23 +348,6 @@ def main():
     ).save_pretrained(folder)
     print(f"{'unsupported-phi3':<12} config.json only ({(folder / 'config.json').stat().st_size} bytes)")
 
-    # pytorch-bin: a tiny llama with pytorch_model.bin + config.json only; kdllm must refuse it.
-    folder = fresh_dir("pytorch-bin")
-    torch.manual_seed(9)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=64,
-        )
-    )
-    reinit(model, 9)
-    model.save_pretrained(folder, safe_serialization=False)
-    for f in folder.iterdir():
-        if f.name not in ("config.json", "pytorch_model.bin"):
-            f.unlink()
-    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
-    print(f"{'pytorch-bin':<12} params {model.num_parameters():>6}  pytorch_model.bin + config.json")
-
     total = sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file())
     print(f"total tests/fixtures: {total / 1024:.1f} KiB")
     assert total < 2 * 1024 * 1024

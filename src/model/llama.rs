@@ -760,13 +760,7 @@ impl Llama {
         load_weights(&varmap, weights)?;
         // Plain tensors, not Vars: ops on Vars record the graph for a backward pass, which would
         // keep every activation of a forward alive until its output is dropped.
-        let tensors = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
+        let tensors = tensors(&varmap).into_iter().map(|(k, t)| (k, t.detach())).collect();
         let mut model = Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))?;
         model.freeze()?;
         Ok(model)
@@ -782,14 +776,6 @@ impl Llama {
             }
         }
         self.lm_head.freeze()
-    }
-
-    /// Loads a model from a folder in the HF layout with its weights as f32 `Var`s, for training.
-    pub fn load_trainable(dir: &Path, device: &Device) -> Result<(VarMap, Self)> {
-        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let (varmap, model) = Self::trainable(&cfg, device)?;
-        load_weights(&varmap, &Weights::Files(weight_files(dir)?))?;
-        Ok((varmap, model))
     }
 
     /// A model whose weights are f32 `Var`s in the returned map (zero until initialized or loaded).
@@ -931,10 +917,12 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
 
 /// Writes config.json and model.safetensors (HF names, f32) into `dir`.
 pub fn save(cfg: &LlamaConfig, varmap: &VarMap, dir: &Path) -> Result<()> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let tensors: HashMap<String, Tensor> =
-        data.iter().map(|(k, v): (&String, &Var)| (k.clone(), v.as_tensor().clone())).collect();
-    save_tensors(cfg, &tensors, dir)
+    save_tensors(cfg, &tensors(varmap), dir)
+}
+
+/// The weights of `varmap` under their HF names (sharing storage with the Vars).
+pub fn tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
+    varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
 }
 
 /// Writes config.json and model.safetensors from tensors under their HF names.
@@ -1052,10 +1040,6 @@ mod tests {
         assert_cache_matches_full(&qwen);
         let off = LlamaConfig { use_sliding_window: Some(false), ..qwen };
         assert_eq!((off.window(0), off.window(1)), (None, None));
-    }
-
-    fn tensors(vm: &VarMap) -> HashMap<String, Tensor> {
-        vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
     }
 
     #[test]

@@ -4,7 +4,7 @@
 pub mod gguf;
 pub mod llama;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -53,8 +53,6 @@ pub struct Checkpoint {
     pub id: String,
     /// The Hub commit, for Hub models.
     pub revision: Option<String>,
-    /// The folder holding it.
-    pub dir: PathBuf,
 }
 
 impl Checkpoint {
@@ -70,16 +68,8 @@ impl Checkpoint {
                 anyhow::bail!("`revision` ({rev}) applies to Hub models, not to the GGUF file {spec}");
             }
             let g = gguf::read(path)?;
-            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             let weights = Weights::Tensors(g.tensors);
-            return Ok(Self {
-                config: g.config,
-                weights,
-                tokenizer: g.tokenizer,
-                id: spec.into(),
-                revision: None,
-                dir,
-            });
+            return Ok(Self { config: g.config, weights, tokenizer: g.tokenizer, id: spec.into(), revision: None });
         }
         let files = hub::resolve(spec, revision, &HubOptions::from_env()?)?;
         let dir = files.dir;
@@ -87,7 +77,7 @@ impl Checkpoint {
         let weights = Weights::Files(llama::weight_files(&dir)?);
         let tokenizer =
             Tokenizer::from_folder(&dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-        Ok(Self { config, weights, tokenizer, id: files.id, revision: files.revision, dir })
+        Ok(Self { config, weights, tokenizer, id: files.id, revision: files.revision })
     }
 
     /// The model for inference, computing in `precision`.
@@ -100,12 +90,9 @@ impl Checkpoint {
     /// kept, renumbered in the given order (a student cut out of its teacher, as DistilBERT was).
     pub fn trainable(&self, device: &Device, layers: Option<&[usize]>) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
         let mut cfg = self.config.clone();
-        let (varmap, model) = match layers {
-            None => {
-                let (vm, m) = Llama::trainable(&cfg, device)?;
-                llama::load_weights(&vm, &self.weights)?;
-                (vm, m)
-            }
+        let kept;
+        let weights = match layers {
+            None => &self.weights,
             Some(layers) => {
                 let n = self.config.num_hidden_layers;
                 if layers.is_empty() {
@@ -118,36 +105,51 @@ impl Checkpoint {
                 if let Some(types) = &mut cfg.layer_types {
                     *types = layers.iter().map(|&l| types[l].clone()).collect();
                 }
-                let (vm, m) = Llama::trainable(&cfg, device)?;
-                llama::load_weights(&vm, &keep_layers(&self.weights, layers)?)?;
-                (vm, m)
+                kept = keep_layers(&self.weights, layers)?;
+                &kept
             }
         };
+        let (varmap, model) = Llama::trainable(&cfg, device)?;
+        llama::load_weights(&varmap, weights)?;
         Ok((cfg, varmap, model))
     }
 }
 
-/// The tensors of `weights` with only `layers` kept, renumbered 0.. in the given order.
+/// The tensors of `weights` with only `layers` kept, renumbered 0.. in the given order; the
+/// layers left out are never read.
 fn keep_layers(weights: &Weights, layers: &[usize]) -> anyhow::Result<Weights> {
-    let all: Vec<(String, Tensor)> = match weights {
-        Weights::Tensors(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        Weights::Files(files) => {
-            // SAFETY: the files are opened read-only and not modified while mapped.
-            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
-            let names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
-            names.into_iter().map(|n| Ok((n.clone(), st.load(&n, &Device::Cpu)?))).collect::<anyhow::Result<_>>()?
+    // New names of an old tensor name: itself outside the layers, one per place the layer is kept.
+    let renamed = |name: &str| -> Vec<String> {
+        match layer_of(name) {
+            None => vec![name.to_string()],
+            Some((old, rest)) => layers
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l == old)
+                .map(|(new, _)| format!("model.layers.{new}.{rest}"))
+                .collect(),
         }
     };
     let mut kept = std::collections::HashMap::new();
-    for (name, tensor) in all {
-        match layer_of(&name) {
-            None => {
-                kept.insert(name, tensor);
+    let mut keep = |name: &str, load: &dyn Fn() -> anyhow::Result<Tensor>| -> anyhow::Result<()> {
+        let names = renamed(name);
+        if !names.is_empty() {
+            let tensor = load()?;
+            kept.extend(names.into_iter().map(|n| (n, tensor.clone())));
+        }
+        Ok(())
+    };
+    match weights {
+        Weights::Tensors(map) => {
+            for (name, tensor) in map {
+                keep(name, &|| Ok(tensor.clone()))?;
             }
-            Some((old, rest)) => {
-                for (new, _) in layers.iter().enumerate().filter(|(_, &l)| l == old) {
-                    kept.insert(format!("model.layers.{new}.{rest}"), tensor.clone());
-                }
+        }
+        Weights::Files(files) => {
+            // SAFETY: the files are opened read-only and not modified while mapped.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
+            for (name, _) in st.tensors() {
+                keep(&name, &|| Ok(st.load(&name, &Device::Cpu)?))?;
             }
         }
     }

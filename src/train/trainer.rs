@@ -73,19 +73,19 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
 /// Prompt tokens (with BOS) followed by completion tokens and EOS; only the completion counts.
 /// An empty prompt (plain text) makes every token after BOS count.
 pub fn encode_example(tok: &Tokenizer, prompt: &str, completion: &str) -> anyhow::Result<Sequence> {
-    let mut ids = tok.encode(prompt, true)?;
-    let loss_from = ids.len();
-    ids.extend(tok.encode(completion, false)?);
-    ids.extend(tok.eos_ids().first());
-    Ok(Sequence { ids, loss_from, teacher: None })
+    encode(tok, prompt, completion, true)
 }
 
 /// A teacher sample as text, encoded with another tokenizer; EOS only where the teacher stopped.
 fn retokenize(tok: &Tokenizer, s: &data::Sample) -> anyhow::Result<Sequence> {
-    let mut ids = tok.encode(&s.prompt, true)?;
+    encode(tok, &s.prompt, &s.completion, s.finish_reason == data::FinishReason::Stop)
+}
+
+fn encode(tok: &Tokenizer, prompt: &str, completion: &str, eos: bool) -> anyhow::Result<Sequence> {
+    let mut ids = tok.encode(prompt, true)?;
     let loss_from = ids.len();
-    ids.extend(tok.encode(&s.completion, false)?);
-    if s.finish_reason == data::FinishReason::Stop {
+    ids.extend(tok.encode(completion, false)?);
+    if eos {
         ids.extend(tok.eos_ids().first());
     }
     Ok(Sequence { ids, loss_from, teacher: None })
