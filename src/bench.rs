@@ -57,11 +57,20 @@ pub struct Machine {
     pub gemm_peak_gflops: f64,
 }
 
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Phases {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelReport {
     pub name: String,
     pub params: usize,
     pub train_tokens_per_sec: f64,
+    /// Seconds per step in forward (loss included), backward and the AdamW step.
+    pub train_phase_secs: Phases,
     /// 6 · params · tokens / s.
     pub train_gflops: f64,
     pub train_peak_mb: f64,
@@ -152,12 +161,13 @@ fn measure(
     let best = gen.iter().map(|g| g.1).fold(0.0, f64::max);
 
     reset_peak_memory();
-    let train_tokens_per_sec = train_speed(cfg, &varmap, model, job.train_steps)?;
+    let (train_tokens_per_sec, train_phase_secs) = train_speed(cfg, &varmap, model, job.train_steps)?;
     let train_peak_mb = peak_memory_mb();
     Ok(ModelReport {
         name: name.to_string(),
         params,
         train_tokens_per_sec,
+        train_phase_secs,
         train_gflops: 6.0 * params as f64 * train_tokens_per_sec / 1e9,
         train_peak_mb,
         train_state_mb: 3.0 * params as f64 * 4.0 / 1e6,
@@ -168,29 +178,43 @@ fn measure(
 }
 
 /// Forward, cross-entropy, backward and an AdamW step on random (B, T) batches; tokens/s over
-/// `steps` steps after one warm-up step.
-fn train_speed(cfg: &LlamaConfig, varmap: &candle_nn::VarMap, model: &Llama, steps: usize) -> anyhow::Result<f64> {
+/// `steps` steps after one warm-up step, and the mean time of each phase of a step.
+fn train_speed(
+    cfg: &LlamaConfig,
+    varmap: &candle_nn::VarMap,
+    model: &Llama,
+    steps: usize,
+) -> anyhow::Result<(f64, Phases)> {
     let vars: Vec<(String, Var)> =
         varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut opt = AdamW::new(vars, &TrainConfig::default())?;
     let mut rng = StdRng::seed_from_u64(0);
     let mut started = Instant::now();
+    let mut phases = Phases::default();
     for step in 0..=steps {
         if step == 1 {
             started = Instant::now();
+            phases = Phases::default();
         }
         let ids: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
         let ids = Tensor::from_vec(ids, (BATCH, SEQ + 1), &Device::Cpu)?;
         let (inputs, targets) = (ids.narrow(1, 0, SEQ)?, ids.narrow(1, 1, SEQ)?.flatten_all()?);
+        let t0 = Instant::now();
         let logits = model.forward(&inputs, None)?.reshape((BATCH * SEQ, cfg.vocab_size))?;
-        let grads = loss::cross_entropy(&logits, &targets)?.backward()?;
+        let loss = loss::cross_entropy(&logits, &targets)?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
         let grads: Vec<Tensor> = opt
             .vars()
             .map(|(name, v)| grads.get(v).cloned().with_context(|| format!("no gradient for {name}")))
             .collect::<anyhow::Result<_>>()?;
         opt.step(&grads, 1e-4, 1.0)?;
+        phases.forward += (t1 - t0).as_secs_f64() / steps as f64;
+        phases.backward += (t2 - t1).as_secs_f64() / steps as f64;
+        phases.optimizer += t2.elapsed().as_secs_f64() / steps as f64;
     }
-    Ok((steps * BATCH * SEQ) as f64 / started.elapsed().as_secs_f64())
+    Ok(((steps * BATCH * SEQ) as f64 / started.elapsed().as_secs_f64(), phases))
 }
 
 /// Greedy decoding of `new_tokens` tokens after 16-token random prompts, never stopping early;
@@ -293,10 +317,13 @@ fn peak_memory_mb() -> f64 {
 fn print_row(r: &ModelReport, m: &Machine) {
     let gen: Vec<String> = r.gen_tokens_per_sec.iter().map(|(b, t)| format!("b{b} {t:.0}")).collect();
     eprintln!(
-        "{:<34} {:>7.2}M params | train {:>6.0} tok/s {:>5.1} GFLOP/s ({:>4.1}% of peak) peak {:>6.0} MB (state {:.0} MB) | sample tok/s {} ({:.1} GFLOP/s) peak {:.0} MB",
+        "{:<34} {:>7.2}M params | train {:>6.0} tok/s (step: forward {:.2} s, backward {:.2} s, AdamW {:.2} s) {:>5.1} GFLOP/s ({:>4.1}% of peak) peak {:>6.0} MB (state {:.0} MB) | sample tok/s {} ({:.1} GFLOP/s) peak {:.0} MB",
         r.name,
         r.params as f64 / 1e6,
         r.train_tokens_per_sec,
+        r.train_phase_secs.forward,
+        r.train_phase_secs.backward,
+        r.train_phase_secs.optimizer,
         r.train_gflops,
         100.0 * r.train_gflops / m.gemm_peak_gflops,
         r.train_peak_mb,

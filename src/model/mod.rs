@@ -3,6 +3,7 @@
 
 pub mod gguf;
 pub mod llama;
+pub mod ops;
 
 use std::path::Path;
 

@@ -5,8 +5,9 @@
 //! Normalisation lives here and only here: every term is a mean over the N positions,
 //! and an empty selection (N = 0) gives 0.
 
-use candle_core::{DType, Result, Tensor, D};
-use candle_nn::ops::log_softmax;
+use candle_core::{DType, Result, Tensor};
+
+use crate::model::ops::{log_softmax, nll_rows};
 
 /// A teacher tail bucket below this mass is treated as this mass (keeps log finite).
 const MIN_TAIL: f64 = 1e-10;
@@ -23,9 +24,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if n == 0 {
         return Tensor::zeros((), DType::F32, logits.device());
     }
-    let logp = log_softmax(logits, D::Minus1)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
-    picked.sum_all()?.affine(-1.0 / n as f64, 0.0)
+    // Fused: the (N, V) log-probabilities are never materialised.
+    nll_rows(logits, targets)?.sum_all()?.affine(1.0 / n as f64, 0.0)
 }
 
 /// `T² · (1/N) Σ_n KL(p_T ‖ q_T)` over K + 1 buckets: the teacher's top-k ids and one tail.
@@ -52,7 +52,7 @@ pub fn topk_kl(logits: &Tensor, teacher_ids: &Tensor, teacher_logprobs: &Tensor,
 
 /// log q_T over [top-k ids..., tail], (N, K + 1).
 fn student_buckets(logits: &Tensor, ids: &Tensor, t: f64) -> Result<Tensor> {
-    let logq = log_softmax(&logits.affine(1.0 / t, 0.0)?, D::Minus1)?;
+    let logq = log_softmax(logits, 1.0 / t)?;
     let top = logq.gather(ids, 1)?;
     let inside = top.exp()?.sum_keepdim(1)?;
     let tail = inside.affine(-1.0, 1.0)?.maximum(MIN_TAIL)?.log()?;
@@ -65,7 +65,7 @@ fn teacher_buckets(logprobs: &Tensor, t: f64) -> Result<Tensor> {
     let inside = logprobs.exp()?.sum_keepdim(1)?;
     let tail = inside.affine(-1.0, 1.0)?.maximum(MIN_TAIL)?.log()?;
     let buckets = Tensor::cat(&[&logprobs, &tail], 1)?;
-    log_softmax(&buckets.affine(1.0 / t, 0.0)?, D::Minus1)
+    log_softmax(&buckets, 1.0 / t)
 }
 
 /// Each term of the loss for one batch; `kl` is None when there is no teacher top-k or alpha = 0.

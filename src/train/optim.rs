@@ -5,6 +5,7 @@
 use candle_core::{Result, Tensor, Var};
 
 use super::TrainConfig;
+use crate::model::ops::adamw_step;
 
 struct Param {
     name: String,
@@ -48,15 +49,9 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2 = 1.0 - b2.powi(self.step as i32);
         for (p, g) in self.params.iter_mut().zip(grads) {
-            let g = (g * grad_scale)?;
-            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&p.m / bc1)? / ((&p.v / bc2)?.sqrt()? + self.eps)?)?;
-            let mut theta = p.var.as_tensor().clone();
-            if p.decay && self.weight_decay > 0.0 {
-                theta = (theta * (1.0 - lr * self.weight_decay))?;
-            }
-            p.var.set(&(theta - (update * lr)?)?)?;
+            let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
+            // In place: weights and moments are updated where they lie, in one fused pass each.
+            adamw_step(p.var.as_tensor(), &p.m, &p.v, g, grad_scale, (b1, b2), (bc1, bc2), lr, self.eps, decay)?;
         }
         Ok(())
     }

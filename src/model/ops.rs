@@ -1,0 +1,825 @@
+//! Fused CPU kernels, each with a hand-written backward, for the ops training spends its time in.
+//!
+//! candle's own fused RMSNorm, softmax and RoPE have no backward, and their differentiable
+//! compositions allocate and sweep one tensor per elementary op (page faults and memory
+//! traffic, not FLOPs, then dominate a small model). Each op here makes one pass forward and
+//! one backward. Inputs are f32; callers cast other dtypes. Non-contiguous inputs are copied.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout};
+use candle_core::{Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Below this many elements one thread does the work (decode steps are tiny).
+const PAR_MIN: usize = 1 << 15;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    match (l.contiguous_offsets(), s) {
+        (Some((a, b)), CpuStorage::F32(v)) => Ok(&mut v[a..b]),
+        _ => bail!("{op}: destination must be contiguous f32"),
+    }
+}
+
+/// Calls `f(i, row)` for each `width`-wide row of `out`, in parallel when `out` is large.
+fn each_row(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() < PAR_MIN {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        out.par_chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() != DType::F32 {
+        bail!("fused ops take f32, got {:?}", t.dtype());
+    }
+    t.contiguous()
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// `x / sqrt(mean(x²) + eps) * w` over the last dimension of x; w has that dimension's size.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    f32_contiguous(x)?.apply_op2(&f32_contiguous(w)?, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "kdllm-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let c = w.len();
+        if c == 0 || x.len() % c != 0 {
+            bail!("rms_norm: weight of {c} does not divide input of {}", x.len());
+        }
+        let mut y = vec![0f32; x.len()];
+        each_row(&mut y, c, |i, row| {
+            let xr = &x[i * c..(i + 1) * c];
+            let r = inv_rms(xr, self.eps);
+            for ((o, &xv), &wv) in row.iter_mut().zip(xr).zip(w) {
+                *o = xv * r * wv;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = w.elem_count();
+        let rows = x.elem_count() / c;
+        // One kernel writes dx (rows) and dw (one extra row).
+        let both = x.apply_op3_no_bwd(w, &f32_contiguous(dy)?, &RmsNormBwd { eps: self.eps })?;
+        let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = both.narrow(0, rows, 1)?.reshape(c)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct RmsNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "kdllm-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let c = w.len();
+        let rows = x.len() / c;
+        let mut out = vec![0f32; (rows + 1) * c];
+        let (dx, dw) = out.split_at_mut(rows * c);
+        // dx_j = r·dy_j·w_j − r³·x_j·(Σ_i dy_i·w_i·x_i)/C ; dw_j = Σ_rows dy_j·x_j·r
+        let block = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(block * c)
+            .enumerate()
+            .map(|(bi, chunk)| {
+                let mut dw = vec![0f32; c];
+                for (k, dxr) in chunk.chunks_mut(c).enumerate() {
+                    let i = bi * block + k;
+                    let (xr, dyr) = (&x[i * c..(i + 1) * c], &dy[i * c..(i + 1) * c]);
+                    let r = inv_rms(xr, self.eps);
+                    let s: f32 = dyr.iter().zip(w).zip(xr).map(|((d, w), x)| d * w * x).sum();
+                    let k3 = r * r * r * s / c as f32;
+                    for j in 0..c {
+                        dxr[j] = r * dyr[j] * w[j] - k3 * xr[j];
+                        dw[j] += dyr[j] * xr[j] * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        for p in partials {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, c))))
+    }
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// `softmax(scores · scale + mask)` over the last dimension of `scores` (B, H, T, S); `mask`
+/// (B, 1, T, S) is shared by all H heads and gets no gradient.
+pub fn softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scores = f32_contiguous(scores)?;
+    let scale = scale as f32;
+    match mask {
+        None => scores.apply_op1(Softmax { scale }),
+        Some(m) => {
+            let (_, heads, _, _) = scores.dims4()?;
+            scores.apply_op2(&f32_contiguous(m)?, MaskedSoftmax { heads, scale })
+        }
+    }
+}
+
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// dx = scale·y·(dy − Σ dy·y), from the softmax output y.
+fn softmax_bwd(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
+    y.apply_op2_no_bwd(&f32_contiguous(dy)?, &SoftmaxBwd { scale })
+}
+
+struct Softmax {
+    scale: f32,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "kdllm-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut y: Vec<f32> = f32s(s, l, self.name())?.iter().map(|v| v * self.scale).collect();
+        let width = l.dims().last().copied().unwrap_or(1);
+        each_row(&mut y, width, |_, row| softmax_in_place(row));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(softmax_bwd(y, dy, self.scale)?))
+    }
+}
+
+struct MaskedSoftmax {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "kdllm-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, mask) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let &[b, h, t, s] = l1.dims() else { bail!("masked softmax: scores must be (B, H, T, S)") };
+        if l2.dims() != [b, 1, t, s] || h != self.heads {
+            bail!("masked softmax: mask {:?} does not fit scores {:?}", l2.dims(), l1.dims());
+        }
+        let mut y = vec![0f32; x.len()];
+        each_row(&mut y, s, |i, row| {
+            let m = ((i / (h * t)) * t + i % t) * s;
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = x[i * s + j] * self.scale + mask[m + j];
+            }
+            softmax_in_place(row);
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(softmax_bwd(y, dy, self.scale)?), None))
+    }
+}
+
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "kdllm-softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let width = l1.dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        each_row(&mut dx, width, |i, row| {
+            let (yr, dyr) = (&y[i * width..(i + 1) * width], &dy[i * width..(i + 1) * width]);
+            let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+            for ((o, &yv), &d) in row.iter_mut().zip(yr).zip(dyr) {
+                *o = self.scale * yv * (d - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- log-softmax and cross-entropy
+
+/// `log_softmax(x · scale)` over the last dimension.
+pub fn log_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
+    f32_contiguous(x)?.apply_op1(LogSoftmax { scale: scale as f32 })
+}
+
+struct LogSoftmax {
+    scale: f32,
+}
+
+/// (max, log Σ exp(x·scale − max)) of a row.
+fn log_sum_exp(row: &[f32], scale: f32) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+    let sum: f32 = row.iter().map(|&v| (v * scale - max).exp()).sum();
+    (max, sum.ln())
+}
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "kdllm-log-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let width = l.dims().last().copied().unwrap_or(1);
+        let mut y = vec![0f32; x.len()];
+        each_row(&mut y, width, |i, row| {
+            let xr = &x[i * width..(i + 1) * width];
+            let (max, lse) = log_sum_exp(xr, self.scale);
+            for (o, &v) in row.iter_mut().zip(xr) {
+                *o = v * self.scale - max - lse;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&f32_contiguous(dy)?, &LogSoftmaxBwd { scale: self.scale })?))
+    }
+}
+
+struct LogSoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for LogSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "kdllm-log-softmax-bwd"
+    }
+
+    // dx = scale·(dy − softmax·Σ dy)
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let width = l1.dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        each_row(&mut dx, width, |i, row| {
+            let (yr, dyr) = (&y[i * width..(i + 1) * width], &dy[i * width..(i + 1) * width]);
+            let total: f32 = dyr.iter().sum();
+            for ((o, &yv), &d) in row.iter_mut().zip(yr).zip(dyr) {
+                *o = self.scale * (d - yv.exp() * total);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Per-row negative log-likelihood `−log softmax(z_n)[y_n]`, (N), of u32 targets (N) under
+/// logits (N, V), without materialising the (N, V) log-probabilities.
+pub fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if targets.dtype() != DType::U32 {
+        bail!("nll_rows: targets must be u32, got {:?}", targets.dtype());
+    }
+    f32_contiguous(logits)?.apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+struct CrossEntropy;
+
+fn u32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<u32>()?[a..b]),
+        None => bail!("targets must be contiguous"),
+    }
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "kdllm-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (z, y) = (f32s(s1, l1, self.name())?, u32s(s2, l2)?);
+        let &[n, v] = l1.dims() else { bail!("cross-entropy: logits must be (N, V)") };
+        if y.len() != n {
+            bail!("cross-entropy: {} targets for {n} rows", y.len());
+        }
+        if let Some(bad) = y.iter().find(|&&t| t as usize >= v) {
+            bail!("cross-entropy: target id {bad} is outside the vocabulary of {v}");
+        }
+        let mut out = vec![0f32; n];
+        let rows = |(i, o): (usize, &mut f32)| {
+            let zr = &z[i * v..(i + 1) * v];
+            let (max, lse) = log_sum_exp(zr, 1.0);
+            *o = max + lse - zr[y[i] as usize];
+        };
+        if n * v < PAR_MIN {
+            out.iter_mut().enumerate().for_each(rows);
+        } else {
+            out.par_iter_mut().enumerate().for_each(rows);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, z: &Tensor, y: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(z.apply_op3_no_bwd(y, &f32_contiguous(g)?, &CrossEntropyBwd)?), None))
+    }
+}
+
+struct CrossEntropyBwd;
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "kdllm-cross-entropy-bwd"
+    }
+
+    // dz_n = g_n · (softmax(z_n) − onehot(y_n))
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (z, y, g) = (f32s(s1, l1, self.name())?, u32s(s2, l2)?, f32s(s3, l3, self.name())?);
+        let v = l1.dims()[1];
+        let mut dz = vec![0f32; z.len()];
+        each_row(&mut dz, v, |i, row| {
+            let zr = &z[i * v..(i + 1) * v];
+            let (max, lse) = log_sum_exp(zr, 1.0);
+            for (o, &zv) in row.iter_mut().zip(zr) {
+                *o = g[i] * (zv - max - lse).exp();
+            }
+            row[y[i] as usize] -= g[i];
+        });
+        Ok((CpuStorage::F32(dz), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- RoPE
+
+/// Rotates `x` (B, T, H, D) in HF's rotate-half layout and returns it as (B, H, T, D): the
+/// head transpose attention needs, in the same pass. `cos`/`sin` are (B, T, D).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    f32_contiguous(x)?.apply_op3(&f32_contiguous(cos)?, &f32_contiguous(sin)?, Rope)
+}
+
+struct Rope;
+
+/// Writes `x·cos + rotate_half(x)·sin` (forward) or its transpose `u·cos + rotate_halfᵀ(u·sin)`
+/// (backward) into `out`.
+fn rotate(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], backward: bool) {
+    let half = x.len() / 2;
+    for d in 0..half {
+        let (a, b) = (x[d], x[d + half]);
+        if backward {
+            out[d] = a * cos[d] + b * sin[d + half];
+            out[d + half] = b * cos[d + half] - a * sin[d];
+        } else {
+            out[d] = a * cos[d] - b * sin[d];
+            out[d + half] = b * cos[d + half] + a * sin[d + half];
+        }
+    }
+}
+
+fn rope_dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<[usize; 4]> {
+    let &[b, t, h, d] = l1.dims() else { bail!("rope: input must be 4-D") };
+    if l2.dims() != [b, t, d] || l3.dims() != [b, t, d] || d % 2 != 0 {
+        bail!("rope: tables {:?} do not fit input {:?}", l2.dims(), l1.dims());
+    }
+    Ok([b, t, h, d])
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "kdllm-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let [b, t, h, d] = rope_dims(l1, l2, l3)?;
+        let mut y = vec![0f32; x.len()];
+        // Output row (bi, hi, ti) reads input row (bi, ti, hi).
+        each_row(&mut y, d, |i, row| {
+            let (bi, hi, ti) = (i / (h * t), (i / t) % h, i % t);
+            let src = ((bi * t + ti) * h + hi) * d;
+            let tab = (bi * t + ti) * d;
+            rotate(row, &x[src..src + d], &cos[tab..tab + d], &sin[tab..tab + d], false);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, h, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(f32_contiguous(dy)?.apply_op3_no_bwd(cos, sin, &RopeBwd)?), None, None))
+    }
+}
+
+struct RopeBwd;
+
+impl CustomOp3 for RopeBwd {
+    fn name(&self) -> &'static str {
+        "kdllm-rope-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (dy, cos, sin) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let &[b, h, t, d] = l1.dims() else { bail!("rope backward: gradient must be 4-D") };
+        let mut dx = vec![0f32; dy.len()];
+        // dx row (bi, ti, hi) reads gradient row (bi, hi, ti).
+        each_row(&mut dx, d, |i, row| {
+            let (bi, ti, hi) = (i / (t * h), (i / h) % t, i % h);
+            let src = ((bi * h + hi) * t + ti) * d;
+            let tab = (bi * t + ti) * d;
+            rotate(row, &dy[src..src + d], &cos[tab..tab + d], &sin[tab..tab + d], true);
+        });
+        Ok((CpuStorage::F32(dx), Shape::from((b, t, h, d))))
+    }
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// `silu(gate) · up`, elementwise.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        bail!("silu_mul: gate {:?} and up {:?} differ", gate.shape(), up.shape());
+    }
+    f32_contiguous(gate)?.apply_op2(&f32_contiguous(up)?, SiluMul)
+}
+
+struct SiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "kdllm-silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let mut y = vec![0f32; g.len()];
+        let width = l1.dims().last().copied().unwrap_or(1);
+        each_row(&mut y, width, |i, row| {
+            for (j, o) in row.iter_mut().enumerate() {
+                let gv = g[i * width + j];
+                *o = gv * sigmoid(gv) * u[i * width + j];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One kernel writes [d_gate; d_up].
+        let both = g.apply_op3_no_bwd(u, &f32_contiguous(dy)?, &SiluMulBwd)?;
+        let n = g.elem_count();
+        let d_gate = both.narrow(0, 0, n)?.reshape(g.shape())?;
+        let d_up = both.narrow(0, n, n)?.reshape(g.shape())?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+struct SiluMulBwd;
+
+impl CustomOp3 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "kdllm-silu-mul-bwd"
+    }
+
+    // d_gate = dy·u·σ(g)·(1 + g·(1 − σ(g))) ; d_up = dy·g·σ(g)
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        let width = l1.dims().last().copied().unwrap_or(1);
+        let kernel = |(i, (dg, du)): (usize, (&mut [f32], &mut [f32]))| {
+            for j in 0..dg.len() {
+                let k = i * width + j;
+                let s = sigmoid(g[k]);
+                dg[j] = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
+                du[j] = dy[k] * g[k] * s;
+            }
+        };
+        if n < PAR_MIN {
+            dg.chunks_mut(width).zip(du.chunks_mut(width)).enumerate().for_each(kernel);
+        } else {
+            dg.par_chunks_mut(width).zip(du.par_chunks_mut(width)).enumerate().for_each(kernel);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+}
+
+// ---------------------------------------------------------------- AdamW, in place
+
+/// One AdamW update of `theta` in place, with its moments `m` and `v` updated in place from
+/// gradient `g` (each multiplied by `grad_scale` first). `bias1`/`bias2` are 1 − βᵗ; `decay` the
+/// factor theta is multiplied by first (1 − lr·weight_decay, or 1).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    theta: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    grad_scale: f64,
+    (beta1, beta2): (f64, f64),
+    (bias1, bias2): (f64, f64),
+    lr: f64,
+    eps: f64,
+    decay: f64,
+) -> Result<()> {
+    let g = f32_contiguous(g)?;
+    if g.shape() != theta.shape() {
+        bail!("adamw: gradient {:?} for a parameter of {:?}", g.shape(), theta.shape());
+    }
+    let s = grad_scale as f32;
+    m.inplace_op2(&g, &Moment { beta: beta1 as f32, scale: s, squared: false })?;
+    v.inplace_op2(&g, &Moment { beta: beta2 as f32, scale: s, squared: true })?;
+    theta.inplace_op3(
+        m,
+        v,
+        &AdamUpdate { lr: lr as f32, eps: eps as f32, bias1: bias1 as f32, bias2: bias2 as f32, decay: decay as f32 },
+    )
+}
+
+/// m ← β·m + (1 − β)·(s·g), or with (s·g)² when `squared`.
+struct Moment {
+    beta: f32,
+    scale: f32,
+    squared: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "kdllm-adam-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let (m, g) = (f32s_mut(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (b, s, sq) = (self.beta, self.scale, self.squared);
+        m.par_chunks_mut(1 << 16).zip(g.par_chunks(1 << 16)).for_each(|(m, g)| {
+            for (m, &g) in m.iter_mut().zip(g) {
+                let g = s * g;
+                *m = b * *m + (1.0 - b) * if sq { g * g } else { g };
+            }
+        });
+        Ok(())
+    }
+}
+
+/// θ ← decay·θ − lr·(m / bias1) / (sqrt(v / bias2) + eps)
+struct AdamUpdate {
+    lr: f32,
+    eps: f32,
+    bias1: f32,
+    bias2: f32,
+    decay: f32,
+}
+
+impl InplaceOp3 for AdamUpdate {
+    fn name(&self) -> &'static str {
+        "kdllm-adam-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let theta = f32s_mut(s1, l1, self.name())?;
+        let (m, v) = (f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let c = 1 << 16;
+        theta.par_chunks_mut(c).zip(m.par_chunks(c)).zip(v.par_chunks(c)).for_each(|((th, m), v)| {
+            for ((th, &m), &v) in th.iter_mut().zip(m).zip(v) {
+                *th = self.decay * *th - self.lr * (m / self.bias1) / ((v / self.bias2).sqrt() + self.eps);
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic values without a RNG dependency: a scrambled sine.
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 * 12.9898 + seed as f32 * 78.233).sin() * 43758.547).fract() * 2.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Checks a fused op against the composed candle ops: same value, and the same gradients of
+    /// `Σ out·w` (w a fixed random weighting) for each input.
+    fn check<F, G>(inputs: &[Tensor], fused: F, composed: G, tol: f32)
+    where
+        F: Fn(&[Tensor]) -> Tensor,
+        G: Fn(&[Tensor]) -> Tensor,
+    {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), composed(&ts));
+        assert_eq!(a.shape(), b.shape());
+        assert!(max_diff(&a, &b) < tol, "values differ by {}", max_diff(&a, &b));
+        let w = randn(a.dims(), 99);
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v).expect("fused gradient"), gb.get(v).expect("composed gradient"));
+            assert!(max_diff(x, y) < tol, "gradient of input {i} differs by {}", max_diff(x, y));
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composed() {
+        let composed = |t: &[Tensor]| {
+            let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            t[0].broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&t[1]).unwrap()
+        };
+        // Large enough to take the parallel path too.
+        for rows in [3, 300] {
+            check(&[randn(&[rows, 128], 1), randn(&[128], 2)], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(), composed, 1e-4);
+        }
+    }
+
+    #[test]
+    fn softmax_with_and_without_mask_matches_composed() {
+        let scores = randn(&[2, 3, 5, 5], 3);
+        let mut m = vec![0f32; 2 * 25];
+        for (i, v) in m.iter_mut().enumerate() {
+            if (i % 5) > (i / 5) % 5 {
+                *v = -1e9;
+            }
+        }
+        let mask = Tensor::from_vec(m, (2, 1, 5, 5), &Device::Cpu).unwrap();
+        let sm = |x: &Tensor| candle_nn::ops::softmax(x, D::Minus1).unwrap();
+        check(&[scores.clone()], |t| softmax(&t[0], 1.0, None).unwrap(), |t| sm(&t[0]), 1e-5);
+        let mk = mask.clone();
+        check(
+            &[scores],
+            |t| softmax(&t[0], 0.3, Some(&mask)).unwrap(),
+            move |t| sm(&(&t[0] * 0.3).unwrap().broadcast_add(&mk).unwrap()),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn log_softmax_and_nll_match_composed() {
+        let z = randn(&[7, 300], 4);
+        check(
+            &[z.clone()],
+            |t| log_softmax(&t[0], 0.5).unwrap(),
+            |t| candle_nn::ops::log_softmax(&(&t[0] * 0.5).unwrap(), D::Minus1).unwrap(),
+            1e-5,
+        );
+        let y = Tensor::new(&[0u32, 5, 299, 17, 3, 3, 100], &Device::Cpu).unwrap();
+        let y2 = y.clone();
+        check(
+            &[z],
+            move |t| nll_rows(&t[0], &y).unwrap(),
+            move |t| {
+                let lp = candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap();
+                lp.gather(&y2.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap()
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn nll_refuses_targets_outside_the_vocabulary() {
+        let err = nll_rows(&randn(&[2, 4], 1), &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("target id 4"), "{err}");
+    }
+
+    #[test]
+    fn rope_matches_rotate_half() {
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let x = randn(&[b, t, h, d], 5);
+        let ang = randn(&[b, t, d], 6);
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let (c2, s2) = (cos.unsqueeze(1).unwrap(), sin.unsqueeze(1).unwrap());
+        let composed = move |ts: &[Tensor]| {
+            let x = ts[0].transpose(1, 2).unwrap();
+            let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
+            let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
+            let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+            (x.broadcast_mul(&c2).unwrap() + rot.broadcast_mul(&s2).unwrap()).unwrap()
+        };
+        check(&[x], |ts| rope(&ts[0], &cos, &sin).unwrap(), composed, 1e-5);
+    }
+
+    #[test]
+    fn silu_mul_matches_composed() {
+        check(
+            &[randn(&[4, 33], 7), randn(&[4, 33], 8)],
+            |t| silu_mul(&t[0], &t[1]).unwrap(),
+            |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn adamw_step_matches_the_formula() {
+        let theta = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+        let (m, v) = (Tensor::new(&[0.1f32, 0.0, -0.2], &Device::Cpu).unwrap(), Tensor::new(&[0.01f32, 0.0, 0.04], &Device::Cpu).unwrap());
+        let g = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
+        let (b1, b2, lr, eps, decay, scale) = (0.9f32, 0.99f32, 0.1f32, 1e-8f32, 0.95f32, 0.5f32);
+        let (bc1, bc2) = (1.0 - b1 * b1, 1.0 - b2 * b2);
+        let (th0, m0, v0, g0) = (theta.to_vec1::<f32>().unwrap(), m.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap(), g.to_vec1::<f32>().unwrap());
+        adamw_step(&theta, &m, &v, &g, scale as f64, (b1 as f64, b2 as f64), (bc1 as f64, bc2 as f64), lr as f64, eps as f64, decay as f64).unwrap();
+        let (th, m1, v1) = (theta.to_vec1::<f32>().unwrap(), m.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap());
+        for i in 0..3 {
+            let gs = g0[i] * scale;
+            let em = b1 * m0[i] + (1.0 - b1) * gs;
+            let ev = b2 * v0[i] + (1.0 - b2) * gs * gs;
+            let et = decay * th0[i] - lr * (em / bc1) / ((ev / bc2).sqrt() + eps);
+            assert!((m1[i] - em).abs() < 1e-6 && (v1[i] - ev).abs() < 1e-6 && (th[i] - et).abs() < 1e-6, "{i}: {th:?} {m1:?} {v1:?}");
+        }
+    }
+}
