@@ -33,7 +33,7 @@ pub struct BenchJob {
     pub configs: Vec<String>,
     /// A GGUF teacher to measure as well.
     pub gguf: Option<PathBuf>,
-    /// Training steps timed per config (after one warm-up step).
+    /// Training steps timed per config (after one warm-up step); 0 skips training.
     pub train_steps: usize,
     /// New tokens per sampled sequence.
     pub new_tokens: usize,
@@ -161,7 +161,10 @@ fn measure(
     let best = gen.iter().map(|g| g.1).fold(0.0, f64::max);
 
     reset_peak_memory();
-    let (train_tokens_per_sec, train_phase_secs) = train_speed(cfg, &varmap, model, job.train_steps)?;
+    let (train_tokens_per_sec, train_phase_secs) = match job.train_steps {
+        0 => (0.0, Phases::default()),
+        steps => train_speed(cfg, &varmap, model, steps)?,
+    };
     let train_peak_mb = peak_memory_mb();
     Ok(ModelReport {
         name: name.to_string(),

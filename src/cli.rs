@@ -35,7 +35,7 @@ pub struct BenchArgs {
     /// Also measure this GGUF teacher (e.g. the SmolLM2 file from tools/fetch-smollm2.sh).
     #[arg(long)]
     pub gguf: Option<PathBuf>,
-    /// Timed training steps per config (batch 8 × 256 tokens), after one warm-up step.
+    /// Timed training steps per config (batch 8 × 256 tokens), after one warm-up step; 0 skips training.
     #[arg(long, default_value_t = 5)]
     pub train_steps: usize,
     /// Tokens generated per sequence.

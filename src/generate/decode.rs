@@ -4,6 +4,7 @@
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 
 use super::sampler;
 use crate::data::FinishReason;
@@ -72,21 +73,32 @@ pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &Deco
 
     for step in 0..s.max_new_tokens {
         let rows = last.to_vec2::<f32>()?;
+        // Rows are independent (each has its own RNG): sample them in parallel.
+        let picks: Vec<Option<(u32, f32)>> = rows
+            .par_iter()
+            .zip(rngs.par_iter_mut())
+            .zip(out.par_iter_mut())
+            .zip(&done)
+            .map(|(((row, rng), c), &finished)| {
+                if finished {
+                    return None;
+                }
+                let lp = sampler::log_softmax(row);
+                let tok = sampler::sample(&lp, s.temperature, s.top_k, s.top_p, rng);
+                if s.logprobs > 0 {
+                    let (ids, lps) = sampler::top_k(&lp, s.logprobs).into_iter().unzip();
+                    c.topk_ids.push(ids);
+                    c.topk_logprobs.push(lps);
+                }
+                Some((tok, lp[tok as usize]))
+            })
+            .collect();
         let mut next = vec![0u32; b];
-        for (i, row) in rows.iter().enumerate() {
-            if done[i] {
-                continue;
-            }
-            let lp = sampler::log_softmax(row);
-            let tok = sampler::sample(&lp, s.temperature, s.top_k, s.top_p, &mut rngs[i]);
+        for (i, pick) in picks.into_iter().enumerate() {
+            let Some((tok, lp)) = pick else { continue };
             let c = &mut out[i];
             c.ids.push(tok);
-            c.token_logprobs.push(lp[tok as usize]);
-            if s.logprobs > 0 {
-                let (ids, lps) = sampler::top_k(&lp, s.logprobs).into_iter().unzip();
-                c.topk_ids.push(ids);
-                c.topk_logprobs.push(lps);
-            }
+            c.token_logprobs.push(lp);
             if s.eos_ids.contains(&tok) {
                 c.finish = FinishReason::Stop;
                 done[i] = true;

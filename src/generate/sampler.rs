@@ -26,15 +26,44 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, values[i as usize])).collect()
 }
 
+/// The id of the largest entry (the lowest such id on ties).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Samples a token from log-probs `logprobs`. Temperature 0 is greedy; `top_k` 0 and
 /// `top_p` 1 are off. Among tokens that survive the filters, p ∝ exp(logprob / T).
 pub fn sample(logprobs: &[f32], temperature: f64, top_k_n: usize, top_p: f64, rng: &mut impl Rng) -> u32 {
     if temperature <= 0.0 {
-        return top_k(logprobs, 1)[0].0;
+        return argmax(logprobs);
+    }
+    let inv_t = 1.0 / temperature as f32;
+    if (top_k_n == 0 || top_k_n >= logprobs.len()) && top_p >= 1.0 {
+        // No filter: draw from the whole vocabulary in id order, without sorting it.
+        let max = logprobs[argmax(logprobs) as usize] * inv_t;
+        let total: f32 = logprobs.iter().map(|lp| (lp * inv_t - max).exp()).sum();
+        let mut r = rng.random::<f32>() * total;
+        let mut last = 0;
+        for (id, lp) in logprobs.iter().enumerate() {
+            let w = (lp * inv_t - max).exp();
+            if r < w {
+                return id as u32;
+            }
+            r -= w;
+            if w > 0.0 {
+                last = id;
+            }
+        }
+        return last as u32;
     }
     let k = if top_k_n == 0 { logprobs.len() } else { top_k_n };
     let mut cands = top_k(logprobs, k);
-    let inv_t = 1.0 / temperature as f32;
     let max = cands[0].1 * inv_t;
     let mut weights: Vec<f32> = cands.iter().map(|(_, lp)| (lp * inv_t - max).exp()).collect();
     if top_p < 1.0 {
@@ -90,6 +119,7 @@ mod tests {
             assert_eq!(sample(&lp, 1.0, 0, 0.4, &mut rng), 0);
         }
         assert_eq!(sample(&lp, 0.0, 0, 1.0, &mut rng), 0, "temperature 0 is greedy");
+        assert_eq!(argmax(&[0.5, 2.0, 2.0, -1.0]), 1, "ties go to the lower id");
     }
 
     #[test]
@@ -102,5 +132,8 @@ mod tests {
         // Temperature 2 flattens 1:3 to 1:√3 → p1 ≈ 0.634.
         let ones = (0..4000).filter(|_| sample(&lp, 2.0, 0, 1.0, &mut rng) == 1).count();
         assert!((ones as f64 / 4000.0 - 0.634).abs() < 0.03);
+        // The filtered path (top_k = 2 keeps both tokens) draws from the same distribution.
+        let ones = (0..4000).filter(|_| sample(&lp, 1.0, 2, 1.0, &mut rng) == 1).count();
+        assert!((ones as f64 / 4000.0 - 0.75).abs() < 0.03);
     }
 }

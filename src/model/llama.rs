@@ -480,7 +480,13 @@ impl Linear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight_t {
-            Some(wt) => add_bias(x.matmul(wt)?, self.bias.as_ref()),
+            Some(wt) => {
+                let y = match ops::matmul_few_rows(x, &self.weight)? {
+                    Some(y) => y,
+                    None => x.matmul(wt)?,
+                };
+                add_bias(y, self.bias.as_ref())
+            }
             None => linear(x, &self.weight, self.bias.as_ref()),
         }
     }

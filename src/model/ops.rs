@@ -587,6 +587,139 @@ impl CustomOp3 for SiluMulBwd {
     }
 }
 
+// ---------------------------------------------------------------- few-row matmul (decoding)
+
+/// Row counts up to which [`matmul_few_rows`] beats the GEMM (decode steps of small batches).
+pub const FEW_ROWS: usize = 16;
+
+/// `x · wᵀ` for x (M, K) with M ≤ [`FEW_ROWS`] and w (N, K) as stored, without gradient. The GEMM
+/// packs the whole weight matrix at every call, which dominates a decode step; this kernel
+/// streams each weight row once and reuses it for every row of x. `None` where it does not apply
+/// (no AVX-512, more rows, not f32): the caller multiplies with the GEMM.
+pub fn matmul_few_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fits = x.rank() == 2 && x.dim(0)? <= FEW_ROWS && w.rank() == 2 && x.dim(1)? == w.dim(1)?;
+        if fits
+            && x.dtype() == DType::F32
+            && w.dtype() == DType::F32
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            return Ok(Some(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &FewRows)?));
+        }
+    }
+    let _ = (x, w);
+    Ok(None)
+}
+
+struct FewRows;
+
+impl CustomOp2 for FewRows {
+    fn name(&self) -> &'static str {
+        "kdllm-matmul-few-rows"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (&[m, k], &[n, _]) = (l1.dims(), l2.dims()) else { bail!("matmul_few_rows: needs 2-D operands") };
+        // Computed as yᵀ (N, M) so that each task owns whole rows, then transposed.
+        let mut yt = vec![0f32; n * m];
+        let per_task = 64;
+        let task = |(ti, chunk): (usize, &mut [f32])| {
+            let o0 = ti * per_task;
+            let rows = chunk.len() / m;
+            // SAFETY: matmul_few_rows checked AVX-512F; slices are in bounds by construction.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                few_rows::block(x, m, k, &w[o0 * k..(o0 + rows) * k], chunk)
+            };
+        };
+        if n * k < 1 << 18 {
+            yt.chunks_mut(per_task * m).enumerate().for_each(task);
+        } else {
+            yt.par_chunks_mut(per_task * m).enumerate().for_each(task);
+        }
+        let mut y = vec![0f32; m * n];
+        for (o, col) in yt.chunks(m).enumerate() {
+            for (mi, &v) in col.iter().enumerate() {
+                y[mi * n + o] = v;
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod few_rows {
+    use std::arch::x86_64::*;
+
+    /// yt[o·M + i] = w[o] · x[i] for every weight row o of `w` and row i of x (M, K).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn block(x: &[f32], m: usize, k: usize, w: &[f32], yt: &mut [f32]) {
+        let n = w.len() / k;
+        let mut o = 0;
+        while o < n {
+            let nb = (n - o).min(4);
+            let mut i = 0;
+            while i < m {
+                let mb = (m - i).min(4);
+                match (nb, mb) {
+                    (4, 4) => tile::<4, 4>(x, k, w, yt, m, o, i),
+                    (4, 3) => tile::<4, 3>(x, k, w, yt, m, o, i),
+                    (4, 2) => tile::<4, 2>(x, k, w, yt, m, o, i),
+                    (4, _) => tile::<4, 1>(x, k, w, yt, m, o, i),
+                    (_, 4) => tile::<1, 4>(x, k, w, yt, m, o, i),
+                    (_, 3) => tile::<1, 3>(x, k, w, yt, m, o, i),
+                    (_, 2) => tile::<1, 2>(x, k, w, yt, m, o, i),
+                    _ => tile::<1, 1>(x, k, w, yt, m, o, i),
+                }
+                i += mb;
+            }
+            o += if nb == 4 { 4 } else { 1 };
+        }
+    }
+
+    /// NB weight rows from `o` against MB rows of x from `i`: NB·MB accumulators in registers.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const NB: usize, const MB: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[f32],
+        yt: &mut [f32],
+        m: usize,
+        o: usize,
+        i: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); MB]; NB];
+        let vk = k / 16 * 16;
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut c = 0;
+        while c < vk {
+            let mut xs = [_mm512_setzero_ps(); MB];
+            for (j, xv) in xs.iter_mut().enumerate() {
+                *xv = _mm512_loadu_ps(xp.add((i + j) * k + c));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let wv = _mm512_loadu_ps(wp.add((o + r) * k + c));
+                for (a, xv) in row.iter_mut().zip(&xs) {
+                    *a = _mm512_fmadd_ps(wv, *xv, *a);
+                }
+            }
+            c += 16;
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*a);
+                for t in vk..k {
+                    s += w[(o + r) * k + t] * x[(i + j) * k + t];
+                }
+                yt[(o + r) * m + i + j] = s;
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- AdamW, in place
 
 /// One AdamW update of `theta` in place, with its moments `m` and `v` updated in place from
@@ -739,7 +872,7 @@ mod tests {
         }
         let mask = Tensor::from_vec(m, (2, 1, 5, 5), &Device::Cpu).unwrap();
         let sm = |x: &Tensor| candle_nn::ops::softmax(x, D::Minus1).unwrap();
-        check(&[scores.clone()], |t| softmax(&t[0], 1.0, None).unwrap(), |t| sm(&t[0]), 1e-5);
+        check(std::slice::from_ref(&scores), |t| softmax(&t[0], 1.0, None).unwrap(), |t| sm(&t[0]), 1e-5);
         let mk = mask.clone();
         check(
             &[scores],
@@ -753,7 +886,7 @@ mod tests {
     fn log_softmax_and_nll_match_composed() {
         let z = randn(&[7, 300], 4);
         check(
-            &[z.clone()],
+            std::slice::from_ref(&z),
             |t| log_softmax(&t[0], 0.5).unwrap(),
             |t| candle_nn::ops::log_softmax(&(&t[0] * 0.5).unwrap(), D::Minus1).unwrap(),
             1e-5,
@@ -822,4 +955,20 @@ mod tests {
             assert!((m1[i] - em).abs() < 1e-6 && (v1[i] - ev).abs() < 1e-6 && (th[i] - et).abs() < 1e-6, "{i}: {th:?} {m1:?} {v1:?}");
         }
     }
+    #[test]
+    fn few_row_matmul_matches_the_gemm() {
+        // Odd sizes exercise every tile shape and the scalar tail of K.
+        for (m, k, n) in [(1, 40, 9), (3, 37, 130), (8, 512, 1536), (16, 64, 70)] {
+            let x = randn(&[m, k], 11);
+            let w = randn(&[n, k], 12);
+            let Some(y) = matmul_few_rows(&x, &w).unwrap() else {
+                eprintln!("no AVX-512 here: the GEMM is used instead");
+                return;
+            };
+            let reference = x.matmul(&w.t().unwrap()).unwrap();
+            assert!(max_diff(&y, &reference) < 1e-3, "{m}x{k}x{n}: {}", max_diff(&y, &reference));
+        }
+        assert!(matmul_few_rows(&randn(&[FEW_ROWS + 1, 8], 1), &randn(&[4, 8], 2)).unwrap().is_none());
+    }
+
 }
