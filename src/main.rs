@@ -15,6 +15,11 @@ fn main() {
     // fresh huge pages (~15% of a training step, measured with perf).
     // SAFETY: sets one integer option of the allocator this binary is linked with.
     unsafe { mi_option_set(15, -1) };
+    // candle asks for its thread count at every matmul and, unless RAYON_NUM_THREADS is set,
+    // answers by parsing /proc/cpuinfo each time (measurable in small decode steps): ask once.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    }
     let cli = kdllm::cli::Cli::parse();
     if let Err(err) = kdllm::cli::run(cli) {
         // One line: each cause once (library messages often already quote their source).

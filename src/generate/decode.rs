@@ -43,6 +43,9 @@ impl Completion {
     }
 }
 
+/// Logit count of a step (rows × vocabulary) from which rows are sampled in parallel.
+const PARALLEL_SAMPLING: usize = 1 << 17;
+
 /// Completes each prompt; `rngs[i]` drives row i, so a row's tokens do not depend on
 /// which other prompts share its batch.
 pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &DecodeSettings) -> Result<Vec<Completion>> {
@@ -73,26 +76,26 @@ pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &Deco
 
     for step in 0..s.max_new_tokens {
         let rows = last.to_vec2::<f32>()?;
-        // Rows are independent (each has its own RNG): sample them in parallel.
-        let picks: Vec<Option<(u32, f32)>> = rows
-            .par_iter()
-            .zip(rngs.par_iter_mut())
-            .zip(out.par_iter_mut())
-            .zip(&done)
-            .map(|(((row, rng), c), &finished)| {
-                if finished {
-                    return None;
-                }
-                let lp = sampler::log_softmax(row);
-                let tok = sampler::sample(&lp, s.temperature, s.top_k, s.top_p, rng);
-                if s.logprobs > 0 {
-                    let (ids, lps) = sampler::top_k(&lp, s.logprobs).into_iter().unzip();
-                    c.topk_ids.push(ids);
-                    c.topk_logprobs.push(lps);
-                }
-                Some((tok, lp[tok as usize]))
-            })
-            .collect();
+        let pick = |(((row, rng), c), &finished): (((&Vec<f32>, &mut StdRng), &mut Completion), &bool)| {
+            if finished {
+                return None;
+            }
+            let lp = sampler::log_softmax(row);
+            let tok = sampler::sample(&lp, s.temperature, s.top_k, s.top_p, rng);
+            if s.logprobs > 0 {
+                let (ids, lps) = sampler::top_k(&lp, s.logprobs).into_iter().unzip();
+                c.topk_ids.push(ids);
+                c.topk_logprobs.push(lps);
+            }
+            Some((tok, lp[tok as usize]))
+        };
+        // Rows are independent (each has its own RNG): sample them in parallel when there is
+        // enough work to pay for waking the other threads.
+        let picks: Vec<Option<(u32, f32)>> = if b * rows[0].len() < PARALLEL_SAMPLING {
+            rows.iter().zip(rngs.iter_mut()).zip(out.iter_mut()).zip(&done).map(pick).collect()
+        } else {
+            rows.par_iter().zip(rngs.par_iter_mut()).zip(out.par_iter_mut()).zip(&done).map(pick).collect()
+        };
         let mut next = vec![0u32; b];
         for (i, pick) in picks.into_iter().enumerate() {
             let Some((tok, lp)) = pick else { continue };
