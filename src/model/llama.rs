@@ -581,9 +581,14 @@ impl Attention {
         let q = rope.apply(&heads(&self.q, self.heads)?, cos, sin)?;
         let mut k = rope.apply(&heads(&self.k, self.kv_heads)?, cos, sin)?;
         let mut v = heads(&self.v, self.kv_heads)?.transpose(1, 2)?.contiguous()?;
+        let decoding = kv.is_some();
         if let Some(cache) = kv {
             // Written in place into a preallocated buffer (no backward; decoding only).
             (k, v) = cache.append(&k.contiguous()?, &v.contiguous()?)?;
+        }
+        if decoding && t == 1 && q.dtype() == DType::F32 {
+            let out = ops::decode_attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), mask)?;
+            return self.o.forward(&out.reshape((b, self.heads * d))?);
         }
         // Grouped-query attention without copying keys and values per query head: the
         // H/K query heads of one kv head are stacked as rows, (B, H, T, D) → (B, K, H/K·T, D).

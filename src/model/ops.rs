@@ -587,6 +587,100 @@ impl CustomOp3 for SiluMulBwd {
     }
 }
 
+// ---------------------------------------------------------------- attention of one new token
+
+/// Attention output (B, H, 1, D) of one new query per row, q (B, H, 1, D), over cached keys and
+/// values (B, K, S, D) (strided views of the cache are read in place), with `mask` (B, S)
+/// additive and `scale` applied to the scores. No gradient: decoding only. Replaces B·K tiny
+/// GEMM calls per layer and step with one pass.
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mask = match mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    f32_contiguous(q)?.apply_op3_no_bwd(k, v, &DecodeAttention { scale: scale as f32, mask })
+}
+
+struct DecodeAttention {
+    scale: f32,
+    mask: Option<Vec<f32>>,
+}
+
+/// The f32 data of a 4-D tensor whose last dimension is contiguous, with its strides.
+fn strided4<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&'a [f32], [usize; 4])> {
+    let st = l.stride();
+    if st.len() != 4 || st[3] != 1 {
+        bail!("{op}: keys and values must be 4-D with a contiguous last dimension");
+    }
+    Ok((&s.as_slice::<f32>()?[l.start_offset()..], [st[0], st[1], st[2], st[3]]))
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight lanes so the compiler vectorizes the reduction.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "kdllm-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = f32s(s1, l1, self.name())?;
+        let &[b, h, 1, d] = l1.dims() else { bail!("decode attention: query must be (B, H, 1, D)") };
+        let (k, ks) = strided4(s2, l2, self.name())?;
+        let (v, vs) = strided4(s3, l3, self.name())?;
+        let &[kb, kh, s, kd] = l2.dims() else { bail!("decode attention: keys must be 4-D") };
+        if kb != b || kd != d || h % kh != 0 || l3.dims() != l2.dims() {
+            bail!("decode attention: q {:?}, k {:?}, v {:?} do not fit", l1.dims(), l2.dims(), l3.dims());
+        }
+        if self.mask.as_ref().is_some_and(|m| m.len() != b * s) {
+            bail!("decode attention: mask does not have B·S = {} entries", b * s);
+        }
+        let group = h / kh;
+        let mut out = vec![0f32; q.len()];
+        let head = |i: usize, o: &mut [f32]| {
+            let (bi, g) = (i / h, (i % h) / group);
+            let qr = &q[i * d..(i + 1) * d];
+            let mut p: Vec<f32> = (0..s)
+                .map(|j| {
+                    let kr = &k[bi * ks[0] + g * ks[1] + j * ks[2]..][..d];
+                    dot(qr, kr) * self.scale + self.mask.as_ref().map_or(0.0, |m| m[bi * s + j])
+                })
+                .collect();
+            softmax_in_place(&mut p);
+            for (j, pj) in p.iter().enumerate() {
+                let vr = &v[bi * vs[0] + g * vs[1] + j * vs[2]..][..d];
+                for (a, &x) in o.iter_mut().zip(vr) {
+                    *a += pj * x;
+                }
+            }
+        };
+        if b * h * s * d < PAR_MIN {
+            out.chunks_mut(d).enumerate().for_each(|(i, o)| head(i, o));
+        } else {
+            out.par_chunks_mut(d).enumerate().for_each(|(i, o)| head(i, o));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 // ---------------------------------------------------------------- few-row matmul (decoding)
 
 /// Row counts up to which [`matmul_few_rows`] beats the GEMM (decode steps of small batches).
@@ -969,6 +1063,24 @@ mod tests {
             assert!(max_diff(&y, &reference) < 1e-3, "{m}x{k}x{n}: {}", max_diff(&y, &reference));
         }
         assert!(matmul_few_rows(&randn(&[FEW_ROWS + 1, 8], 1), &randn(&[4, 8], 2)).unwrap().is_none());
+    }
+
+    #[test]
+    fn decode_attention_matches_the_composed_attention() {
+        // 2 rows, 4 query heads over 2 kv heads, 5 cached positions; keys and values are
+        // strided views of a larger buffer, as the KV cache hands them out.
+        let (b, h, kh, s, d) = (2, 4, 2, 5, 8);
+        let q = randn(&[b, h, 1, d], 20);
+        let k = randn(&[b, kh, 7, d], 21).narrow(2, 0, s).unwrap();
+        let v = randn(&[b, kh, 7, d], 22).narrow(2, 0, s).unwrap();
+        let mut m = vec![0f32; b * s];
+        m[s] = -1e9; // row 1 is left-padded by one position
+        let mask = Tensor::from_vec(m, (b, 1, 1, s), &Device::Cpu).unwrap();
+        let got = decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap();
+        let rep = |t: &Tensor| t.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, s, d)).unwrap();
+        let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() * 0.25).unwrap().broadcast_add(&mask).unwrap();
+        let want = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&rep(&v)).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
     }
 
 }
