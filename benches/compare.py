@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Runs `kdllm bench` and the PyTorch reference side by side, one config per process, and
-prints kdllm's throughput as a ratio of PyTorch's (f32 and bf16).
+prints kdllm's throughput as a ratio of PyTorch's (f32 and bf16). With --gguf, also times that
+GGUF model's generation in kdllm and in llama.cpp (benches/llama_cpp_bench.py) and compares them.
 
-Optional, not run by CI. Needs a release build and `pip install torch transformers`:
-    cargo build --release && python3 benches/compare.py [--configs 1M,5M,20M] [--out DIR]
+Optional, not run by CI. Needs a release build and `pip install torch transformers`
+(and `pip install llama-cpp-python==0.3.36` for --gguf):
+    cargo build --release && python3 benches/compare.py [--configs 1M,5M,20M|none] [--gguf PATH] [--out DIR]
+--skip-run reprints the tables from the JSON files already in --out.
 """
 
 import argparse
@@ -22,32 +25,54 @@ def run(cmd):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="1M,5M,20M")
+    ap.add_argument("--configs", default="1M,5M,20M", help="comma-separated, or `none`")
+    ap.add_argument("--gguf", help="also compare this GGUF model's generation with llama.cpp")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gen-batches", default="1,8,32")
     ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--skip-run", action="store_true", help="only print the tables from the JSON files in --out")
     a = ap.parse_args()
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     common = ["--train-steps", str(a.train_steps), "--new-tokens", str(a.new_tokens), "--gen-batches", a.gen_batches]
+    configs = [] if a.configs in ("", "none") else a.configs.split(",")
     rows = []
-    for name in a.configs.split(","):
+    for name in configs:
         k = out / f"kdllm-{name}.json"
-        run([ROOT / "target/release/kdllm", "bench", "--configs", name, "--json", k, *common])
+        if not a.skip_run:
+            run([ROOT / "target/release/kdllm", "bench", "--configs", name, "--json", k, *common])
         ours = json.loads(k.read_text())
         theirs = {}
         for dtype in ["f32", "bf16"]:
             t = out / f"torch-{name}-{dtype}.json"
-            run([sys.executable, ROOT / "benches/torch_bench.py", "--config", name, "--dtype", dtype,
-                 "--threads", str(a.threads), "--json", t, *common])
+            if not a.skip_run:
+                run([sys.executable, ROOT / "benches/torch_bench.py", "--config", name, "--dtype", dtype,
+                     "--threads", str(a.threads), "--json", t, *common])
             theirs[dtype] = json.loads(t.read_text())
         rows.append((name, ours, theirs))
 
-    print(f"\nmachine: {rows[0][1]['machine']['threads']} threads, GEMM peak "
-          f"{rows[0][1]['machine']['gemm_peak_gflops']:.0f} GFLOP/s; Parquet "
-          f"{rows[0][1]['parquet_bytes_per_token']:.1f} B/token at k=20")
+    kg, lg = out / "kdllm-gguf.json", out / "llamacpp-gguf.json"
+    gguf = None
+    if a.gguf and not a.skip_run:
+        run([ROOT / "target/release/kdllm", "bench", "--configs", "none", "--gguf", a.gguf, "--json", kg, *common])
+        run([sys.executable, ROOT / "benches/llama_cpp_bench.py", "--gguf", a.gguf, "--threads", str(a.threads),
+             "--new-tokens", str(a.new_tokens), "--gen-batches", a.gen_batches, "--json", lg])
+    if a.gguf or (a.skip_run and kg.exists() and lg.exists()):
+        gguf = (json.loads(kg.read_text()), json.loads(lg.read_text()))
+
+    first = rows[0][1] if rows else gguf[0]
+    print(f"\nmachine: {first['machine']['threads']} threads, GEMM peak "
+          f"{first['machine']['gemm_peak_gflops']:.0f} GFLOP/s; Parquet "
+          f"{first['parquet_bytes_per_token']:.1f} B/token at k=20")
+    if rows:
+        print_torch_table(rows)
+    if gguf:
+        print_gguf_table(*gguf)
+
+
+def print_torch_table(rows):
     print("| config | kdllm train tok/s | vs torch f32 | vs torch bf16 | kdllm sample tok/s (batch) | vs torch f32 | vs torch bf16 | kdllm train peak MB | torch f32 peak MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, ours, theirs in rows:
@@ -63,6 +88,18 @@ def main():
             print(f"| {name if first else ''} | {train_cells} | {gen[b]:.0f} (b{b}) | "
                   f"{gen[b] / tg['f32'][b]:.2f}x | {gen[b] / tg['bf16'][b]:.2f}x | {peak} |")
 
+
+def print_gguf_table(ours, theirs):
+    m = ours["models"][-1]
+    gen, lc = dict(m["gen_tokens_per_sec"]), dict(theirs["gen_tokens_per_sec"])
+    print(f"\n{m['name']}: generation, {theirs['threads']} threads, llama-cpp-python {theirs['llama_cpp_python']}")
+    print("| batch | kdllm tok/s | llama.cpp tok/s | ratio |")
+    print("|---|---|---|---|")
+    for b in sorted(gen.keys() & lc.keys()):
+        print(f"| {b} | {gen[b]:.0f} | {lc[b]:.0f} | {gen[b] / lc[b]:.2f}x |")
+    kb, lb = max(gen, key=gen.get), max(lc, key=lc.get)
+    print(f"best: kdllm {gen[kb]:.0f} tok/s (batch {kb}) vs llama.cpp {lc[lb]:.0f} tok/s (batch {lb}): "
+          f"{gen[kb] / lc[lb]:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -76,11 +76,13 @@ pub struct ModelReport {
     pub train_peak_mb: f64,
     /// Parameters + AdamW moments, f32.
     pub train_state_mb: f64,
+    /// What one batch's forward holds for the backward: resident memory after the forward
+    /// (loss computed, graph alive) minus before it.
+    pub train_activations_mb: f64,
     /// (batch, generated tokens/s) for every batch tried, prefill included.
     pub gen_tokens_per_sec: Vec<(usize, f64)>,
     /// 2 · params per generated token, at the best batch.
     pub gen_gflops: f64,
-    pub gen_peak_mb: f64,
 }
 
 pub fn run(job: &BenchJob) -> anyhow::Result<Report> {
@@ -148,24 +150,22 @@ fn measure(
     job: &BenchJob,
 ) -> anyhow::Result<ModelReport> {
     let params = cfg.num_params();
-    // Sampling first, on an inference copy of the weights as `generate` makes: the allocator keeps
-    // what a phase freed, so the training peak (the one that matters) is measured last.
-    let teacher = inference_copy(cfg, &varmap)?;
+    // Training first, so that its peak and activations are measured on a fresh heap (the
+    // allocator keeps what a phase freed, see main.rs). Then sampling, on an inference copy of the
+    // weights as `generate` makes.
     reset_peak_memory();
+    let (train_tokens_per_sec, train_phase_secs, train_activations_mb) = match job.train_steps {
+        0 => (0.0, Phases::default(), 0.0),
+        steps => train_speed(cfg, &varmap, model, steps)?,
+    };
+    let train_peak_mb = peak_memory_mb();
+
+    let teacher = inference_copy(cfg, &varmap)?;
     let mut gen = Vec::new();
     for &b in &job.gen_batches {
         gen.push((b, gen_speed(&teacher, b, job.new_tokens)?));
     }
-    let gen_peak_mb = peak_memory_mb();
-    drop(teacher);
     let best = gen.iter().map(|g| g.1).fold(0.0, f64::max);
-
-    reset_peak_memory();
-    let (train_tokens_per_sec, train_phase_secs) = match job.train_steps {
-        0 => (0.0, Phases::default()),
-        steps => train_speed(cfg, &varmap, model, steps)?,
-    };
-    let train_peak_mb = peak_memory_mb();
     Ok(ModelReport {
         name: name.to_string(),
         params,
@@ -174,26 +174,28 @@ fn measure(
         train_gflops: 6.0 * params as f64 * train_tokens_per_sec / 1e9,
         train_peak_mb,
         train_state_mb: 3.0 * params as f64 * 4.0 / 1e6,
+        train_activations_mb,
         gen_tokens_per_sec: gen,
         gen_gflops: 2.0 * params as f64 * best / 1e9,
-        gen_peak_mb,
     })
 }
 
 /// Forward, cross-entropy, backward and an AdamW step on random (B, T) batches; tokens/s over
-/// `steps` steps after one warm-up step, and the mean time of each phase of a step.
+/// `steps` steps after one warm-up step, the mean time of each phase of a step, and the MB one
+/// forward holds for the backward (measured on the warm-up step).
 fn train_speed(
     cfg: &LlamaConfig,
     varmap: &candle_nn::VarMap,
     model: &Llama,
     steps: usize,
-) -> anyhow::Result<(f64, Phases)> {
+) -> anyhow::Result<(f64, Phases, f64)> {
     let vars: Vec<(String, Var)> =
         varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut opt = AdamW::new(vars, &TrainConfig::default())?;
     let mut rng = StdRng::seed_from_u64(0);
     let mut started = Instant::now();
     let mut phases = Phases::default();
+    let mut activations_mb = 0.0;
     for step in 0..=steps {
         if step == 1 {
             started = Instant::now();
@@ -202,10 +204,13 @@ fn train_speed(
         let ids: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
         let ids = Tensor::from_vec(ids, (BATCH, SEQ + 1), &Device::Cpu)?;
         let (inputs, targets) = (ids.narrow(1, 0, SEQ)?, ids.narrow(1, 1, SEQ)?.flatten_all()?);
-        let t0 = Instant::now();
+        let (rss0, t0) = (resident_memory_mb(), Instant::now());
         let logits = model.forward(&inputs, None)?.reshape((BATCH * SEQ, cfg.vocab_size))?;
         let loss = loss::cross_entropy(&logits, &targets)?;
         let t1 = Instant::now();
+        if step == 0 {
+            activations_mb = resident_memory_mb() - rss0;
+        }
         let grads = loss.backward()?;
         let t2 = Instant::now();
         let grads: Vec<Tensor> = opt
@@ -217,7 +222,7 @@ fn train_speed(
         phases.backward += (t2 - t1).as_secs_f64() / steps as f64;
         phases.optimizer += t2.elapsed().as_secs_f64() / steps as f64;
     }
-    Ok(((steps * BATCH * SEQ) as f64 / started.elapsed().as_secs_f64(), phases))
+    Ok(((steps * BATCH * SEQ) as f64 / started.elapsed().as_secs_f64(), phases, activations_mb))
 }
 
 /// Greedy decoding of `new_tokens` tokens after 16-token random prompts, never stopping early;
@@ -308,10 +313,19 @@ fn reset_peak_memory() {
 
 /// Peak resident set size since the last reset, in MB (0 where /proc is absent).
 fn peak_memory_mb() -> f64 {
+    proc_status_mb("VmHWM:")
+}
+
+/// Resident set size now, in MB (0 where /proc is absent).
+fn resident_memory_mb() -> f64 {
+    proc_status_mb("VmRSS:")
+}
+
+fn proc_status_mb(key: &str) -> f64 {
     let status = std::fs::read_to_string(Path::new("/proc/self/status")).unwrap_or_default();
     let kb = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     kb * 1024.0 / 1e6
@@ -320,7 +334,7 @@ fn peak_memory_mb() -> f64 {
 fn print_row(r: &ModelReport, m: &Machine) {
     let gen: Vec<String> = r.gen_tokens_per_sec.iter().map(|(b, t)| format!("b{b} {t:.0}")).collect();
     eprintln!(
-        "{:<34} {:>7.2}M params | train {:>6.0} tok/s (step: forward {:.2} s, backward {:.2} s, AdamW {:.2} s) {:>5.1} GFLOP/s ({:>4.1}% of peak) peak {:>6.0} MB (state {:.0} MB) | sample tok/s {} ({:.1} GFLOP/s) peak {:.0} MB",
+        "{:<34} {:>7.2}M params | train {:>6.0} tok/s (step: forward {:.2} s, backward {:.2} s, AdamW {:.2} s) {:>5.1} GFLOP/s ({:>4.1}% of peak) peak {:>6.0} MB (state {:.0} MB, activations {:.0} MB) | sample tok/s {} ({:.1} GFLOP/s)",
         r.name,
         r.params as f64 / 1e6,
         r.train_tokens_per_sec,
@@ -331,8 +345,8 @@ fn print_row(r: &ModelReport, m: &Machine) {
         100.0 * r.train_gflops / m.gemm_peak_gflops,
         r.train_peak_mb,
         r.train_state_mb,
+        r.train_activations_mb,
         gen.join(", "),
         r.gen_gflops,
-        r.gen_peak_mb,
     );
 }
