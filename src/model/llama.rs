@@ -590,17 +590,10 @@ impl Attention {
             let out = ops::decode_attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), mask)?;
             return self.o.forward(&out.reshape((b, self.heads * d))?);
         }
-        // Grouped-query attention without copying keys and values per query head: the
-        // H/K query heads of one kv head are stacked as rows, (B, H, T, D) → (B, K, H/K·T, D).
-        let (h, kv) = (self.heads, self.kv_heads);
-        let s = k.dim(2)?;
-        let q = q.reshape((b, kv, h / kv * t, d))?;
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.reshape((b, h, t, s))?;
-        // Scaled, masked and normalised in f32 whatever the compute dtype, as HF's eager attention.
-        let probs = ops::softmax(&scores, 1.0 / (d as f64).sqrt(), mask)?.to_dtype(v.dtype())?;
-        let probs = probs.reshape((b, kv, h / kv * t, s))?;
-        let out = probs.matmul(&v)?.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b * t, h * d))?;
-        self.o.forward(&out)
+        // In f32 whatever the compute dtype (HF's eager attention softmaxes in f32); out (B, T, H, D).
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32);
+        let out = ops::attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, 1.0 / (d as f64).sqrt(), mask)?;
+        self.o.forward(&out.to_dtype(q.dtype())?.reshape((b * t, self.heads * d))?)
     }
 }
 

@@ -144,20 +144,7 @@ impl CustomOp3 for RmsNormBwd {
 
 // ---------------------------------------------------------------- softmax
 
-/// `softmax(scores · scale + mask)` over the last dimension of `scores` (B, H, T, S); `mask`
-/// (B, 1, T, S) is shared by all H heads and gets no gradient.
-pub fn softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scores = f32_contiguous(scores)?;
-    let scale = scale as f32;
-    match mask {
-        None => scores.apply_op1(Softmax { scale }),
-        Some(m) => {
-            let (_, heads, _, _) = scores.dims4()?;
-            scores.apply_op2(&f32_contiguous(m)?, MaskedSoftmax { heads, scale })
-        }
-    }
-}
-
+/// Softmax of one row, in place.
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
@@ -167,88 +154,6 @@ fn softmax_in_place(row: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// dx = scale·y·(dy − Σ dy·y), from the softmax output y.
-fn softmax_bwd(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
-    y.apply_op2_no_bwd(&f32_contiguous(dy)?, &SoftmaxBwd { scale })
-}
-
-struct Softmax {
-    scale: f32,
-}
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "kdllm-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut y: Vec<f32> = f32s(s, l, self.name())?.iter().map(|v| v * self.scale).collect();
-        let width = l.dims().last().copied().unwrap_or(1);
-        each_row(&mut y, width, |_, row| softmax_in_place(row));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, _: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(softmax_bwd(y, dy, self.scale)?))
-    }
-}
-
-struct MaskedSoftmax {
-    heads: usize,
-    scale: f32,
-}
-
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "kdllm-masked-softmax"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, mask) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let &[b, h, t, s] = l1.dims() else { bail!("masked softmax: scores must be (B, H, T, S)") };
-        if l2.dims() != [b, 1, t, s] || h != self.heads {
-            bail!("masked softmax: mask {:?} does not fit scores {:?}", l2.dims(), l1.dims());
-        }
-        let mut y = vec![0f32; x.len()];
-        each_row(&mut y, s, |i, row| {
-            let m = ((i / (h * t)) * t + i % t) * s;
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = x[i * s + j] * self.scale + mask[m + j];
-            }
-            softmax_in_place(row);
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(&self, _: &Tensor, _: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(softmax_bwd(y, dy, self.scale)?), None))
-    }
-}
-
-struct SoftmaxBwd {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "kdllm-softmax-bwd"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let width = l1.dims().last().copied().unwrap_or(1);
-        let mut dx = vec![0f32; y.len()];
-        each_row(&mut dx, width, |i, row| {
-            let (yr, dyr) = (&y[i * width..(i + 1) * width], &dy[i * width..(i + 1) * width]);
-            let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-            for ((o, &yv), &d) in row.iter_mut().zip(yr).zip(dyr) {
-                *o = self.scale * yv * (d - dot);
-            }
-        });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
 }
 
 // ---------------------------------------------------------------- log-softmax and cross-entropy
@@ -584,6 +489,241 @@ impl CustomOp3 for SiluMulBwd {
             dg.par_chunks_mut(width).zip(du.par_chunks_mut(width)).enumerate().for_each(kernel);
         }
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+}
+
+// ---------------------------------------------------------------- attention over a sequence
+
+/// `softmax(q·kᵀ·scale + mask)·v` per head, returned as (B, T, H, D) (the layout the output
+/// projection reads). q (B, H, T, D); k and v (B, K, S, D), K dividing H (grouped-query heads
+/// share kv head h / (H/K)); mask (B, 1, T, S) additive. The (B, H, T, S) probabilities are
+/// never stored: the backward recomputes them per head, so neither the tensors nor candle's
+/// per-node gradient bookkeeping of the composed attention are paid for.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mask = match mask {
+        Some(m) => Some(std::sync::Arc::new(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)),
+        None => None,
+    };
+    let (q, k, v) = (f32_contiguous(q)?, f32_contiguous(k)?, f32_contiguous(v)?);
+    q.apply_op3(&k, &v, Attention { scale: scale as f32, mask })
+}
+
+#[derive(Clone)]
+struct Attention {
+    scale: f32,
+    mask: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+/// Shapes of one attention call: batch, query heads, kv heads, queries, keys, head dim.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    h: usize,
+    kh: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+}
+
+fn attn_dims(l1: &Layout, l2: &Layout, l3: &Layout, mask: Option<&Vec<f32>>) -> Result<AttnDims> {
+    let (&[b, h, t, d], &[kb, kh, s, kd]) = (l1.dims(), l2.dims()) else { bail!("attention: q, k must be 4-D") };
+    if kb != b || kd != d || kh == 0 || h % kh != 0 || l3.dims() != l2.dims() {
+        bail!("attention: q {:?}, k {:?}, v {:?} do not fit", l1.dims(), l2.dims(), l3.dims());
+    }
+    if mask.is_some_and(|m| m.len() != b * t * s) {
+        bail!("attention: mask does not have B·T·S = {} entries", b * t * s);
+    }
+    Ok(AttnDims { b, h, kh, t, s, d })
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, each given as (pointer, row stride, column
+/// stride), on the calling thread.
+///
+/// SAFETY: the pointers must address the strided matrices in full; dst must not alias the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl Attention {
+    /// Probabilities (T, S) of query head `hi` of row `bi` into `p`.
+    fn probs(&self, q: &[f32], k: &[f32], z: AttnDims, bi: usize, hi: usize, p: &mut [f32]) {
+        let (t, s, d) = (z.t, z.s, z.d);
+        let g = hi / (z.h / z.kh);
+        let qh = &q[(bi * z.h + hi) * t * d..];
+        let kg = &k[(bi * z.kh + g) * s * d..];
+        // SAFETY: q head (T, D), k head (S, D) and p (T, S) are in bounds.
+        unsafe { gemm_into((t, s, d), (p.as_mut_ptr(), s, 1), false, (qh.as_ptr(), d, 1), (kg.as_ptr(), 1, d)) };
+        for (i, row) in p.chunks_mut(s).enumerate() {
+            match &self.mask {
+                Some(m) => {
+                    let mr = &m[(bi * t + i) * s..(bi * t + i + 1) * s];
+                    row.iter_mut().zip(mr).for_each(|(x, mv)| *x = *x * self.scale + mv);
+                }
+                None => row.iter_mut().for_each(|x| *x *= self.scale),
+            }
+            softmax_in_place(row);
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "kdllm-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let z = attn_dims(l1, l2, l3, self.mask.as_deref())?;
+        let (h, t, s, d) = (z.h, z.t, z.s, z.d);
+        // Output (B, T, H, D); one task per (row, head) writes its strided (T, D) slice.
+        let mut out = vec![0f32; z.b * t * h * d];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let task = |i: usize| {
+            let (bi, hi) = (i / h, i % h);
+            let mut p = vec![0f32; t * s];
+            self.probs(q, k, z, bi, hi, &mut p);
+            let vg = &v[(bi * z.kh + hi / (h / z.kh)) * s * d..];
+            let o = out_ptr.at((bi * t * h + hi) * d);
+            // SAFETY: each (bi, hi) writes rows t·H·D + hi·D .. + D of row bi only.
+            unsafe { gemm_into((t, d, s), (o, h * d, 1), false, (p.as_ptr(), s, 1), (vg.as_ptr(), d, 1)) };
+        };
+        (0..z.b * h).into_par_iter().for_each(task);
+        Ok((CpuStorage::F32(out), Shape::from((z.b, t, h, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = f32_contiguous(grad)?;
+        let both = q.apply_op3_no_bwd(k, v, &AttentionBwd { fwd: self.clone(), grad: g })?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = both.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = both.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = both.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint output regions to parallel tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the allocation.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// [dq | dk | dv] flat, from the forward's inputs and the output gradient (B, T, H, D).
+struct AttentionBwd {
+    fwd: Attention,
+    grad: Tensor,
+}
+
+impl CustomOp3 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "kdllm-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let z = attn_dims(l1, l2, l3, self.fwd.mask.as_deref())?;
+        let (h, t, s, d) = (z.h, z.t, z.s, z.d);
+        let (go, _) = self.grad.storage_and_layout();
+        let go = match &*go {
+            candle_core::Storage::Cpu(c) => c.as_slice::<f32>()?[self.grad.layout().start_offset()..].to_vec(),
+            _ => bail!("attention backward: CPU only"),
+        };
+        let (nq, nk) = (q.len(), k.len());
+        let mut out = vec![0f32; nq + 2 * nk];
+        let (dq, rest) = out.split_at_mut(nq);
+        let (dk, dv) = rest.split_at_mut(nk);
+        let group = h / z.kh;
+        // One task per (row, kv head): it owns that head's dk/dv and its query heads' dq.
+        let dq_ptr = SendPtr(dq.as_mut_ptr());
+        let task = |((i, dkg), dvg): ((usize, &mut [f32]), &mut [f32])| {
+            let (bi, gi) = (i / z.kh, i % z.kh);
+            let kg = &k[i * s * d..(i + 1) * s * d];
+            let vg = &v[i * s * d..(i + 1) * s * d];
+            let (mut p, mut dp) = (vec![0f32; t * s], vec![0f32; t * s]);
+            for hi in gi * group..(gi + 1) * group {
+                self.fwd.probs(q, k, z, bi, hi, &mut p);
+                let gh = &go[(bi * t * h + hi) * d..];
+                let qh = &q[(bi * h + hi) * t * d..];
+                // SAFETY: all matrices are in bounds; dq rows of head (bi, hi) belong to this task.
+                unsafe {
+                    // dV += Pᵀ·dO ; dP = dO·Vᵀ
+                    gemm_into((s, d, t), (dvg.as_mut_ptr(), d, 1), true, (p.as_ptr(), 1, s), (gh.as_ptr(), h * d, 1));
+                    gemm_into((t, s, d), (dp.as_mut_ptr(), s, 1), false, (gh.as_ptr(), h * d, 1), (vg.as_ptr(), 1, d));
+                }
+                // dS = scale · P ⊙ (dP − Σ dP⊙P), in place in dp.
+                for (pr, dr) in p.chunks(s).zip(dp.chunks_mut(s)) {
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = self.fwd.scale * pv * (*x - dot);
+                    }
+                }
+                unsafe {
+                    // dQ = dS·K ; dK += dSᵀ·Q
+                    let dqh = dq_ptr.at((bi * h + hi) * t * d);
+                    gemm_into((t, d, s), (dqh, d, 1), false, (dp.as_ptr(), s, 1), (kg.as_ptr(), d, 1));
+                    gemm_into((s, d, t), (dkg.as_mut_ptr(), d, 1), true, (dp.as_ptr(), 1, s), (qh.as_ptr(), d, 1));
+                }
+            }
+        };
+        dk.par_chunks_mut(s * d).enumerate().zip(dv.par_chunks_mut(s * d)).for_each(task);
+        Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
     }
 }
 
@@ -956,27 +1096,6 @@ mod tests {
     }
 
     #[test]
-    fn softmax_with_and_without_mask_matches_composed() {
-        let scores = randn(&[2, 3, 5, 5], 3);
-        let mut m = vec![0f32; 2 * 25];
-        for (i, v) in m.iter_mut().enumerate() {
-            if (i % 5) > (i / 5) % 5 {
-                *v = -1e9;
-            }
-        }
-        let mask = Tensor::from_vec(m, (2, 1, 5, 5), &Device::Cpu).unwrap();
-        let sm = |x: &Tensor| candle_nn::ops::softmax(x, D::Minus1).unwrap();
-        check(std::slice::from_ref(&scores), |t| softmax(&t[0], 1.0, None).unwrap(), |t| sm(&t[0]), 1e-5);
-        let mk = mask.clone();
-        check(
-            &[scores],
-            |t| softmax(&t[0], 0.3, Some(&mask)).unwrap(),
-            move |t| sm(&(&t[0] * 0.3).unwrap().broadcast_add(&mk).unwrap()),
-            1e-5,
-        );
-    }
-
-    #[test]
     fn log_softmax_and_nll_match_composed() {
         let z = randn(&[7, 300], 4);
         check(
@@ -1081,6 +1200,35 @@ mod tests {
         let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() * 0.25).unwrap().broadcast_add(&mask).unwrap();
         let want = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&rep(&v)).unwrap();
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    }
+
+    #[test]
+    fn attention_matches_composed_with_grouped_heads_and_a_mask() {
+        let (b, h, kh, t, d) = (2, 4, 2, 5, 8);
+        let mut m = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || (bi == 1 && j == 0 && i != 0) {
+                        m[(bi * t + i) * t + j] = -1e9; // causal; row 1 left-padded by one
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap();
+        let mk = mask.clone();
+        let composed = move |ts: &[Tensor]| {
+            let rep = |x: &Tensor| x.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, t, d)).unwrap();
+            let scores = (ts[0].matmul(&rep(&ts[1]).t().unwrap()).unwrap() * 0.3).unwrap().broadcast_add(&mk).unwrap();
+            let out = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&rep(&ts[2])).unwrap();
+            out.transpose(1, 2).unwrap().contiguous().unwrap()
+        };
+        check(
+            &[randn(&[b, h, t, d], 30), randn(&[b, kh, t, d], 31), randn(&[b, kh, t, d], 32)],
+            |ts| attention(&ts[0], &ts[1], &ts[2], 0.3, Some(&mask)).unwrap(),
+            composed,
+            1e-4,
+        );
     }
 
 }
