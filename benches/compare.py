@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gen-batches", default="1,8,32")
+    ap.add_argument("--gguf-batches", default="1,8,32,64,128", help="batches for the --gguf comparison")
+    ap.add_argument("--gguf-train-steps", type=int, default=2)
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--skip-run", action="store_true", help="only print the tables from the JSON files in --out")
     a = ap.parse_args()
@@ -56,9 +58,10 @@ def main():
     kg, lg = out / "kdllm-gguf.json", out / "llamacpp-gguf.json"
     gguf = None
     if a.gguf and not a.skip_run:
-        run([ROOT / "target/release/kdllm", "bench", "--configs", "none", "--gguf", a.gguf, "--json", kg, *common])
+        run([ROOT / "target/release/kdllm", "bench", "--configs", "none", "--gguf", a.gguf, "--json", kg,
+             "--train-steps", str(a.gguf_train_steps), "--new-tokens", str(a.new_tokens), "--gen-batches", a.gguf_batches])
         run([sys.executable, ROOT / "benches/llama_cpp_bench.py", "--gguf", a.gguf, "--threads", str(a.threads),
-             "--new-tokens", str(a.new_tokens), "--gen-batches", a.gen_batches, "--json", lg])
+             "--new-tokens", str(a.new_tokens), "--gen-batches", a.gguf_batches, "--json", lg])
     if a.gguf or (a.skip_run and kg.exists() and lg.exists()):
         gguf = (json.loads(kg.read_text()), json.loads(lg.read_text()))
 
@@ -73,8 +76,8 @@ def main():
 
 
 def print_torch_table(rows):
-    print("| config | kdllm train tok/s | vs torch f32 | vs torch bf16 | kdllm sample tok/s (batch) | vs torch f32 | vs torch bf16 | kdllm train peak MB | torch f32 peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | kdllm train tok/s | vs torch f32 | vs torch bf16 | kdllm sample tok/s (batch) | vs torch f32 | vs torch bf16 | kdllm train peak MB | peak / (state + activations) | torch f32 peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, ours, theirs in rows:
         m = ours["models"][0]
         tr = m["train_tokens_per_sec"]
@@ -84,7 +87,9 @@ def print_torch_table(rows):
             first = b == min(gen)
             train_cells = (f"{tr:.0f} | {tr / theirs['f32']['train_tokens_per_sec']:.2f}x | "
                            f"{tr / theirs['bf16']['train_tokens_per_sec']:.2f}x") if first else " | | "
-            peak = f"{m['train_peak_mb']:.0f} | {theirs['f32']['peak_mb']:.0f}" if first else " | "
+            bound = m["train_state_mb"] + m["train_activations_mb"]
+            peak = (f"{m['train_peak_mb']:.0f} | {m['train_peak_mb'] / bound:.2f}x | {theirs['f32']['peak_mb']:.0f}"
+                    if first else " | | ")
             print(f"| {name if first else ''} | {train_cells} | {gen[b]:.0f} (b{b}) | "
                   f"{gen[b] / tg['f32'][b]:.2f}x | {gen[b] / tg['bf16'][b]:.2f}x | {peak} |")
 
@@ -92,7 +97,9 @@ def print_torch_table(rows):
 def print_gguf_table(ours, theirs):
     m = ours["models"][-1]
     gen, lc = dict(m["gen_tokens_per_sec"]), dict(theirs["gen_tokens_per_sec"])
-    print(f"\n{m['name']}: generation, {theirs['threads']} threads, llama-cpp-python {theirs['llama_cpp_python']}")
+    print(f"\n{m['name']}: training {m['train_tokens_per_sec']:.0f} tok/s, peak {m['train_peak_mb']:.0f} MB "
+          f"(state {m['train_state_mb']:.0f} MB + activations {m['train_activations_mb']:.0f} MB); "
+          f"generation, {theirs['threads']} threads, llama-cpp-python {theirs['llama_cpp_python']}")
     print("| batch | kdllm tok/s | llama.cpp tok/s | ratio |")
     print("|---|---|---|---|")
     for b in sorted(gen.keys() & lc.keys()):
