@@ -309,7 +309,7 @@ mod tests {
             topk_token_ids: (0..tokens).map(|_| (0..k).map(|_| rng.id()).collect()).collect(),
             completion_token_ids,
             topk_logprobs,
-            finish_reason: if tokens % 2 == 0 { FinishReason::Stop } else { FinishReason::Length },
+            finish_reason: if tokens.is_multiple_of(2) { FinishReason::Stop } else { FinishReason::Length },
             teacher: "qwen2.5-0.5b".to_string(),
             teacher_revision: Some("main".to_string()),
         }

@@ -210,7 +210,7 @@ fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
 fn swap_halves(w: &Tensor, heads: usize, undo: bool) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(ModelError::Invalid(format!("cannot split {rows} rows into {heads} RoPE heads")));
     }
     let half = rows / heads / 2;

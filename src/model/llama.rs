@@ -232,17 +232,17 @@ impl LlamaConfig {
                 return bad(format!("`{name}` must be > 0"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "`hidden_size` ({}) must be divisible by `num_attention_heads` ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("head dim {} must be even for RoPE", self.head_dim()));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({kv})",
                 self.num_attention_heads
