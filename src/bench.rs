@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::data::{FileMetadata, FinishReason, Sample, SampleWriter};
 use crate::generate::{decode, row_rng, DecodeSettings};
 use crate::model::llama::{self, Llama, LlamaConfig};
-use crate::model::Checkpoint;
+use crate::model::{Checkpoint, Precision};
 use crate::train::optim::AdamW;
 use crate::train::{loss, TrainConfig};
 
@@ -39,6 +39,8 @@ pub struct BenchJob {
     pub new_tokens: usize,
     /// Batch sizes to sample at; the best is reported beside batch 1.
     pub gen_batches: Vec<usize>,
+    /// Compute dtype of the sampled model.
+    pub precision: Precision,
     pub json: Option<PathBuf>,
 }
 
@@ -138,8 +140,9 @@ fn random_model(cfg: &LlamaConfig) -> anyhow::Result<(candle_nn::VarMap, Llama)>
 }
 
 /// The inference model `generate` would build from the same weights.
-fn inference_copy(cfg: &LlamaConfig, varmap: &candle_nn::VarMap) -> anyhow::Result<Llama> {
-    Ok(Llama::from_weights(cfg, &llama::Weights::Tensors(llama::tensors(varmap)), &Device::Cpu, DType::F32)?)
+fn inference_copy(cfg: &LlamaConfig, varmap: &candle_nn::VarMap, precision: Precision) -> anyhow::Result<Llama> {
+    let weights = llama::Weights::Tensors(llama::tensors(varmap));
+    Ok(Llama::from_weights(cfg, &weights, &Device::Cpu, precision.dtype())?)
 }
 
 fn measure(
@@ -160,7 +163,7 @@ fn measure(
     };
     let train_peak_mb = peak_memory_mb();
 
-    let teacher = inference_copy(cfg, &varmap)?;
+    let teacher = inference_copy(cfg, &varmap, job.precision)?;
     let mut gen = Vec::new();
     for &b in &job.gen_batches {
         gen.push((b, gen_speed(&teacher, b, job.new_tokens)?));
@@ -264,7 +267,7 @@ fn gemm_peak() -> anyhow::Result<f64> {
 fn parquet_size() -> anyhow::Result<f64> {
     let (_, hidden, layers, heads, ffn) = CONFIGS[1];
     let cfg = config(hidden, layers, heads, ffn);
-    let model = inference_copy(&cfg, &random_model(&cfg)?.0)?;
+    let model = inference_copy(&cfg, &random_model(&cfg)?.0, Precision::F32)?;
     let path = std::env::temp_dir().join(format!("kdllm-bench-{}.parquet", std::process::id()));
     let mut writer = SampleWriter::create(&path, &FileMetadata::new("bench", 20, serde_json::json!({})))?;
     let settings = DecodeSettings {

@@ -44,6 +44,9 @@ pub struct BenchArgs {
     /// Batch sizes to sample at.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub gen_batches: Vec<usize>,
+    /// Compute dtype of the sampled model, as `generate --dtype` (training is always f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
     /// Write the results as JSON here (what benches/compare.py reads).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -170,6 +173,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 train_steps: a.train_steps,
                 new_tokens: a.new_tokens,
                 gen_batches: a.gen_batches,
+                precision: a.dtype,
                 json: a.json,
             };
             crate::bench::run(&job)?;

@@ -826,20 +826,19 @@ impl CustomOp3 for DecodeAttention {
 /// Row counts up to which [`matmul_few_rows`] beats the GEMM (decode steps of small batches).
 pub const FEW_ROWS: usize = 8;
 
-/// `x · wᵀ` for x (M, K) with M ≤ [`FEW_ROWS`] and w (N, K) as stored, without gradient. The GEMM
-/// packs the whole weight matrix at every call, which dominates a decode step; this kernel
-/// streams each weight row once and reuses it for every row of x. `None` where it does not apply
-/// (no AVX-512, more rows, not f32): the caller multiplies with the GEMM.
+/// `x · wᵀ` for x (M, K) with M ≤ [`FEW_ROWS`] and w (N, K) as stored, f32 or bf16, without
+/// gradient; the result has x's dtype. The GEMM packs the whole weight matrix at every call,
+/// which dominates a decode step; this kernel streams each weight row once and reuses it for
+/// every row of x, widening bf16 weights to f32 as it loads them (half the bytes to stream).
+/// `None` where it does not apply (no AVX-512, more rows, other dtypes): the caller uses the GEMM.
 pub fn matmul_few_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     #[cfg(target_arch = "x86_64")]
     {
         let fits = x.rank() == 2 && x.dim(0)? <= FEW_ROWS && w.rank() == 2 && x.dim(1)? == w.dim(1)?;
-        if fits
-            && x.dtype() == DType::F32
-            && w.dtype() == DType::F32
-            && std::arch::is_x86_feature_detected!("avx512f")
-        {
-            return Ok(Some(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &FewRows)?));
+        let dtypes = matches!(x.dtype(), DType::F32 | DType::BF16) && matches!(w.dtype(), DType::F32 | DType::BF16);
+        if fits && dtypes && std::arch::is_x86_feature_detected!("avx512f") {
+            let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &FewRows)?;
+            return Ok(Some(y.to_dtype(x.dtype())?));
         }
     }
     let _ = (x, w);
@@ -854,18 +853,29 @@ impl CustomOp2 for FewRows {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let x = f32s(s1, l1, self.name())?;
         let (&[m, k], &[n, _]) = (l1.dims(), l2.dims()) else { bail!("matmul_few_rows: needs 2-D operands") };
+        let Some((start, _)) = l2.contiguous_offsets() else { bail!("matmul_few_rows: weights must be contiguous") };
+        // The weights as an address and an element type; bf16 is read as its raw u16 bits.
+        let (w_addr, bf16) = match s2 {
+            CpuStorage::F32(v) => (v[start..start + n * k].as_ptr() as usize, false),
+            CpuStorage::BF16(v) => (v[start..start + n * k].as_ptr() as usize, true),
+            _ => bail!("matmul_few_rows: weights must be f32 or bf16"),
+        };
         // Computed as yᵀ (N, M) so that each task owns whole rows, then transposed.
         let mut yt = vec![0f32; n * m];
         let per_task = 64;
         let task = |(ti, chunk): (usize, &mut [f32])| {
             let o0 = ti * per_task;
-            let rows = chunk.len() / m;
-            // SAFETY: matmul_few_rows checked AVX-512F; slices are in bounds by construction.
+            // SAFETY: matmul_few_rows checked AVX-512F; rows o0.. of the weights lie inside the
+            // slice taken above (chunk holds at most n − o0 rows).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                few_rows::block(x, m, k, &w[o0 * k..(o0 + rows) * k], chunk)
+                if bf16 {
+                    few_rows::block(x, m, k, few_rows::Bf16((w_addr as *const u16).add(o0 * k)), chunk)
+                } else {
+                    few_rows::block(x, m, k, few_rows::F32((w_addr as *const f32).add(o0 * k)), chunk)
+                }
             };
         };
         if n * k < 1 << 18 {
@@ -887,10 +897,47 @@ impl CustomOp2 for FewRows {
 mod few_rows {
     use std::arch::x86_64::*;
 
-    /// yt[o·M + i] = w[o] · x[i] for every weight row o of `w` and row i of x (M, K).
+    /// Weight rows (K elements each) that load 16 at a time as f32.
+    pub trait Rows: Copy {
+        /// Elements i..i+16, widened to f32.
+        unsafe fn load16(self, i: usize) -> __m512;
+        unsafe fn get(self, i: usize) -> f32;
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct F32(pub *const f32);
+
+    #[derive(Clone, Copy)]
+    pub struct Bf16(pub *const u16);
+
+    impl Rows for F32 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(self, i: usize) -> __m512 {
+            _mm512_loadu_ps(self.0.add(i))
+        }
+        unsafe fn get(self, i: usize) -> f32 {
+            *self.0.add(i)
+        }
+    }
+
+    impl Rows for Bf16 {
+        // bf16 is the top half of an f32: widen to 32 bits and shift into place.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(self, i: usize) -> __m512 {
+            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(self.0.add(i) as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))
+        }
+        unsafe fn get(self, i: usize) -> f32 {
+            f32::from_bits((*self.0.add(i) as u32) << 16)
+        }
+    }
+
+    /// yt[o·M + i] = w[o] · x[i] for the yt.len() / M weight rows of `w` and the rows i of x (M, K).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block(x: &[f32], m: usize, k: usize, w: &[f32], yt: &mut [f32]) {
-        let n = w.len() / k;
+    pub unsafe fn block<W: Rows>(x: &[f32], m: usize, k: usize, w: W, yt: &mut [f32]) {
+        let n = yt.len() / m;
         let mut o = 0;
         while o < n {
             let nb = (n - o).min(4);
@@ -898,14 +945,14 @@ mod few_rows {
             while i < m {
                 let mb = (m - i).min(4);
                 match (nb, mb) {
-                    (4, 4) => tile::<4, 4>(x, k, w, yt, m, o, i),
-                    (4, 3) => tile::<4, 3>(x, k, w, yt, m, o, i),
-                    (4, 2) => tile::<4, 2>(x, k, w, yt, m, o, i),
-                    (4, _) => tile::<4, 1>(x, k, w, yt, m, o, i),
-                    (_, 4) => tile::<1, 4>(x, k, w, yt, m, o, i),
-                    (_, 3) => tile::<1, 3>(x, k, w, yt, m, o, i),
-                    (_, 2) => tile::<1, 2>(x, k, w, yt, m, o, i),
-                    _ => tile::<1, 1>(x, k, w, yt, m, o, i),
+                    (4, 4) => tile::<W, 4, 4>(x, k, w, yt, m, o, i),
+                    (4, 3) => tile::<W, 4, 3>(x, k, w, yt, m, o, i),
+                    (4, 2) => tile::<W, 4, 2>(x, k, w, yt, m, o, i),
+                    (4, _) => tile::<W, 4, 1>(x, k, w, yt, m, o, i),
+                    (_, 4) => tile::<W, 1, 4>(x, k, w, yt, m, o, i),
+                    (_, 3) => tile::<W, 1, 3>(x, k, w, yt, m, o, i),
+                    (_, 2) => tile::<W, 1, 2>(x, k, w, yt, m, o, i),
+                    _ => tile::<W, 1, 1>(x, k, w, yt, m, o, i),
                 }
                 i += mb;
             }
@@ -916,10 +963,10 @@ mod few_rows {
     /// NB weight rows from `o` against MB rows of x from `i`: NB·MB accumulators in registers.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const NB: usize, const MB: usize>(
+    unsafe fn tile<W: Rows, const NB: usize, const MB: usize>(
         x: &[f32],
         k: usize,
-        w: &[f32],
+        w: W,
         yt: &mut [f32],
         m: usize,
         o: usize,
@@ -927,7 +974,7 @@ mod few_rows {
     ) {
         let mut acc = [[_mm512_setzero_ps(); MB]; NB];
         let vk = k / 16 * 16;
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let xp = x.as_ptr();
         let mut c = 0;
         while c < vk {
             let mut xs = [_mm512_setzero_ps(); MB];
@@ -935,7 +982,7 @@ mod few_rows {
                 *xv = _mm512_loadu_ps(xp.add((i + j) * k + c));
             }
             for (r, row) in acc.iter_mut().enumerate() {
-                let wv = _mm512_loadu_ps(wp.add((o + r) * k + c));
+                let wv = w.load16((o + r) * k + c);
                 for (a, xv) in row.iter_mut().zip(&xs) {
                     *a = _mm512_fmadd_ps(wv, *xv, *a);
                 }
@@ -946,7 +993,7 @@ mod few_rows {
             for (j, a) in row.iter().enumerate() {
                 let mut s = _mm512_reduce_add_ps(*a);
                 for t in vk..k {
-                    s += w[(o + r) * k + t] * x[(i + j) * k + t];
+                    s += w.get((o + r) * k + t) * x[(i + j) * k + t];
                 }
                 yt[(o + r) * m + i + j] = s;
             }
@@ -1180,6 +1227,13 @@ mod tests {
             };
             let reference = x.matmul(&w.t().unwrap()).unwrap();
             assert!(max_diff(&y, &reference) < 1e-3, "{m}x{k}x{n}: {}", max_diff(&y, &reference));
+            // bf16 weights: exactly the f32 product of the rounded weights, in x's dtype.
+            let wb = w.to_dtype(DType::BF16).unwrap();
+            let y = matmul_few_rows(&x, &wb).unwrap().unwrap();
+            let reference = x.matmul(&wb.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            assert!(max_diff(&y, &reference) < 1e-3, "bf16 {m}x{k}x{n}: {}", max_diff(&y, &reference));
+            let yb = matmul_few_rows(&x.to_dtype(DType::BF16).unwrap(), &wb).unwrap().unwrap();
+            assert_eq!(yb.dtype(), DType::BF16);
         }
         assert!(matmul_few_rows(&randn(&[FEW_ROWS + 1, 8], 1), &randn(&[4, 8], 2)).unwrap().is_none());
     }
