@@ -101,7 +101,7 @@ fn measure(model: &Llama, seqs: &[Sequence], batch_size: usize) -> anyhow::Resul
         if count == 0 {
             continue;
         }
-        let logits = batch.select(&model.forward(&batch.inputs, None)?)?;
+        let logits = model.forward_at(&batch.inputs, &batch.positions)?;
         nll += loss::scalar(&loss::cross_entropy(&logits, &batch.targets)?)? * count as f64;
         match &batch.teacher {
             Some((ids, lps)) => {

@@ -691,6 +691,14 @@ impl Llama {
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
+    /// Logits (N, V), in f32, at the flat positions `rows` (N, u32) of the (B·T) positions of
+    /// `ids` (B, T): what training needs. Positions that do not count (prompts, padding) never
+    /// reach the vocabulary projection, and no (B·T, V) tensor is built.
+    pub fn forward_at(&self, ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let x = self.hidden(ids, None)?.index_select(rows, 0)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
     /// Logits (B, V), in f32, of the last position of each row only: what decoding needs,
     /// without the (B, T, V) tensor of a long prefill.
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -1161,6 +1169,17 @@ mod tests {
                 assert!(norm > 0.0, "zero gradient for {name}");
             }
         }
+    }
+
+    #[test]
+    fn forward_at_gives_the_selected_rows_of_the_full_forward() {
+        let cfg = tiny_config();
+        let (_, m) = tiny_model(&cfg);
+        let ids = ids(2, 6);
+        let full = m.forward(&ids, None).unwrap().reshape((12, cfg.vocab_size)).unwrap();
+        let rows = Tensor::new(&[1u32, 4, 7, 11], &Device::Cpu).unwrap();
+        let got = m.forward_at(&ids, &rows).unwrap();
+        assert!(max_abs_diff(&got, &full.index_select(&rows, 0).unwrap()) < 1e-5);
     }
 
     #[test]

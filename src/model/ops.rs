@@ -1101,7 +1101,8 @@ mod tests {
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         // Deterministic values without a RNG dependency: a scrambled sine.
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 * 12.9898 + seed as f32 * 78.233).sin() * 43758.547).fract() * 2.0).collect();
+        let v: Vec<f32> =
+            (0..n).map(|i| ((i as f32 * 12.9898 + seed as f32 * 78.233).sin() * 43758.547).fract() * 2.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
@@ -1138,7 +1139,12 @@ mod tests {
         };
         // Large enough to take the parallel path too.
         for rows in [3, 300] {
-            check(&[randn(&[rows, 128], 1), randn(&[128], 2)], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(), composed, 1e-4);
+            check(
+                &[randn(&[rows, 128], 1), randn(&[128], 2)],
+                |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+                composed,
+                1e-4,
+            );
         }
     }
 
@@ -1200,19 +1206,42 @@ mod tests {
     #[test]
     fn adamw_step_matches_the_formula() {
         let theta = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
-        let (m, v) = (Tensor::new(&[0.1f32, 0.0, -0.2], &Device::Cpu).unwrap(), Tensor::new(&[0.01f32, 0.0, 0.04], &Device::Cpu).unwrap());
+        let (m, v) = (
+            Tensor::new(&[0.1f32, 0.0, -0.2], &Device::Cpu).unwrap(),
+            Tensor::new(&[0.01f32, 0.0, 0.04], &Device::Cpu).unwrap(),
+        );
         let g = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
         let (b1, b2, lr, eps, decay, scale) = (0.9f32, 0.99f32, 0.1f32, 1e-8f32, 0.95f32, 0.5f32);
         let (bc1, bc2) = (1.0 - b1 * b1, 1.0 - b2 * b2);
-        let (th0, m0, v0, g0) = (theta.to_vec1::<f32>().unwrap(), m.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap(), g.to_vec1::<f32>().unwrap());
-        adamw_step(&theta, &m, &v, &g, scale as f64, (b1 as f64, b2 as f64), (bc1 as f64, bc2 as f64), lr as f64, eps as f64, decay as f64).unwrap();
+        let (th0, m0, v0, g0) = (
+            theta.to_vec1::<f32>().unwrap(),
+            m.to_vec1::<f32>().unwrap(),
+            v.to_vec1::<f32>().unwrap(),
+            g.to_vec1::<f32>().unwrap(),
+        );
+        adamw_step(
+            &theta,
+            &m,
+            &v,
+            &g,
+            scale as f64,
+            (b1 as f64, b2 as f64),
+            (bc1 as f64, bc2 as f64),
+            lr as f64,
+            eps as f64,
+            decay as f64,
+        )
+        .unwrap();
         let (th, m1, v1) = (theta.to_vec1::<f32>().unwrap(), m.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap());
         for i in 0..3 {
             let gs = g0[i] * scale;
             let em = b1 * m0[i] + (1.0 - b1) * gs;
             let ev = b2 * v0[i] + (1.0 - b2) * gs * gs;
             let et = decay * th0[i] - lr * (em / bc1) / ((ev / bc2).sqrt() + eps);
-            assert!((m1[i] - em).abs() < 1e-6 && (v1[i] - ev).abs() < 1e-6 && (th[i] - et).abs() < 1e-6, "{i}: {th:?} {m1:?} {v1:?}");
+            assert!(
+                (m1[i] - em).abs() < 1e-6 && (v1[i] - ev).abs() < 1e-6 && (th[i] - et).abs() < 1e-6,
+                "{i}: {th:?} {m1:?} {v1:?}"
+            );
         }
     }
     #[test]
@@ -1250,7 +1279,8 @@ mod tests {
         m[s] = -1e9; // row 1 is left-padded by one position
         let mask = Tensor::from_vec(m, (b, 1, 1, s), &Device::Cpu).unwrap();
         let got = decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap();
-        let rep = |t: &Tensor| t.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, s, d)).unwrap();
+        let rep =
+            |t: &Tensor| t.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, s, d)).unwrap();
         let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() * 0.25).unwrap().broadcast_add(&mask).unwrap();
         let want = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&rep(&v)).unwrap();
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
@@ -1272,7 +1302,9 @@ mod tests {
         let mask = Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap();
         let mk = mask.clone();
         let composed = move |ts: &[Tensor]| {
-            let rep = |x: &Tensor| x.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, t, d)).unwrap();
+            let rep = |x: &Tensor| {
+                x.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, t, d)).unwrap()
+            };
             let scores = (ts[0].matmul(&rep(&ts[1]).t().unwrap()).unwrap() * 0.3).unwrap().broadcast_add(&mk).unwrap();
             let out = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&rep(&ts[2])).unwrap();
             out.transpose(1, 2).unwrap().contiguous().unwrap()
@@ -1284,5 +1316,4 @@ mod tests {
             1e-4,
         );
     }
-
 }

@@ -106,12 +106,6 @@ impl Batch {
             tokens,
         })
     }
-
-    /// Selects the counted rows of the model's (B, L, V) logits as (N, V).
-    pub fn select(&self, logits: &Tensor) -> Result<Tensor> {
-        let (b, l, v) = logits.dims3()?;
-        logits.reshape((b * l, v))?.index_select(&self.positions, 0)
-    }
 }
 
 #[cfg(test)]

@@ -206,7 +206,7 @@ fn mean_loss(
 }
 
 fn batch_loss(model: &Llama, batch: &Batch, kd: &KdConfig) -> anyhow::Result<LossTerms> {
-    let logits = batch.select(&model.forward(&batch.inputs, None)?)?;
+    let logits = model.forward_at(&batch.inputs, &batch.positions)?;
     let teacher = batch.teacher.as_ref().map(|(i, l)| (i, l));
     Ok(distill_loss(&logits, &batch.targets, teacher, kd.alpha, kd.temperature)?)
 }
