@@ -8,6 +8,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout};
 use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Below this many elements one thread does the work (decode steps are tiny).
 const PAR_MIN: usize = 1 << 15;
@@ -500,18 +501,19 @@ impl CustomOp3 for SiluMulBwd {
 /// never stored: the backward recomputes them per head, so neither the tensors nor candle's
 /// per-node gradient bookkeeping of the composed attention are paid for.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let mask = match mask {
-        Some(m) => Some(std::sync::Arc::new(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)),
-        None => None,
-    };
     let (q, k, v) = (f32_contiguous(q)?, f32_contiguous(k)?, f32_contiguous(v)?);
-    q.apply_op3(&k, &v, Attention { scale: scale as f32, mask })
+    q.apply_op3(&k, &v, Attention { scale: scale as f32, mask: mask_values(mask)? })
+}
+
+/// An additive mask's values, flat, for the attention kernels to index.
+fn mask_values(mask: Option<&Tensor>) -> Result<Option<Arc<Vec<f32>>>> {
+    mask.map(|m| Ok(Arc::new(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))).transpose()
 }
 
 #[derive(Clone)]
 struct Attention {
     scale: f32,
-    mask: Option<std::sync::Arc<Vec<f32>>>,
+    mask: Option<Arc<Vec<f32>>>,
 }
 
 /// Shapes of one attention call: batch, query heads, kv heads, queries, keys, head dim.
@@ -734,16 +736,12 @@ impl CustomOp3 for AttentionBwd {
 /// additive and `scale` applied to the scores. No gradient: decoding only. Replaces B·K tiny
 /// GEMM calls per layer and step with one pass.
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let mask = match mask {
-        Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
-    };
-    f32_contiguous(q)?.apply_op3_no_bwd(k, v, &DecodeAttention { scale: scale as f32, mask })
+    f32_contiguous(q)?.apply_op3_no_bwd(k, v, &DecodeAttention { scale: scale as f32, mask: mask_values(mask)? })
 }
 
 struct DecodeAttention {
     scale: f32,
-    mask: Option<Vec<f32>>,
+    mask: Option<Arc<Vec<f32>>>,
 }
 
 /// The f32 data of a 4-D tensor whose last dimension is contiguous, with its strides.
