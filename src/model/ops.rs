@@ -1,4 +1,5 @@
-//! Fused CPU kernels, each with a hand-written backward, for the ops training spends its time in.
+//! Fused CPU kernels: with a hand-written backward for the ops training spends its time in,
+//! forward-only ones for decoding (few-row matmul, one-token attention), and AdamW in place.
 //!
 //! candle's own fused RMSNorm, softmax and RoPE have no backward, and their differentiable
 //! compositions allocate and sweep one tensor per elementary op (page faults and memory
