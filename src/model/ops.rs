@@ -37,6 +37,18 @@ fn each_row(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     }
 }
 
+/// Splits the flat output of a kernel that writes several gradients in one pass into tensors of
+/// the given shapes, in order.
+fn unstack<const N: usize>(flat: &Tensor, shapes: [&Shape; N]) -> Result<[Tensor; N]> {
+    let mut parts = Vec::with_capacity(N);
+    let mut at = 0;
+    for shape in shapes {
+        parts.push(flat.narrow(0, at, shape.elem_count())?.reshape(shape)?);
+        at += shape.elem_count();
+    }
+    Ok(std::array::from_fn(|i| parts[i].clone()))
+}
+
 fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
     if t.dtype() != DType::F32 {
         bail!("fused ops take f32, got {:?}", t.dtype());
@@ -83,12 +95,9 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = w.elem_count();
-        let rows = x.elem_count() / c;
-        // One kernel writes dx (rows) and dw (one extra row).
+        // One kernel writes dx and then dw.
         let both = x.apply_op3_no_bwd(w, &f32_contiguous(dy)?, &RmsNormBwd { eps: self.eps })?;
-        let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = both.narrow(0, rows, 1)?.reshape(c)?;
+        let [dx, dw] = unstack(&both, [x.shape(), w.shape()])?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -140,7 +149,7 @@ impl CustomOp3 for RmsNormBwd {
         for p in partials {
             dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
-        Ok((CpuStorage::F32(out), Shape::from((rows + 1, c))))
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1) * c)))
     }
 }
 
@@ -448,9 +457,7 @@ impl CustomOp2 for SiluMul {
     fn bwd(&self, g: &Tensor, u: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // One kernel writes [d_gate; d_up].
         let both = g.apply_op3_no_bwd(u, &f32_contiguous(dy)?, &SiluMulBwd)?;
-        let n = g.elem_count();
-        let d_gate = both.narrow(0, 0, n)?.reshape(g.shape())?;
-        let d_up = both.narrow(0, n, n)?.reshape(g.shape())?;
+        let [d_gate, d_up] = unstack(&both, [g.shape(), u.shape()])?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
@@ -639,10 +646,7 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = f32_contiguous(grad)?;
         let both = q.apply_op3_no_bwd(k, v, &AttentionBwd { fwd: self.clone(), grad: g })?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let dq = both.narrow(0, 0, nq)?.reshape(q.shape())?;
-        let dk = both.narrow(0, nq, nk)?.reshape(k.shape())?;
-        let dv = both.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        let [dq, dk, dv] = unstack(&both, [q.shape(), k.shape(), v.shape()])?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -683,9 +687,10 @@ impl CustomOp3 for AttentionBwd {
         let (q, k, v) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
         let z = attn_dims(l1, l2, l3, self.fwd.mask.as_deref())?;
         let (h, t, s, d) = (z.h, z.t, z.s, z.d);
-        let (go, _) = self.grad.storage_and_layout();
-        let go = match &*go {
-            candle_core::Storage::Cpu(c) => c.as_slice::<f32>()?[self.grad.layout().start_offset()..].to_vec(),
+        // Read in place: the lock is held while the kernel runs.
+        let (grad, grad_layout) = self.grad.storage_and_layout();
+        let go = match &*grad {
+            candle_core::Storage::Cpu(c) => f32s(c, grad_layout, self.name())?,
             _ => bail!("attention backward: CPU only"),
         };
         let (nq, nk) = (q.len(), k.len());
