@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::eval::EvalJob;
-use crate::generate::{GenerateJob, SamplingConfig};
+use crate::generate::{GenerateJob, LongPrompts, SamplingConfig, DEFAULT_PART_SIZE};
 use crate::model::Precision;
 
 #[derive(Debug, Parser)]
@@ -63,9 +63,20 @@ pub struct GenerateArgs {
     /// Prompts: JSONL with `id` and `prompt` or `messages`, or text with one prompt a line.
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Parquet file to write.
+    /// Output folder: Parquet part files and manifest.json. Rerunning the same command continues
+    /// an interrupted run; a different command on the same folder is refused (see --overwrite).
     #[arg(long, short)]
     pub output: PathBuf,
+    /// Discard an output folder written by a different command and start over.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// A prompt too long for the teacher's context with --max-new-tokens: refuse or truncate
+    /// (keep its end).
+    #[arg(long, default_value = "refuse")]
+    pub long_prompts: LongPrompts,
+    /// Samples per Parquet part file: at most this much sampling is redone after a crash.
+    #[arg(long, default_value_t = DEFAULT_PART_SIZE)]
+    pub part_size: usize,
     #[arg(long)]
     pub temperature: Option<f64>,
     #[arg(long)]
@@ -109,15 +120,23 @@ impl GenerateArgs {
             output: self.output,
             sampling,
             precision: self.dtype,
+            long_prompts: self.long_prompts,
+            part_size: self.part_size,
+            overwrite: self.overwrite,
         }
     }
 }
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// The recipe to run, e.g. recipes/quickstart.yaml.
+    /// The recipe to run, e.g. recipes/quickstart.yaml. Steps already done with the same
+    /// configuration and inputs are skipped; an interrupted step continues where it stopped.
     #[arg(long)]
     pub recipe: PathBuf,
+    /// Only continue: refuse, instead of redoing, a step whose configuration or inputs changed
+    /// since it ran (or whose checkpoints or samples come from another configuration).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Args)]
@@ -156,15 +175,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => {
             let report = crate::generate::generate(&args.into_job())?;
             eprintln!(
-                "wrote {} samples ({} tokens, {:.0} tok/s) to {}",
+                "{} samples in {} ({} sampled now: {} tokens, {:.0} tok/s)",
                 report.samples,
+                report.output.display(),
+                report.samples - report.resumed,
                 report.completion_tokens,
                 report.tokens_per_sec,
-                report.output.display()
             );
         }
         Command::Train(args) => {
-            crate::recipe::run(&args.recipe)?;
+            crate::recipe::run(&args.recipe, args.resume)?;
         }
         Command::Bench(a) => {
             let job = crate::bench::BenchJob {

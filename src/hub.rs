@@ -164,6 +164,15 @@ pub enum HubError {
          and pass DIR as the model"
     )]
     PytorchBinOnly { id: String },
+    #[error(
+        "{} is a PyTorch pickle checkpoint: kdllm reads safetensors only and never unpickles (loading a \
+         pickle can run arbitrary code); convert it with `python -c \"import torch; from safetensors.torch \
+         import save_file; sd = torch.load('{}', weights_only=True); save_file({{k: v.contiguous().clone() \
+         for k, v in sd.items()}}, 'DIR/model.safetensors')\"`, put the model's config.json and tokenizer.json \
+         in DIR and pass DIR as the model",
+        path.display(), path.display()
+    )]
+    PickleFile { path: PathBuf },
     #[error("{id} has no weights: neither model.safetensors nor model.safetensors.index.json in {}", dir.display())]
     NoWeights { id: String, dir: PathBuf },
     #[error(
@@ -200,6 +209,9 @@ pub fn resolve(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<
         }
         return resolve_folder(spec, path);
     }
+    if path.is_file() && is_pickle_file(path) {
+        return Err(HubError::PickleFile { path: path.into() });
+    }
     let repo_id = match opts.alias(spec) {
         Some(id) => id,
         None if is_repo_id(spec) => spec,
@@ -227,6 +239,12 @@ fn is_repo_id(s: &str) -> bool {
             && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(s.split_once('/'), Some((owner, name)) if ok(owner) && ok(name))
+}
+
+/// A file with a PyTorch pickle extension (`torch.save`, Lightning, `pickle`).
+fn is_pickle_file(path: &Path) -> bool {
+    const PICKLE: [&str; 6] = ["pt", "pth", "bin", "ckpt", "pkl", "pickle"];
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| PICKLE.iter().any(|p| e.eq_ignore_ascii_case(p)))
 }
 
 fn has_pytorch_bin(dir: &Path) -> bool {
@@ -571,6 +589,24 @@ mod tests {
         }
         let err = resolve(dir.path().to_str().unwrap(), None, &offline(dir.path())).unwrap_err();
         assert!(matches!(err, HubError::PytorchBinOnly { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_pickle_file_is_refused_by_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["model.pt", "weights.PTH", "pytorch_model.bin", "last.ckpt", "state.pkl"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"\x80\x02}q\x00.").unwrap();
+            let err = resolve(path.to_str().unwrap(), None, &offline(dir.path())).unwrap_err();
+            assert!(matches!(err, HubError::PickleFile { .. }), "{name}: {err}");
+            let msg = err.to_string();
+            assert!(msg.contains(name) && msg.contains("safetensors only") && msg.contains("save_file"), "{msg}");
+        }
+        // A folder named like a pickle is still a folder.
+        let folder = dir.path().join("ckpt.bin");
+        std::fs::create_dir(&folder).unwrap();
+        let err = resolve(folder.to_str().unwrap(), None, &offline(dir.path())).unwrap_err();
+        assert!(matches!(err, HubError::NotAModelFolder { .. }), "{err}");
     }
 
     #[test]

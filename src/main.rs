@@ -21,6 +21,7 @@ fn main() {
         std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
     }
     let cli = kdllm::cli::Cli::parse();
+    kdllm::interrupt::install();
     if let Err(err) = kdllm::cli::run(cli) {
         // One line: each cause once (library messages often already quote their source).
         let mut message = String::new();

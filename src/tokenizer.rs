@@ -200,6 +200,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| TokenizerError::Tokenizers { op: "decode", message: e.to_string() })
     }
 
+    /// Text of `ids` with special tokens kept (a truncated prompt, BOS and template tokens included).
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, false).map_err(|e| TokenizerError::Tokenizers { op: "decode", message: e.to_string() })
+    }
+
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -5,46 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use kdllm::generate::{generate, GenerateJob, SamplingConfig};
-use kdllm::model::llama::{self, Llama, LlamaConfig};
+use common::{corpus, kdllm, tiny_teacher, write_prompts};
+use kdllm::generate::{generate, GenerateJob, LongPrompts, SamplingConfig};
+use kdllm::model::llama::{Llama, LlamaConfig};
 use kdllm::model::Precision;
 use kdllm::tokenizer::Tokenizer;
-use kdllm::train::{distill, DistillJob, KdConfig, ModelInit, TrainConfig};
+use kdllm::train::{distill, DistillJob, KdConfig, ModelInit, Resume, TrainConfig};
 
-const WORDS: &[&str] = &["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "big", "red", "ball", "and", "is"];
-
-fn corpus() -> Vec<String> {
-    (0..200)
-        .map(|i| (0..8).map(|j| WORDS[(i * 7 + j * 3 + i / 5) % WORDS.len()]).collect::<Vec<_>>().join(" "))
-        .collect()
-}
-
-fn tiny_teacher(dir: &Path) -> LlamaConfig {
-    let tok = Tokenizer::train_bpe(&corpus(), 300).unwrap();
-    tok.save(dir).unwrap();
-    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
-        "vocab_size": tok.vocab_size(), "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 128, "tie_word_embeddings": true,
-        "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_ids()[0],
-    }))
-    .unwrap();
-    let (vm, _) = Llama::trainable(&cfg, &Device::Cpu).unwrap();
-    llama::init_weights(&vm, 3).unwrap();
-    // Sharper than HF's init so the teacher's distributions are far from uniform.
-    for v in vm.all_vars() {
-        v.set(&(v.as_tensor() * 8.0).unwrap()).unwrap();
-    }
-    llama::save(&cfg, &vm, dir).unwrap();
-    cfg
-}
-
-fn write_prompts(path: &Path, n: usize) {
-    let lines: Vec<String> = (0..n)
-        .map(|i| serde_json::json!({"id": format!("p{i}"), "prompt": format!("the {} {}", WORDS[i % 14], WORDS[(i * 5) % 14])}).to_string())
-        .collect();
-    std::fs::write(path, lines.join("\n")).unwrap();
-}
+mod common;
 
 fn gen_job(teacher: &Path, prompts: &Path, out: PathBuf) -> GenerateJob {
     GenerateJob {
@@ -61,6 +29,9 @@ fn gen_job(teacher: &Path, prompts: &Path, out: PathBuf) -> GenerateJob {
             ..Default::default()
         },
         precision: Precision::F32,
+        long_prompts: LongPrompts::Refuse,
+        part_size: 16,
+        overwrite: false,
     }
 }
 
@@ -72,10 +43,15 @@ fn teacher_samples_then_a_student_learns_from_them() {
     let prompts = tmp.path().join("prompts.jsonl");
     write_prompts(&prompts, 40);
 
-    let a = generate(&gen_job(&teacher, &prompts, tmp.path().join("a.parquet"))).unwrap();
+    let a = generate(&gen_job(&teacher, &prompts, tmp.path().join("a"))).unwrap();
     assert_eq!(a.samples, 80);
-    let b = generate(&gen_job(&teacher, &prompts, tmp.path().join("b.parquet"))).unwrap();
-    assert_eq!(std::fs::read(&a.output).unwrap(), std::fs::read(&b.output).unwrap(), "same seed, same bytes");
+    let b = generate(&gen_job(&teacher, &prompts, tmp.path().join("b"))).unwrap();
+    let parts = |dir: &Path| -> Vec<Vec<u8>> {
+        let m = kdllm::data::Manifest::read(dir).unwrap().unwrap();
+        m.part_paths(dir).iter().map(|p| std::fs::read(p).unwrap()).collect()
+    };
+    assert_eq!(parts(&a.output).len(), 5, "80 samples in parts of 16");
+    assert_eq!(parts(&a.output), parts(&b.output), "same seed, same bytes");
 
     let set = kdllm::data::read_samples(&a.output).unwrap();
     for s in &set.samples {
@@ -106,6 +82,7 @@ fn teacher_samples_then_a_student_learns_from_them() {
             ..Default::default()
         },
         output: out.clone(),
+        resume: Resume::Auto,
     })
     .unwrap();
     assert!(
@@ -143,11 +120,6 @@ fn teacher_samples_then_a_student_learns_from_them() {
     assert!((eval.perplexity - eval.nll_per_token.exp()).abs() < 1e-9);
 }
 
-fn kdllm(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kdllm")).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[test]
 fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
     let tmp = tempfile::tempdir().unwrap();
@@ -155,7 +127,7 @@ fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
     let cfg = tiny_teacher(&teacher);
     let prompts = tmp.path().join("prompts.jsonl");
     write_prompts(&prompts, 3);
-    let out = tmp.path().join("out.parquet");
+    let out = tmp.path().join("out");
     let (t, p, o) = (teacher.to_str().unwrap(), prompts.to_str().unwrap(), out.to_str().unwrap());
 
     let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", "/nonexistent/prompts.jsonl", "-o", o]);
@@ -183,13 +155,13 @@ fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
     assert!(!ok && err.contains("--dtype") && err.contains("use f32 or bf16"), "{err}");
 
     assert!(
-        std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("out.")),
+        std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("out")),
         "no output left behind"
     );
 
     let (ok, err) =
         kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--max-new-tokens", "4", "--dtype", "bf16"]);
-    assert!(ok && out.is_file(), "{err}");
+    assert!(ok && out.join("manifest.json").is_file() && out.join("part-00000.parquet").is_file(), "{err}");
 }
 
 #[test]
@@ -199,7 +171,7 @@ fn another_tokenizer_is_refused_for_kl_and_retokenized_for_sequence_level() {
     tiny_teacher(&teacher);
     let prompts = tmp.path().join("prompts.jsonl");
     write_prompts(&prompts, 4);
-    let samples = generate(&gen_job(&teacher, &prompts, tmp.path().join("s.parquet"))).unwrap();
+    let samples = generate(&gen_job(&teacher, &prompts, tmp.path().join("s-samples"))).unwrap();
     let other = tmp.path().join("other-tokenizer");
     let texts: Vec<String> = corpus().iter().map(|t| t.to_uppercase()).collect();
     Tokenizer::train_bpe(&texts, 300).unwrap().save(&other).unwrap();
@@ -220,9 +192,10 @@ fn another_tokenizer_is_refused_for_kl_and_retokenized_for_sequence_level() {
         kd: KdConfig { alpha, ..KdConfig::default() },
         train: TrainConfig { steps: 2, batch_size: 2, valid_fraction: 0.0, ..Default::default() },
         output: out.clone(),
+        resume: Resume::Auto,
     };
     let err = distill(&job(0.5)).unwrap_err().to_string();
-    assert!(err.contains("tokenizer") && err.contains("s.parquet") && err.contains("kd.alpha: 0"), "{err}");
+    assert!(err.contains("tokenizer") && err.contains("s-samples") && err.contains("kd.alpha: 0"), "{err}");
     assert!(!out.exists(), "nothing written for a refused run");
 
     // Sequence-level only: the completions are re-tokenized with the student's tokenizer.
@@ -288,7 +261,7 @@ fn chat_prompts_use_the_template_and_its_special_tokens() {
     );
     let prompts = tmp.path().join("chat.jsonl");
     std::fs::write(&prompts, r#"{"id": "c1", "messages": [{"role": "user", "content": "the cat sat"}]}"#).unwrap();
-    let out = generate(&gen_job(&teacher, &prompts, tmp.path().join("chat.parquet"))).unwrap();
+    let out = generate(&gen_job(&teacher, &prompts, tmp.path().join("chat"))).unwrap();
     let set = kdllm::data::read_samples(&out.output).unwrap();
     let tok = Tokenizer::from_folder(&teacher).unwrap();
     let bos = tok.bos_id().unwrap();
@@ -299,7 +272,7 @@ fn chat_prompts_use_the_template_and_its_special_tokens() {
     }
 
     set_template("{{ raise_exception('only system and user roles') }}");
-    let failed = tmp.path().join("failed.parquet");
+    let failed = tmp.path().join("failed");
     let err = format!("{:#}", generate(&gen_job(&teacher, &prompts, failed.clone())).unwrap_err());
     assert!(err.contains("`c1`") && err.contains("only system and user roles"), "{err}");
     assert!(!failed.exists());

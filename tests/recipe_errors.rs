@@ -158,14 +158,6 @@ fn malformed_reference() {
 }
 
 #[test]
-fn sub_path_of_a_generate_output() {
-    let text = format!(
-        "{HEAD}  - name: g\n    kind: generate\n    teacher: smollm2\n    prompts: p.txt\n  - name: e\n    kind: eval\n    models: [smollm2]\n    data: steps.g.output/x\n"
-    );
-    assert_at(&text, 11, 11, &["step `e`", "Parquet file", "/x"]);
-}
-
-#[test]
 fn duplicate_step_name() {
     assert_at(&format!("{HEAD}{TASK}{TASK}"), 6, 5, &["step `task`", "line 4", "unique"]);
 }

@@ -56,6 +56,10 @@ pub enum DataError {
     #[error("{} and {} disagree on {field}; keep only parts from one `kdllm generate` run in the directory", first.display(), second.display())]
     MetadataMismatch { first: PathBuf, second: PathBuf, field: &'static str },
 
+    /// A sample folder whose `kdllm generate` run has not finished.
+    #[error("{} is an unfinished `kdllm generate` output ({done} of {total} samples); run the same generate command (or recipe) again to finish it", path.display())]
+    Incomplete { path: PathBuf, done: u64, total: u64 },
+
     /// A sample's lists have inconsistent lengths (or bad values).
     #[error("{}: sample `{prompt_id}` #{sample_index}: {problem}", path.display())]
     InvalidSample { path: PathBuf, prompt_id: String, sample_index: u32, problem: String },

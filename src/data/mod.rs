@@ -4,12 +4,14 @@
 //! - [`read_prompts`]: the prompts `generate` sends to the teacher (JSONL or plain text).
 //! - [`read_examples`]: task / fine-tuning examples (JSONL or blank-line separated text).
 //! - [`SampleWriter`] / [`read_samples`]: teacher samples with top-k log-probs, in the
-//!   Parquet layout documented in `schema.rs` (and `SCHEMA.md`).
+//!   Parquet layout documented in `schema.rs`; [`Manifest`]: the folder of part files that
+//!   `generate` writes.
 
 use serde::{Deserialize, Serialize};
 
 mod error;
 mod examples;
+mod manifest;
 mod prompts;
 mod reader;
 mod sample;
@@ -19,6 +21,7 @@ mod writer;
 
 pub use error::DataError;
 pub use examples::{read_examples, Example};
+pub use manifest::{part_name, sync_dir, Manifest, Part, MANIFEST};
 pub use prompts::{read_prompts, PromptInput, PromptRecord};
 pub use reader::{read_metadata, read_samples, SampleSet};
 pub use sample::{FileMetadata, FinishReason, ParseFinishReasonError, Sample};

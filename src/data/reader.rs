@@ -9,6 +9,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 
 use super::error::DataError;
+use super::manifest::Manifest;
 use super::sample::{FileMetadata, FinishReason, Sample};
 use super::schema::{
     self, COMPLETION, COMPLETION_TOKEN_IDS, FINISH_REASON, PROMPT, PROMPT_ID, PROMPT_TOKEN_IDS, SAMPLE_INDEX, TEACHER,
@@ -25,9 +26,10 @@ pub struct SampleSet {
     pub samples: Vec<Sample>,
 }
 
-/// Reads every sample. `path` is one `.parquet` file or a directory whose `*.parquet` files
-/// are read in file-name order (`*.partial` leftovers are skipped); parts must agree on
-/// tokenizer, K and sampling parameters.
+/// Reads every sample. `path` is one `.parquet` file or a directory: with a `manifest.json`
+/// (what `generate` writes), the parts it lists, and only once the run is complete; without
+/// one, its `*.parquet` files in file-name order. Parts must agree on tokenizer, K and sampling
+/// parameters.
 pub fn read_samples(path: &Path) -> Result<SampleSet, DataError> {
     let parts = parts(path)?;
     let meta = agreed_metadata(&parts)?;
@@ -48,6 +50,15 @@ fn parts(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     let read_err = |source| DataError::Read { path: path.to_path_buf(), what: WHAT, hint: HINT, source };
     if !fs::metadata(path).map_err(read_err)?.is_dir() {
         return Ok(vec![path.to_path_buf()]);
+    }
+    if let Some(m) = Manifest::read(path)? {
+        if !m.is_complete() {
+            return Err(DataError::Incomplete { path: path.to_path_buf(), done: m.done(), total: m.total });
+        }
+        if m.parts.is_empty() {
+            return Err(DataError::Empty { path: path.to_path_buf(), what: "samples", hint: HINT });
+        }
+        return Ok(m.part_paths(path));
     }
     let mut parts = Vec::new();
     for entry in fs::read_dir(path).map_err(read_err)? {

@@ -5,7 +5,7 @@ pub mod gguf;
 pub mod llama;
 pub mod ops;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -79,6 +79,25 @@ impl Checkpoint {
         let tokenizer =
             Tokenizer::from_folder(&dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
         Ok(Self { config, weights, tokenizer, id: files.id, revision: files.revision })
+    }
+
+    /// What identifies the weights, for resumed and cached jobs: the Hub commit, or a hash of the
+    /// model's own files (its top-level `*.json` and `*.safetensors`, or the GGUF file).
+    pub fn fingerprint(&self) -> anyhow::Result<String> {
+        if let Some(rev) = &self.revision {
+            return Ok(format!("{}@{rev}", self.id));
+        }
+        let path = match &self.weights {
+            Weights::Files(files) => files.first().and_then(|f| f.parent()).map(Path::to_path_buf),
+            Weights::Tensors(_) => None,
+        };
+        let path = path.unwrap_or_else(|| PathBuf::from(&self.id));
+        let not_model_file = |rel: &Path| {
+            let name = rel.to_string_lossy();
+            rel.components().count() > 1 || !(name.ends_with(".json") || name.ends_with(".safetensors"))
+        };
+        let skip: &dyn Fn(&Path) -> bool = if path.is_dir() { &not_model_file } else { &|_| false };
+        crate::hash::sha256_path(&path, skip).with_context(|| format!("reading the model files in {}", path.display()))
     }
 
     /// The model for inference, computing in `precision`.

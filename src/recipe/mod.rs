@@ -38,20 +38,25 @@
 //! |------------|------------------------------------------------------------------------------|
 //! | `task`     | `task` (`task::TaskConfig`)                                                  |
 //! | `finetune` | `data`, `model` (`from` [+ `layers`] \| `config`), `tokenizer`, `train` (`train::TrainConfig`) |
-//! | `generate` | `teacher`, `prompts`, `revision`, `sampling` (`generate::SamplingConfig`), `dtype` |
+//! | `generate` | `teacher`, `prompts`, `revision`, `sampling` (`generate::SamplingConfig`), `dtype`, `long_prompts`, `part_size` |
 //! | `distill`  | `data`, `student` (`from` [+ `layers`] \| `config`), `tokenizer`, `kd`, `train` |
 //! | `eval`     | `models` (a list), `data`, `task`, `batch_size`, `dtype`                     |
 //!
 //! Paths. A value `steps.NAME.output`, optionally followed by `/sub/path`, is the output of the
-//! earlier step NAME: the folder `<workdir>/NAME`, except for a `generate` step, whose output is
-//! the file `<workdir>/NAME/samples.parquet`. Any other path, `workdir` included, is relative to
+//! earlier step NAME: the folder `<workdir>/NAME` (for a `generate` step, its Parquet part files
+//! and manifest). Any other path, `workdir` included, is relative to
 //! the current directory, as on the command line (not to the recipe's folder). A `from:`,
 //! `teacher:` or model that is not a reference may also be a Hub repo id, an alias or a `.gguf`
 //! file.
 //!
 //! Defaults come only from the `Default` of each config struct; a section left out of a step
 //! (`train:`, `sampling:`, ...) is that default.
+//!
+//! Rerunning a recipe skips the steps already done with the same configuration and inputs
+//! (`cache.rs`), continues an interrupted step (generation from its manifest, training from its
+//! newest checkpoint), and runs again a step that changed and the steps its new output feeds.
 
+mod cache;
 mod parse;
 mod summary;
 
@@ -63,11 +68,11 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{self, EvalJob, EvalReport};
-use crate::generate::{self, GenerateJob, GenerateReport, SamplingConfig};
+use crate::generate::{self, GenerateJob, GenerateReport, LongPrompts, SamplingConfig};
 use crate::model::Precision;
 use crate::task::{self, TaskConfig};
 use crate::tokenizer::Tokenizer;
-use crate::train::{self, DistillJob, FinetuneJob, KdConfig, ModelInit, TrainConfig, TrainReport};
+use crate::train::{self, DistillJob, FinetuneJob, KdConfig, ModelInit, Resume, TrainConfig, TrainReport};
 use parse::Seen;
 pub use summary::{format_summary, model_rows, ModelRow, RecipeSummary, StepRow};
 
@@ -124,24 +129,24 @@ pub enum StepConfig {
 }
 
 /// `kind: task`: write the task's data files and train a BPE tokenizer on `train.jsonl`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskStep {
-    #[serde(default, rename = "name")]
+    #[serde(default, rename = "name", skip_serializing)]
     _name: Seen,
-    #[serde(default, rename = "kind")]
+    #[serde(default, rename = "kind", skip_serializing)]
     _kind: Seen,
     #[serde(default)]
     pub task: TaskConfig,
 }
 
 /// `kind: finetune`: `train::finetune` with cross-entropy on `data`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneStep {
-    #[serde(default, rename = "name")]
+    #[serde(default, rename = "name", skip_serializing)]
     _name: Seen,
-    #[serde(default, rename = "kind")]
+    #[serde(default, rename = "kind", skip_serializing)]
     _kind: Seen,
     pub data: String,
     pub model: ModelInit,
@@ -151,13 +156,13 @@ pub struct FinetuneStep {
     pub train: TrainConfig,
 }
 
-/// `kind: generate`: `generate::generate`; writes `<workdir>/<name>/samples.parquet`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `kind: generate`: `generate::generate`; writes Parquet parts and a manifest to `<workdir>/<name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateStep {
-    #[serde(default, rename = "name")]
+    #[serde(default, rename = "name", skip_serializing)]
     _name: Seen,
-    #[serde(default, rename = "kind")]
+    #[serde(default, rename = "kind", skip_serializing)]
     _kind: Seen,
     pub teacher: String,
     #[serde(default)]
@@ -168,15 +173,25 @@ pub struct GenerateStep {
     /// Compute dtype of the teacher: `f32` (default) or `bf16`.
     #[serde(default)]
     pub dtype: Precision,
+    /// A prompt too long for the context: `refuse` (default) or `truncate`.
+    #[serde(default)]
+    pub long_prompts: LongPrompts,
+    /// Samples per Parquet part file.
+    #[serde(default = "default_part_size")]
+    pub part_size: usize,
+}
+
+fn default_part_size() -> usize {
+    generate::DEFAULT_PART_SIZE
 }
 
 /// `kind: distill`: `train::distill` on teacher samples.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillStep {
-    #[serde(default, rename = "name")]
+    #[serde(default, rename = "name", skip_serializing)]
     _name: Seen,
-    #[serde(default, rename = "kind")]
+    #[serde(default, rename = "kind", skip_serializing)]
     _kind: Seen,
     pub data: String,
     pub student: ModelInit,
@@ -189,12 +204,12 @@ pub struct DistillStep {
 }
 
 /// `kind: eval`: `eval::evaluate` once per model; writes `<workdir>/<name>/reports.json`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalStep {
-    #[serde(default, rename = "name")]
+    #[serde(default, rename = "name", skip_serializing)]
     _name: Seen,
-    #[serde(default, rename = "kind")]
+    #[serde(default, rename = "kind", skip_serializing)]
     _kind: Seen,
     pub models: Vec<String>,
     /// Compute dtype: `f32` (default) or `bf16`.
@@ -222,6 +237,9 @@ pub enum RecipeError {
     /// Malformed YAML, an unknown key, a wrong type, or a bad name or reference at a place.
     #[error("{}:{line}:{column}: {message}\n{snippet}", path.display())]
     At { path: PathBuf, line: usize, column: usize, message: String, snippet: String },
+    /// `--resume` found a finished step whose configuration or inputs changed since.
+    #[error("{}: step `{step}` changed since it ran:\n{diff}\n--resume never replaces finished work; run without --resume to run it (and what depends on it) again", path.display())]
+    Changed { path: PathBuf, step: String, diff: String },
     /// A problem with the recipe as a whole (no steps, no name).
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
@@ -235,6 +253,17 @@ impl Step {
             StepConfig::Generate(_) => StepKind::Generate,
             StepConfig::Distill(_) => StepKind::Distill,
             StepConfig::Eval(_) => StepKind::Eval,
+        }
+    }
+
+    /// The step's keys besides `name` and `kind`, as JSON.
+    fn config_json(&self) -> serde_json::Result<serde_json::Value> {
+        match &self.config {
+            StepConfig::Task(s) => serde_json::to_value(s),
+            StepConfig::Finetune(s) => serde_json::to_value(s),
+            StepConfig::Generate(s) => serde_json::to_value(s),
+            StepConfig::Distill(s) => serde_json::to_value(s),
+            StepConfig::Eval(s) => serde_json::to_value(s),
         }
     }
 
@@ -340,7 +369,7 @@ impl Recipe {
                     ),
                     None => err_at(value, message),
                 };
-                let (target, sub) = reference.map_err(|m| at_value(format!("`{key}`: {m}")))?;
+                let (target, _) = reference.map_err(|m| at_value(format!("`{key}`: {m}")))?;
                 if target == step.name {
                     return Err(at_value(format!(
                         "`{key}: {value}` refers to the step itself; use an earlier step's output"
@@ -354,12 +383,6 @@ impl Recipe {
                         format!("`{key}: {value}` refers to no step named `{target}`; steps before this one: {known}")
                     };
                     return Err(at_value(message));
-                }
-                let target_kind = self.steps[..i].iter().find(|s| s.name == target).map(Step::kind);
-                if target_kind == Some(StepKind::Generate) && !sub.is_empty() {
-                    return Err(at_value(format!(
-                        "`{key}: {value}`: the output of generate step `{target}` is a Parquet file, not a folder; drop `/{sub}`"
-                    )));
                 }
             }
             let model_init = |key: &str, init: &ModelInit, tokenizer: &Option<String>| {
@@ -388,14 +411,9 @@ impl Recipe {
         Ok(())
     }
 
-    /// The output of a step: `<workdir>/<name>`, or `<workdir>/<name>/samples.parquet` for
-    /// a `generate` step.
+    /// The output of a step: the folder `<workdir>/<name>`.
     pub fn output(&self, step: &Step) -> PathBuf {
-        let dir = self.workdir.join(&step.name);
-        match step.kind() {
-            StepKind::Generate => dir.join("samples.parquet"),
-            _ => dir,
-        }
+        self.workdir.join(&step.name)
     }
 
     /// A path value of a step: references become the earlier step's output, anything else is
@@ -424,9 +442,12 @@ impl Recipe {
     }
 
     /// Runs one step; what it did, for the log line and the summary.
-    fn run_step(&self, step: &Step) -> anyhow::Result<Outcome> {
+    fn run_step(&self, step: &Step, strict: bool) -> anyhow::Result<Outcome> {
         let output = self.output(step);
-        let dir = self.workdir.join(&step.name);
+        let dir = output.clone();
+        // A step that runs again continues its own interrupted work when its configuration is
+        // unchanged, and replaces it otherwise; `strict` (--resume) refuses to replace anything.
+        let resume = if strict { Resume::Strict } else { Resume::Auto };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(match &step.config {
             StepConfig::Task(s) => {
@@ -455,6 +476,7 @@ impl Recipe {
                     tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t)),
                     train: s.train.clone(),
                     output,
+                    resume,
                 };
                 train_outcome(train::finetune(&job)?)?
             }
@@ -466,6 +488,7 @@ impl Recipe {
                     kd: s.kd.clone(),
                     train: s.train.clone(),
                     output,
+                    resume,
                 };
                 train_outcome(train::distill(&job)?)?
             }
@@ -477,6 +500,9 @@ impl Recipe {
                     output,
                     sampling: s.sampling.clone(),
                     precision: s.dtype,
+                    long_prompts: s.long_prompts,
+                    part_size: s.part_size,
+                    overwrite: !strict,
                 };
                 let r: GenerateReport = generate::generate(&job)?;
                 Outcome {
@@ -538,6 +564,7 @@ impl Recipe {
 }
 
 /// What one step did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Outcome {
     /// The one-line result printed after the step.
     line: String,
@@ -567,19 +594,44 @@ fn train_outcome(r: TrainReport) -> anyhow::Result<Outcome> {
     })
 }
 
-/// Runs a recipe's steps in order, then prints the summary table and writes
-/// `<workdir>/summary.json`.
-pub fn run(path: &Path) -> anyhow::Result<RecipeSummary> {
+/// Runs a recipe's steps in order, skipping those already done with the same configuration and
+/// inputs, then prints the summary table and writes `<workdir>/summary.json`. With `strict`
+/// (`--resume`), nothing already done is replaced: a changed step is an error.
+pub fn run(path: &Path, strict: bool) -> anyhow::Result<RecipeSummary> {
     let recipe = load(path)?;
     let start = Instant::now();
     let mut steps = Vec::new();
     let mut models = Vec::new();
+    let mut ran = 0;
     for step in &recipe.steps {
-        println!("==> step {} ({})", step.name, step.kind());
-        let t = Instant::now();
-        let outcome =
-            recipe.run_step(step).with_context(|| format!("step `{}` ({}) failed", step.name, step.kind()))?;
-        let wall_secs = t.elapsed().as_secs_f64();
+        let identity = recipe.identity(step).with_context(|| format!("step `{}`: reading its inputs", step.name))?;
+        let stamp = recipe.stamp(step);
+        let up_to_date = stamp.as_ref().filter(|st| {
+            cache::key(&st.identity) == cache::key(&identity) && recipe.output_hash(step).as_ref() == Some(&st.output_hash)
+        });
+        let (outcome, wall_secs) = match up_to_date {
+            Some(st) => {
+                println!("==> step {} ({}): up to date (same configuration and inputs), skipped", step.name, step.kind());
+                (st.outcome.clone(), st.wall_secs)
+            }
+            None => {
+                if let (true, Some(st)) = (strict, &stamp) {
+                    let diff = crate::hash::json_diff(&st.identity, &identity);
+                    let what = if diff.is_empty() { "  its output was changed or deleted".to_string() } else { diff };
+                    return Err(RecipeError::Changed { path: recipe.path.clone(), step: step.name.clone(), diff: what }.into());
+                }
+                println!("==> step {} ({})", step.name, step.kind());
+                ran += 1;
+                let t = Instant::now();
+                let outcome = recipe
+                    .run_step(step, strict)
+                    .with_context(|| format!("step `{}` ({}) failed", step.name, step.kind()))?;
+                let wall_secs = t.elapsed().as_secs_f64();
+                let output_hash = recipe.output_hash(step).with_context(|| format!("step `{}`: hashing its output", step.name))?;
+                recipe.write_stamp(step, &cache::Stamp { identity, output_hash, wall_secs, outcome: outcome.clone() })?;
+                (outcome, wall_secs)
+            }
+        };
         println!("    {}", outcome.line);
         steps.push(StepRow {
             name: step.name.clone(),
@@ -590,6 +642,9 @@ pub fn run(path: &Path) -> anyhow::Result<RecipeSummary> {
             report: outcome.report,
         });
         models.extend(outcome.models);
+    }
+    if ran == 0 {
+        println!("\nnothing to do: every step is up to date (delete {} to run them again)", recipe.workdir.join(".kdllm").display());
     }
     let summary = RecipeSummary {
         name: recipe.name.clone(),

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::StepKind;
 use crate::eval::EvalReport;
@@ -18,7 +18,7 @@ pub struct RecipeSummary {
 }
 
 /// One evaluated model.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRow {
     /// The eval step that scored it.
     pub eval_step: String,
@@ -35,7 +35,7 @@ pub struct ModelRow {
 }
 
 /// One step of the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRow {
     pub name: String,
     pub kind: StepKind,

@@ -23,7 +23,7 @@ fn quickstart_resolves_references_to_step_outputs() {
     assert_eq!(kinds, [Task, Finetune, Generate, Generate, Distill, Distill, Eval]);
     assert_eq!(r.resolve("steps.task.output/train.jsonl"), PathBuf::from("runs/quickstart/task/train.jsonl"));
     assert_eq!(r.resolve("steps.teacher.output"), PathBuf::from("runs/quickstart/teacher"));
-    assert_eq!(r.resolve("steps.samples.output"), PathBuf::from("runs/quickstart/samples/samples.parquet"));
+    assert_eq!(r.resolve("steps.samples.output"), PathBuf::from("runs/quickstart/samples"));
     assert_eq!(r.resolve("prompts/x.jsonl"), PathBuf::from("prompts/x.jsonl"));
     let StepConfig::Eval(eval) = &r.steps[6].config else { panic!("last step is not eval") };
     assert_eq!(eval.models.len(), 3);

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod checkpoint;
 mod trainer;
 
 pub use trainer::{distill, encode_example, finetune};
@@ -43,6 +44,13 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub log_every: usize,
     pub seed: u64,
+    /// Save a checkpoint every N steps (0 = only at the end, on Ctrl-C and on a non-finite loss).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
+    /// Skip a batch whose loss or gradient is NaN or Inf instead of stopping (off: stopping
+    /// shows the problem; skipping can hide a diverging run).
+    pub skip_nonfinite: bool,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +72,9 @@ impl Default for TrainConfig {
             eval_every: 0,
             log_every: 10,
             seed: 0,
+            checkpoint_every: 500,
+            keep_checkpoints: 2,
+            skip_nonfinite: false,
         }
     }
 }
@@ -97,6 +108,17 @@ pub struct ModelInit {
     pub layers: Option<Vec<usize>>,
 }
 
+/// What to do with checkpoints found in the output folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Resume {
+    /// Continue from the newest checkpoint when it comes from the same run (configuration, data
+    /// and initial model); start over, deleting the checkpoints, when it does not.
+    #[default]
+    Auto,
+    /// The same, but checkpoints of another run are an error, never deleted (`--resume`).
+    Strict,
+}
+
 /// Fine-tune (or pre-train) a model with cross-entropy on task data (JSONL/text examples).
 #[derive(Debug, Clone)]
 pub struct FinetuneJob {
@@ -106,6 +128,7 @@ pub struct FinetuneJob {
     pub tokenizer: Option<PathBuf>,
     pub train: TrainConfig,
     pub output: PathBuf,
+    pub resume: Resume,
 }
 
 /// Distill a student on teacher samples (a Parquet file or folder written by `generate`).
@@ -118,6 +141,7 @@ pub struct DistillJob {
     pub kd: KdConfig,
     pub train: TrainConfig,
     pub output: PathBuf,
+    pub resume: Resume,
 }
 
 /// What a training run did, for the recipe summary and logs.
@@ -132,6 +156,10 @@ pub struct TrainReport {
     pub final_loss: f64,
     pub valid_loss: Option<f64>,
     pub wall_secs: f64,
+    /// The step a resumed run continued from.
+    pub resumed_from: Option<usize>,
+    /// Batches skipped for a non-finite loss (`skip_nonfinite`).
+    pub skipped_steps: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +170,8 @@ pub enum TrainError {
     TokenizerMismatch { data: PathBuf },
     #[error("parameter `{0}` got no gradient: the graph is cut somewhere in the model")]
     NoGradient(String),
-    #[error("the loss became {value} at step {step} (term `{term}`); lower `train.lr` or raise `train.warmup_steps`")]
-    NonFinite { step: usize, term: &'static str, value: f64 },
+    #[error("the {term} became {value} at step {step}; stopped, with the weights of step {} saved in {}; lower `train.lr` or raise `train.warmup_steps` and run again (it resumes there), or set `train.skip_nonfinite: true` to skip such batches", step - 1, checkpoint.display())]
+    NonFinite { step: usize, term: &'static str, value: f64, checkpoint: PathBuf },
+    #[error("{} is from a different run:\n{diff}\n--resume never deletes checkpoints: run without --resume to start over, or restore the settings it was made with", checkpoint.display())]
+    ResumeMismatch { checkpoint: PathBuf, diff: String },
 }

@@ -2,6 +2,8 @@
 //! plus global gradient-norm clipping. candle-nn's AdamW has no parameter groups and
 //! silently skips parameters without a gradient; this one refuses them.
 
+use std::collections::HashMap;
+
 use candle_core::{Result, Tensor, Var};
 
 use super::TrainConfig;
@@ -40,6 +42,37 @@ impl AdamW {
 
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.params.iter().map(|p| (p.name.as_str(), &p.var))
+    }
+
+    /// AdamW steps taken (the bias correction's t).
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// The moments, as `m.<param>` and `v.<param>` (sharing storage: save them before the next step).
+    pub fn moments(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            out.insert(format!("m.{}", p.name), p.m.clone());
+            out.insert(format!("v.{}", p.name), p.v.clone());
+        }
+        out
+    }
+
+    /// Continues from saved moments and step count (what [`moments`](Self::moments) returned).
+    pub fn restore(&mut self, moments: &HashMap<String, Tensor>, steps_done: usize) -> Result<()> {
+        for p in &mut self.params {
+            for (key, slot) in [(format!("m.{}", p.name), &mut p.m), (format!("v.{}", p.name), &mut p.v)] {
+                let t = moments.get(&key).ok_or_else(|| candle_core::Error::Msg(format!("no `{key}` in the optimizer state")))?;
+                if t.shape() != slot.shape() {
+                    candle_core::bail!("`{key}` has shape {:?} in the optimizer state, the model wants {:?}", t.shape(), slot.shape());
+                }
+                // A copy of its own: the in-place update must not write into the loaded buffer's sharers.
+                *slot = t.copy()?;
+            }
+        }
+        self.step = steps_done;
+        Ok(())
     }
 
     /// One update from `grads` (aligned with `vars()`), each multiplied by `grad_scale` first.

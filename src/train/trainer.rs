@@ -13,9 +13,10 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use super::batch::{Batch, Sequence};
 use super::loss::{distill_loss, scalar, LossTerms};
+use super::checkpoint::{self, State};
 use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
-use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, TrainConfig, TrainError, TrainReport};
+use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, Resume, TrainConfig, TrainError, TrainReport};
 use crate::data;
 use crate::model::llama::{self, Llama, LlamaConfig};
 use crate::model::Checkpoint;
@@ -32,7 +33,9 @@ pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
     let kd = KdConfig { alpha: 0.0, temperature: 1.0 };
     let keys: Vec<String> = examples.iter().map(|e| format!("{}\u{0}{}", e.prompt, e.completion)).collect();
     let sampling = serde_json::json!({"do_sample": true, "temperature": 1.0, "top_p": 1.0, "top_k": 0});
-    run(&job.model, source, tokenizer, seqs, keys, &kd, &job.train, &job.output, sampling)
+    let run_id = identity("finetune", &job.data, &job.model, source.as_ref(), &tokenizer, &kd, &job.train)?;
+    let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
+    run(&job.model, source, tokenizer, seqs, keys, &kd, &job.train, out)
 }
 
 pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
@@ -67,7 +70,9 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         );
         set.samples.iter().map(|s| retokenize(&tokenizer, s)).collect::<anyhow::Result<_>>()?
     };
-    run(&job.student, source, tokenizer, seqs, keys, &job.kd, &job.train, &job.output, sampling)
+    let run_id = identity("distill", &job.data, &job.student, source.as_ref(), &tokenizer, &job.kd, &job.train)?;
+    let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
+    run(&job.student, source, tokenizer, seqs, keys, &job.kd, &job.train, out)
 }
 
 /// Prompt tokens (with BOS) followed by completion tokens and EOS; only the completion counts.
@@ -91,6 +96,36 @@ fn encode(tok: &Tokenizer, prompt: &str, completion: &str, eos: bool) -> anyhow:
     Ok(Sequence { ids, loss_from, teacher: None })
 }
 
+/// What a run trains, as JSON: a checkpoint continues a run only when this is unchanged. The
+/// settings that do not change the weights (logging, checkpointing, skipping) are left out, so
+/// a run stopped by a NaN can be resumed with `skip_nonfinite: true`.
+fn identity(
+    kind: &str,
+    data: &Path,
+    init: &ModelInit,
+    source: Option<&Checkpoint>,
+    tokenizer: &Tokenizer,
+    kd: &KdConfig,
+    cfg: &TrainConfig,
+) -> anyhow::Result<serde_json::Value> {
+    let mut train = serde_json::to_value(cfg)?;
+    if let Some(obj) = train.as_object_mut() {
+        for key in ["log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "skip_nonfinite"] {
+            obj.remove(key);
+        }
+    }
+    let data_hash =
+        crate::hash::sha256_path(data, &|_| false).with_context(|| format!("reading {}", data.display()))?;
+    Ok(serde_json::json!({
+        "kind": kind,
+        "data": data_hash,
+        "model": {"from": source.map(Checkpoint::fingerprint).transpose()?, "config": init.config, "layers": init.layers},
+        "tokenizer": tokenizer.vocab_hash(),
+        "kd": kd,
+        "train": train,
+    }))
+}
+
 fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainError> {
     let bad = |m: &str| Err(TrainError::Config(m.to_string()));
     if cfg.steps == 0 || cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.max_seq_len < 2 {
@@ -104,6 +139,9 @@ fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainError> 
     }
     if !(0.0..=1.0).contains(&cfg.min_lr_ratio) || cfg.weight_decay < 0.0 || cfg.grad_clip < 0.0 {
         return bad("`train.min_lr_ratio` must be in [0, 1]; `weight_decay` and `grad_clip` ≥ 0");
+    }
+    if cfg.keep_checkpoints == 0 {
+        return bad("`train.keep_checkpoints` must be ≥ 1 (the newest checkpoint is what a rerun resumes from)");
     }
     if !(0.0..1.0).contains(&cfg.beta1) || !(0.0..1.0).contains(&cfg.beta2) {
         return bad("`train.beta1` and `train.beta2` must be in [0, 1)");
@@ -211,6 +249,24 @@ fn batch_loss(model: &Llama, batch: &Batch, kd: &KdConfig) -> anyhow::Result<Los
     Ok(distill_loss(&logits, &batch.targets, teacher, kd.alpha, kd.temperature)?)
 }
 
+/// Where a run writes, and how it treats checkpoints already there.
+struct Output<'a> {
+    dir: &'a Path,
+    /// Sampling defaults for generation_config.json.
+    sampling: serde_json::Value,
+    /// [`identity`] of the run.
+    run_id: serde_json::Value,
+    resume: Resume,
+}
+
+/// Epoch `epoch`'s order of the training set: a shuffle seeded by the seed and the epoch, so the
+/// data cursor (epoch, position) is all a resumed run needs to see the same batches.
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(crate::hash::fnv1a(&[&seed.to_le_bytes(), &epoch.to_le_bytes()])));
+    order
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run(
     init: &ModelInit,
@@ -220,10 +276,10 @@ fn run(
     keys: Vec<String>,
     kd: &KdConfig,
     cfg: &TrainConfig,
-    output: &Path,
-    sampling: serde_json::Value,
+    out: Output,
 ) -> anyhow::Result<TrainReport> {
     let started = Instant::now();
+    let output = out.dir;
     let seqs: Vec<Sequence> = seqs.into_iter().map(|s| s.truncate(cfg.max_seq_len)).collect();
     let (train, valid) = split(seqs, &keys, cfg.valid_fraction);
     let train: Vec<Sequence> = train.into_iter().filter(|s| s.counted() > 0).collect();
@@ -238,32 +294,95 @@ fn run(
         varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut opt = AdamW::new(vars, cfg)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating output folder {}", output.display()))?;
+
+    // Continue from the newest checkpoint of the same run, if any.
+    let fingerprint = crate::hash::sha256_bytes(out.run_id.to_string().as_bytes());
+    let mut st = State {
+        fingerprint: fingerprint.clone(),
+        run: out.run_id.clone(),
+        step: 0,
+        epoch: 0,
+        cursor: 0,
+        tokens: 0,
+        train_secs: 0.0,
+        first_loss: None,
+        last_loss: f64::NAN,
+        valid_loss: None,
+        skipped: 0,
+        optimizer_steps: 0,
+    };
+    checkpoint::remove_partials(output);
+    let mut resumed_from = None;
+    match checkpoint::list(output).last() {
+        Some(path) => {
+            let (state, weights, moments) = checkpoint::load(path)?;
+            if state.fingerprint == fingerprint {
+                for (name, var) in opt.vars() {
+                    let t = weights.get(name).ok_or_else(|| {
+                        checkpoint::CheckpointError::Read { path: path.clone(), message: format!("no tensor `{name}`") }
+                    })?;
+                    var.set(t).with_context(|| format!("restoring `{name}` from {}", path.display()))?;
+                }
+                opt.restore(&moments, state.optimizer_steps)
+                    .with_context(|| format!("restoring the optimizer from {}", path.display()))?;
+                eprintln!("resuming from {} (step {} of {})", path.display(), state.step, cfg.steps);
+                resumed_from = Some(state.step);
+                st = state;
+            } else {
+                let diff = crate::hash::json_diff(&state.run, &out.run_id);
+                if out.resume == Resume::Strict {
+                    bail!(TrainError::ResumeMismatch { checkpoint: path.clone(), diff });
+                }
+                eprintln!("note: the checkpoints in {} are from a different run; starting over:\n{diff}", output.display());
+                let dir = checkpoint::dir(output);
+                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+        }
+        None => {}
+    }
+    let save = |st: &State, opt: &AdamW| {
+        checkpoint::save(output, st, &opt.moments(), cfg.keep_checkpoints, |dir| {
+            llama::save(&model_cfg, &varmap, dir)?;
+            tokenizer.save(dir)?;
+            Ok(())
+        })
+    };
+
+    // The metrics of steps after the checkpoint were logged by the run that crashed: drop them.
     let metrics_path = output.join("metrics.jsonl");
-    let mut metrics =
-        std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+    let kept = match std::fs::read_to_string(&metrics_path) {
+        Ok(text) if st.step > 0 => text
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["step"].as_u64() <= Some(st.step as u64)))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    std::fs::write(&metrics_path, kept).with_context(|| format!("writing {}", metrics_path.display()))?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
 
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    order.shuffle(&mut rng);
-    let mut cursor = 0;
+    let mut order = epoch_order(train.len(), cfg.seed, st.epoch);
     let bar = crate::progress::bar(cfg.steps as u64, "train");
-    let (mut tokens, mut train_secs) = (0usize, 0f64);
-    let (mut first_loss, mut last_loss, mut valid_loss) = (None, 0.0, None);
-
-    for step in 0..cfg.steps {
+    bar.set_position(st.step as u64);
+    for step in st.step..cfg.steps {
         let t0 = Instant::now();
         let lr = lr_at(step, cfg);
+        let before = (st.epoch, st.cursor);
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().count()];
         let (mut loss, mut ce, mut kl, mut step_tokens) = (0.0, 0.0, None, 0);
         for _ in 0..cfg.grad_accum {
             let mut picked = Vec::with_capacity(cfg.batch_size);
             for _ in 0..cfg.batch_size {
-                if cursor == order.len() {
-                    order.shuffle(&mut rng);
-                    cursor = 0;
+                if st.cursor == order.len() {
+                    st.epoch += 1;
+                    order = epoch_order(train.len(), cfg.seed, st.epoch);
+                    st.cursor = 0;
                 }
-                picked.push(&train[order[cursor]]);
-                cursor += 1;
+                picked.push(&train[order[st.cursor]]);
+                st.cursor += 1;
             }
             let batch = Batch::new(&picked, model.device())?;
             step_tokens += batch.tokens;
@@ -283,56 +402,84 @@ fn run(
                 });
             }
         }
-        if !loss.is_finite() {
-            let term = if !ce.is_finite() { "ce" } else { "kl" };
-            bail!(TrainError::NonFinite { step, term, value: loss });
-        }
         let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled above")).collect();
         let norm = grad_norm(&grads)?;
-        opt.step(&grads, lr, clip_scale(norm, cfg.grad_clip))?;
-        train_secs += t0.elapsed().as_secs_f64();
-        tokens += step_tokens;
-        first_loss.get_or_insert(loss);
-        last_loss = loss;
+        // A NaN or Inf stops the run with the last good weights saved (or skips the batch).
+        let bad = if !ce.is_finite() {
+            Some(("cross-entropy loss (ce)", ce))
+        } else if let Some(k) = kl.filter(|k| !k.is_finite()) {
+            Some(("KL loss (kl)", k))
+        } else if !norm.is_finite() {
+            Some(("gradient norm", norm))
+        } else {
+            None
+        };
+        if let Some((term, value)) = bad {
+            if !cfg.skip_nonfinite {
+                (st.epoch, st.cursor) = before;
+                let checkpoint = save(&st, &opt)?;
+                bar.abandon();
+                bail!(TrainError::NonFinite { step: step + 1, term, value, checkpoint });
+            }
+            st.skipped += 1;
+            st.step = step + 1;
+            bar.println(format!("warning: step {}: the {term} is {value}; batch skipped (train.skip_nonfinite)", step + 1));
+        } else {
+            opt.step(&grads, lr, clip_scale(norm, cfg.grad_clip))?;
+            st.step = step + 1;
+            st.optimizer_steps = opt.steps_done();
+            st.train_secs += t0.elapsed().as_secs_f64();
+            st.tokens += step_tokens;
+            st.first_loss.get_or_insert(loss);
+            st.last_loss = loss;
+        }
 
-        let last = step + 1 == cfg.steps;
-        let validate = !valid.is_empty() && (last || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0));
+        let last = st.step == cfg.steps;
+        let validate = !valid.is_empty() && (last || (cfg.eval_every > 0 && st.step % cfg.eval_every == 0));
         if validate {
-            valid_loss = Some(mean_loss(&model, &valid, kd, cfg.batch_size)?.0);
+            st.valid_loss = Some(mean_loss(&model, &valid, kd, cfg.batch_size)?.0);
         }
         if validate || step % cfg.log_every.max(1) == 0 || last {
+            let tok_s = st.tokens as f64 / st.train_secs.max(1e-9);
             let line = serde_json::json!({
-                "step": step + 1, "loss": loss, "ce": ce, "kl": kl, "lr": lr, "grad_norm": norm,
-                "tokens_per_sec": tokens as f64 / train_secs, "valid_loss": if validate { valid_loss } else { None },
+                "step": st.step, "loss": loss, "ce": ce, "kl": kl, "lr": lr, "grad_norm": norm,
+                "tokens_per_sec": tok_s, "valid_loss": if validate { st.valid_loss } else { None },
             });
             writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
             bar.set_message(format!("loss {loss:.4}"));
             if bar.is_hidden() {
-                eprintln!(
-                    "step {:>6}/{} loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
-                    step + 1,
-                    cfg.steps,
-                    tokens as f64 / train_secs
-                );
+                eprintln!("step {:>6}/{} loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s", st.step, cfg.steps);
             }
         }
         bar.inc(1);
+        crate::fault::point("train-step");
+        let stop = crate::interrupt::requested() && !last;
+        if last || stop || (cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0) {
+            let path = save(&st, &opt)?;
+            if stop {
+                bar.abandon();
+                let saved = format!("checkpoint of step {} saved in {}", st.step, path.display());
+                return Err(crate::interrupt::Interrupted { saved }.into());
+            }
+        }
     }
     bar.finish_and_clear();
 
     llama::save(&model_cfg, &varmap, output)?;
     tokenizer.save(output)?;
-    write_generation_config(&model_cfg, sampling, output)?;
+    write_generation_config(&model_cfg, out.sampling, output)?;
     let report = TrainReport {
         output: output.to_path_buf(),
         params: model_cfg.num_params(),
         steps: cfg.steps,
-        tokens,
-        tokens_per_sec: tokens as f64 / train_secs.max(1e-9),
-        first_loss: first_loss.unwrap_or(f64::NAN),
-        final_loss: last_loss,
-        valid_loss,
+        tokens: st.tokens,
+        tokens_per_sec: st.tokens as f64 / st.train_secs.max(1e-9),
+        first_loss: st.first_loss.unwrap_or(f64::NAN),
+        final_loss: st.last_loss,
+        valid_loss: st.valid_loss,
         wall_secs: started.elapsed().as_secs_f64(),
+        resumed_from,
+        skipped_steps: st.skipped,
     };
     let path = output.join("train_report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
