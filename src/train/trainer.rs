@@ -423,7 +423,7 @@ fn run(
             }
             st.skipped += 1;
             st.step = step + 1;
-            bar.println(format!("warning: step {}: the {term} is {value}; batch skipped (train.skip_nonfinite)", step + 1));
+            bar.suspend(|| eprintln!("warning: step {}: the {term} is {value}; batch skipped (train.skip_nonfinite)", step + 1));
         } else {
             opt.step(&grads, lr, clip_scale(norm, cfg.grad_clip))?;
             st.step = step + 1;

@@ -1,0 +1,389 @@
+//! Crash tests: a real `kdllm` child process is killed with SIGKILL during generation and during
+//! training, at several points, then started again; in the end the output must be exactly what an
+//! uninterrupted run writes. Deterministic kill points come from the `KDLLM_FAULT=SITE:N` hook
+//! (the process SIGKILLs itself the N-th time it reaches SITE: between two file-system steps);
+//! others are sent from here while the child runs.
+
+use std::collections::HashSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+
+use common::{kdllm_command, tiny_teacher, write_prompts};
+use kdllm::data::{read_samples, DataError, Manifest, Sample};
+
+mod common;
+
+const PROMPTS: usize = 24;
+const SAMPLES_PER_PROMPT: usize = 2;
+
+struct Gen {
+    _tmp: tempfile::TempDir,
+    teacher: PathBuf,
+    prompts: PathBuf,
+    root: PathBuf,
+}
+
+fn setup() -> Gen {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts, PROMPTS);
+    let root = tmp.path().to_path_buf();
+    Gen { _tmp: tmp, teacher, prompts, root }
+}
+
+impl Gen {
+    /// `kdllm generate` into `out`: 48 samples, batches of 4, parts of 8 (6 parts); a flag in
+    /// `extra` replaces the default of the same name.
+    fn command(&self, out: &Path, extra: &[&str]) -> Command {
+        let defaults = [
+            ("--max-new-tokens", "12"),
+            ("--samples-per-prompt", "2"),
+            ("--batch-size", "4"),
+            ("--part-size", "8"),
+            ("--logprobs", "4"),
+            ("--seed", "3"),
+        ];
+        let mut args = vec!["generate", "--teacher", self.teacher.to_str().unwrap()];
+        args.extend(["--prompts", self.prompts.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        args.extend_from_slice(extra);
+        kdllm_command(&args)
+    }
+
+    fn run(&self, out: &Path, extra: &[&str], fault: Option<&str>) -> Output {
+        let mut cmd = self.command(out, extra);
+        if let Some(f) = fault {
+            cmd.env("KDLLM_FAULT", f);
+        }
+        cmd.output().unwrap()
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn killed(o: &Output) -> bool {
+    o.status.signal() == Some(libc_sigkill())
+}
+
+fn libc_sigkill() -> i32 {
+    9
+}
+
+/// What must hold on disk at any moment: the manifest lists contiguous, intact parts; a reader
+/// refuses the folder until it is complete.
+fn check_folder_invariants(out: &Path) {
+    let Some(m) = Manifest::read(out).unwrap() else {
+        return; // killed before the manifest was first written: nothing was promised yet
+    };
+    let mut next = 0;
+    for p in &m.parts {
+        assert_eq!(p.start, next, "parts are contiguous: {m:?}");
+        next = p.end;
+        let bytes = std::fs::read(out.join(&p.file)).unwrap();
+        assert_eq!(bytes.len() as u64, p.bytes, "{} has the recorded size", p.file);
+    }
+    if !m.is_complete() {
+        assert!(matches!(read_samples(out), Err(DataError::Incomplete { .. })), "an unfinished folder is refused");
+    }
+}
+
+/// Every (prompt, sample) exactly once, and the rows equal the reference run's.
+fn check_exactly_once(out: &Path, reference: &[Sample]) -> usize {
+    let samples = read_samples(out).unwrap().samples;
+    let keys: HashSet<(String, u32)> = samples.iter().map(|s| (s.prompt_id.clone(), s.sample_index)).collect();
+    assert_eq!(samples.len(), PROMPTS * SAMPLES_PER_PROMPT);
+    assert_eq!(keys.len(), samples.len(), "no (prompt, sample) twice");
+    assert!(samples == reference, "rows differ from the uninterrupted run's");
+    samples.len()
+}
+
+#[test]
+fn generation_killed_at_any_point_resumes_to_exactly_the_uninterrupted_rows() {
+    let g = setup();
+    let reference_dir = g.root.join("reference");
+    let o = g.run(&reference_dir, &[], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference = read_samples(&reference_dir).unwrap().samples;
+
+    // One output folder, killed again and again at different points, each run resuming the last.
+    let out = g.root.join("out");
+    let mut kills = 0;
+    for fault in [
+        "generate-batch:1", // mid-part: a .partial file is open
+        "part-renamed:1",   // the part is complete but not yet in the manifest
+        "generate-batch:3",
+        "part-renamed:2",
+        "generate-batch:2",
+    ] {
+        let o = g.run(&out, &[], Some(fault));
+        assert!(killed(&o), "{fault}: expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
+        kills += 1;
+        check_folder_invariants(&out);
+    }
+    let o = g.run(&out, &[], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = check_exactly_once(&out, &reference);
+    let again = g.run(&out, &[], None);
+    assert!(again.status.success() && stderr(&again).contains("nothing to do"), "{}", stderr(&again));
+    check_exactly_once(&out, &reference);
+    eprintln!("generation: {kills} kills, {rows} rows checked");
+}
+
+#[test]
+fn a_changed_command_is_refused_with_the_difference_unless_overwrite() {
+    let g = setup();
+    let out = g.root.join("out");
+    assert!(g.run(&out, &[], Some("part-renamed:2")).status.code().is_none());
+    let o = g.run(&out, &["--temperature", "0.5"], None);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("different command") && err.contains("sampling.temperature: 1.0 (on disk) → 0.5 (now)"), "{err}");
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(Manifest::read(&out).unwrap().unwrap().parts.len(), 1, "the refused run touched nothing");
+
+    let o = g.run(&out, &["--temperature", "0.5", "--overwrite"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = Manifest::read(&out).unwrap().unwrap();
+    assert!(m.is_complete());
+    assert_eq!(m.command["sampling"]["temperature"], 0.5);
+}
+
+#[test]
+fn disk_full_leaves_no_corrupt_part_and_the_rerun_completes() {
+    let g = setup();
+    let out = g.root.join("out");
+    let reference_dir = g.root.join("reference");
+    assert!(g.run(&reference_dir, &[], None).status.success());
+    let reference = read_samples(&reference_dir).unwrap().samples;
+    // A file-size limit makes writes fail as on a full disk (EFBIG instead of ENOSPC); SIGXFSZ
+    // is ignored so the write returns the error instead of killing the process.
+    let cmd = g.command(&out, &[]);
+    let line: Vec<String> = std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())))
+        .collect();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -f 8; trap '' XFSZ; exec {}", line.join(" ")))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot write") && err.contains("disk space"), "{err}");
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    check_folder_invariants(&out);
+    let o = g.run(&out, &[], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check_exactly_once(&out, &reference);
+}
+
+/// Kills sent from outside while the child samples, each once the manifest shows progress, so
+/// they land mid-part, mid-batch or mid-write, wherever the child happens to be.
+#[test]
+fn generation_killed_from_outside_resumes_to_exactly_the_uninterrupted_rows() {
+    let g = setup();
+    write_prompts(&g.prompts, 160);
+    let args = ["--samples-per-prompt", "1", "--max-new-tokens", "32", "--part-size", "8"];
+    let reference_dir = g.root.join("reference");
+    let t = Instant::now();
+    assert!(g.run(&reference_dir, &args, None).status.success());
+    let full = t.elapsed();
+    let reference = read_samples(&reference_dir).unwrap().samples;
+
+    let out = g.root.join("out");
+    let mut kills = 0;
+    for round in 1..=4u64 {
+        let mut child = g.command(&out, &args).stderr(Stdio::null()).spawn().unwrap();
+        let done_before = Manifest::read(&out).unwrap().map_or(0, |m| m.parts.len());
+        let deadline = Instant::now() + full * 4;
+        // Wait for `round` more parts, then let it run on a little (a different time each round).
+        while Instant::now() < deadline
+            && Manifest::read(&out).ok().flatten().map_or(0, |m| m.parts.len()) < done_before + round as usize
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_micros(700 * round));
+        let _ = child.kill();
+        if child.wait().unwrap().signal() == Some(libc_sigkill()) {
+            kills += 1;
+        }
+        check_folder_invariants(&out);
+    }
+    let o = g.run(&out, &args, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let samples = read_samples(&out).unwrap().samples;
+    assert!(samples == reference, "rows differ from the uninterrupted run's");
+    assert!(kills >= 2, "only {kills} of 4 kills landed before the child finished (a full run takes {full:?})");
+    eprintln!("generation, outside kills: {kills} kills, {} rows checked", samples.len());
+}
+
+/// A recipe with one distill step on `samples`; `train` is the step's `train:` mapping.
+fn distill_recipe(root: &Path, name: &str, samples: &Path, teacher: &Path, train: &str) -> PathBuf {
+    let recipe = root.join(format!("{name}.yaml"));
+    let text = format!(
+        "name: {name}\nworkdir: {}\nsteps:\n  - name: student\n    kind: distill\n    data: {}\n    tokenizer: {}\n    \
+         student: {{config: {{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, \
+         max_position_embeddings: 128, tie_word_embeddings: true}}}}\n    kd: {{alpha: 0.5, temperature: 2.0}}\n    train: {train}\n",
+        root.join(name).display(),
+        samples.display(),
+        teacher.display()
+    );
+    std::fs::write(&recipe, text).unwrap();
+    recipe
+}
+
+fn train(recipe: &Path, fault: Option<&str>) -> Output {
+    let mut cmd = kdllm_command(&["train", "--recipe", recipe.to_str().unwrap()]);
+    if let Some(f) = fault {
+        cmd.env("KDLLM_FAULT", f);
+    }
+    cmd.output().unwrap()
+}
+
+/// The losses logged per step (metrics.jsonl), without the timings.
+fn losses(student: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(student.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), format!("{} {} {} {}", v["loss"], v["kl"], v["grad_norm"], v["valid_loss"]))
+        })
+        .collect()
+}
+
+fn samples_for_training(g: &Gen) -> PathBuf {
+    let samples = g.root.join("samples");
+    let o = g.run(&samples, &[], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    samples
+}
+
+const TRAIN: &str = "{steps: 24, batch_size: 4, lr: 1.0e-2, warmup_steps: 3, valid_fraction: 0.1, eval_every: 5, \
+                     log_every: 1, checkpoint_every: 4, keep_checkpoints: 2, seed: 7}";
+
+#[test]
+fn training_killed_at_any_point_resumes_to_bit_identical_weights() {
+    let g = setup();
+    let samples = samples_for_training(&g);
+    let reference = distill_recipe(&g.root, "reference", &samples, &g.teacher, TRAIN);
+    let o = train(&reference, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference_student = g.root.join("reference/student");
+
+    let recipe = distill_recipe(&g.root, "killed", &samples, &g.teacher, TRAIN);
+    let student = g.root.join("killed/student");
+    let checkpoints = |s: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(s.join("checkpoints"))
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    // Each run resumes from what the one before it left.
+    let mut kills = 0;
+    for (fault, left) in [
+        ("train-step:6", vec!["step-000004"]), // between checkpoints: steps 5 and 6 are redone
+        ("checkpoint-written:2", vec!["step-000004", "step-000008", "step-000012.partial"]), // written, not renamed
+        ("checkpoint-renamed:1", vec!["step-000004", "step-000008", "step-000012"]), // renamed, old not yet pruned
+        ("train-step:7", vec!["step-000012", "step-000016"]), // past an epoch boundary (43 examples, batch 4)
+        ("checkpoint-written:2", vec!["step-000016", "step-000020", "step-000024.partial"]), // the final one
+    ] {
+        let o = train(&recipe, Some(fault));
+        assert!(killed(&o), "{fault}: expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
+        assert_eq!(checkpoints(&student), left, "after {fault}");
+        kills += 1;
+    }
+    let o = train(&recipe, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming from") && stderr(&o).contains("step 20 of 24"), "{}", stderr(&o));
+    let weights = |s: &Path| std::fs::read(s.join("model.safetensors")).unwrap();
+    assert!(weights(&student) == weights(&reference_student), "resumed weights differ from the uninterrupted run's");
+    assert_eq!(losses(&student), losses(&reference_student), "same losses at every step, none logged twice");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("train_report.json")).unwrap()).unwrap();
+    assert_eq!(report["resumed_from"], 20);
+    // Finished: a rerun of the recipe does nothing.
+    let o = train(&recipe, None);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("up to date") && out.contains("nothing to do"), "{out}");
+    eprintln!("training: {kills} kills, {} weight bytes compared", weights(&student).len());
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically() {
+    let g = setup();
+    let samples = samples_for_training(&g);
+    let long = "{steps: 400, batch_size: 4, lr: 1.0e-2, warmup_steps: 3, valid_fraction: 0.1, log_every: 1, \
+                checkpoint_every: 0, seed: 7}";
+    let reference = distill_recipe(&g.root, "reference", &samples, &g.teacher, long);
+    assert!(train(&reference, None).status.success());
+    let recipe = distill_recipe(&g.root, "stopped", &samples, &g.teacher, long);
+    let student = g.root.join("stopped/student");
+    let child = kdllm_command(&["train", "--recipe", recipe.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && std::fs::read_to_string(student.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 20
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted: checkpoint of step") && err.contains("run the same command again"), "{err}");
+    let o = train(&recipe, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
+    let weights = |s: &Path| std::fs::read(s.join("model.safetensors")).unwrap();
+    assert!(weights(&student) == weights(&g.root.join("reference/student")));
+}
+
+#[test]
+fn a_nan_loss_stops_with_a_checkpoint_and_can_be_resumed_skipping_bad_batches() {
+    let g = setup();
+    let samples = samples_for_training(&g);
+    // A learning rate this large overflows the logits after the first update.
+    let exploding = "{steps: 6, batch_size: 4, lr: 1.0e18, warmup_steps: 1, valid_fraction: 0.0, grad_clip: 0.0}";
+    let recipe = distill_recipe(&g.root, "nan", &samples, &g.teacher, exploding);
+    let o = train(&recipe, None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("became") && err.contains("at step 2") && err.contains("weights of step 1"), "{err}");
+    assert!(err.contains("loss (") && err.contains("skip_nonfinite"), "{err}");
+    let student = g.root.join("nan/student");
+    assert!(student.join("checkpoints/step-000001/model.safetensors").is_file());
+    assert!(!student.join("model.safetensors").exists(), "no final model from a failed run");
+
+    let skipping = exploding.replace('}', ", skip_nonfinite: true}");
+    let recipe = distill_recipe(&g.root, "nan", &samples, &g.teacher, &skipping);
+    let o = train(&recipe, None);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("resuming from") && err.contains("batch skipped"), "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("train_report.json")).unwrap()).unwrap();
+    assert_eq!(report["resumed_from"], 1);
+    assert_eq!(report["skipped_steps"], 5, "{report}");
+}
