@@ -298,7 +298,8 @@ fn zero_train_steps_is_refused() {
     let f = Fixture::new();
     let recipe = f.recipe(&finetune_step(&f, "{steps: 0}"));
     let err = fails("zero_train_steps_is_refused", &["train", "--recipe", s(&recipe)]);
-    has_all(one_error_line(&err), &["step `teacher` (finetune) failed", "`train.steps`", "must be > 0"]);
+    // Checked when the recipe loads, pointing at the key, before any step runs.
+    has_all(one_error_line(&err), &["recipe.yaml:", "step `teacher`: `train.steps`", "must be > 0"]);
     assert_no_model(&f.workdir().join("teacher"));
 }
 
@@ -307,7 +308,7 @@ fn negative_learning_rate_is_refused() {
     let f = Fixture::new();
     let recipe = f.recipe(&finetune_step(&f, "{steps: 2, lr: -1}"));
     let err = fails("negative_learning_rate_is_refused", &["train", "--recipe", s(&recipe)]);
-    has_all(one_error_line(&err), &["step `teacher` (finetune) failed", "`train.lr` must be a positive number"]);
+    has_all(one_error_line(&err), &["recipe.yaml:", "step `teacher`: `train.lr` must be a positive number"]);
     assert_no_model(&f.workdir().join("teacher"));
 }
 
@@ -323,12 +324,40 @@ fn kd_alpha_above_one_is_refused() {
         s(&f.teacher)
     ));
     let err = fails("kd_alpha_above_one_is_refused", &["train", "--recipe", s(&recipe)]);
-    has_all(one_error_line(&err), &["step `student` (distill) failed", "`kd.alpha` must be in [0, 1]"]);
+    has_all(one_error_line(&err), &["recipe.yaml:", "step `student`: `kd.alpha` must be in [0, 1]"]);
     assert_no_model(&f.workdir().join("student"));
+    assert!(!f.workdir().join("samples").exists(), "refused before the generate step ran");
 }
 
 // ---------------------------------------------------------------------------------------------
 // Prompts (`kdllm generate --prompts`)
+
+/// The tiny teacher's context is 128 tokens: a 150-word prompt with 12 new tokens does not fit.
+#[test]
+fn prompt_longer_than_the_context_is_refused_or_truncated() {
+    let f = Fixture::new();
+    let long: Vec<&str> = (0..150).map(|i| common::WORDS[i % common::WORDS.len()]).collect();
+    let line = serde_json::json!({"id": "long-1", "prompt": long.join(" ")}).to_string();
+    std::fs::write(&f.prompts, format!("{line}\n{}", r#"{"id": "short", "prompt": "the cat"}"#)).unwrap();
+    let mut args = f.generate(&["--max-new-tokens", "12"]);
+    let err = fails("prompt_longer_than_the_context_is_refused", &args);
+    has_all(one_error_line(&err), &["prompt `long-1`", "context of 128 tokens", "--long-prompts truncate"]);
+    assert!(!f.out().exists(), "refused before anything was written");
+
+    args.extend(["--long-prompts".to_string(), "truncate".to_string()]);
+    let out = kdllm_command(&[]).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    has_all(&stderr, &["warning: prompt `long-1`", "keeping its last"]);
+    let set = kdllm::data::read_samples(&f.out()).unwrap();
+    let cut = set.samples.iter().find(|s| s.prompt_id == "long-1").unwrap();
+    let bos = kdllm::tokenizer::Tokenizer::from_folder(&f.teacher).unwrap().bos_id().unwrap();
+    assert_eq!(cut.prompt_token_ids.len(), 128 - 12, "the prompt keeps as many tokens as fit");
+    assert_eq!(cut.prompt_token_ids[0], bos, "BOS stays first");
+    assert!(cut.prompt.ends_with(long.last().unwrap()), "the end of the prompt is kept: {}", cut.prompt);
+    let short = set.samples.iter().find(|s| s.prompt_id == "short").unwrap();
+    assert_eq!(short.prompt, "the cat", "prompts that fit are untouched");
+}
 
 #[test]
 fn missing_prompt_file_is_named() {
@@ -456,8 +485,7 @@ fn output_under_a_regular_file_is_refused() {
     args[6] = s(&out).to_string();
     let err = fails("output_under_a_regular_file_is_refused", &args);
     let line = one_error_line(&err);
-    has_all(line, &[s(&file)]);
-    assert!(line.contains("File exists") || line.contains("Not a directory"), "{line}");
+    has_all(line, &[s(&file), "is a file", "choose another --output"]);
     assert_eq!(std::fs::read(&file).unwrap(), b"x", "the file in the way is untouched");
 }
 

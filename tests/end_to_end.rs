@@ -205,40 +205,83 @@ fn another_tokenizer_is_refused_for_kl_and_retokenized_for_sequence_level() {
     assert_eq!(Tokenizer::from_folder(&out).unwrap().vocab_hash(), other_tok.vocab_hash());
 }
 
-/// The recipe runner chains every step kind: task → finetune → generate → distill → eval.
-#[test]
-fn a_tiny_recipe_runs_every_step_kind() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipe = tmp.path().join("tiny.yaml");
-    let workdir = tmp.path().join("run");
+/// A recipe that chains every step kind: task → finetune → generate → distill → eval.
+fn write_tiny_recipe(recipe: &Path, workdir: &Path, alpha: f64) {
     let model = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, max_position_embeddings: 32, tie_word_embeddings: true}";
     let train = "{steps: 30, batch_size: 16, lr: 3.0e-3, warmup_steps: 5, valid_fraction: 0.1, log_every: 10}";
     std::fs::write(
-        &recipe,
+        recipe,
         format!(
             "name: tiny\nworkdir: {}\nsteps:\n\
              - {{name: task, kind: task, task: {{max_digits: 2, train_examples: 300, test_examples: 20, prompts: 40}}}}\n\
              - {{name: teacher, kind: finetune, data: steps.task.output/train.jsonl, tokenizer: steps.task.output, model: {{config: {model}}}, train: {train}}}\n\
              - {{name: samples, kind: generate, teacher: steps.teacher.output, prompts: steps.task.output/prompts.jsonl, sampling: {{max_new_tokens: 5, logprobs: 5, batch_size: 16}}}}\n\
-             - {{name: student, kind: distill, data: steps.samples.output, tokenizer: steps.teacher.output, student: {{config: {model}}}, train: {train}}}\n\
+             - {{name: student, kind: distill, data: steps.samples.output, tokenizer: steps.teacher.output, student: {{config: {model}}}, kd: {{alpha: {alpha}}}, train: {train}}}\n\
              - {{name: eval, kind: eval, models: [steps.teacher.output, steps.student.output], data: steps.samples.output, task: steps.task.output/test.jsonl}}\n",
             workdir.display()
         ),
     )
     .unwrap();
+}
+
+/// Runs `kdllm train --recipe recipe [extra]`; (success, stdout, stderr).
+fn run_recipe(recipe: &Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kdllm"))
         .args(["train", "--recipe", recipe.to_str().unwrap()])
+        .args(extra)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for step in ["task", "teacher", "samples", "student", "eval"] {
-        assert!(stdout.contains(&format!("==> step {step} (")), "step {step} not announced:\n{stdout}");
-    }
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Steps announced as run (not skipped) in a recipe's stdout.
+fn steps_run(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("==> step "))
+        .filter(|l| !l.contains("up to date"))
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect()
+}
+
+/// The recipe runner chains every step kind; a rerun skips everything; a changed step reruns
+/// with the steps its output feeds, and `--resume` refuses to replace finished work.
+#[test]
+fn a_tiny_recipe_runs_every_step_kind_and_reruns_only_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("tiny.yaml");
+    let workdir = tmp.path().join("run");
+    write_tiny_recipe(&recipe, &workdir, 0.5);
+    let (ok, stdout, stderr) = run_recipe(&recipe, &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(steps_run(&stdout), ["task", "teacher", "samples", "student", "eval"], "{stdout}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(workdir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["models"].as_array().map(Vec::len), Some(2), "{summary}");
     assert!(Llama::load(&workdir.join("student"), &Device::Cpu, DType::F32).is_ok());
+    let student_weights = std::fs::read(workdir.join("student/model.safetensors")).unwrap();
+
+    let (ok, stdout, stderr) = run_recipe(&recipe, &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(steps_run(&stdout).is_empty() && stdout.contains("nothing to do"), "{stdout}");
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(workdir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(again["models"], summary["models"], "the summary of a cached run keeps the scores");
+
+    // Another alpha: the student and the eval that reads it run again; nothing before them.
+    write_tiny_recipe(&recipe, &workdir, 0.2);
+    let (ok, stdout, stderr) = run_recipe(&recipe, &["--resume"]);
+    assert!(!ok && stderr.contains("step `student` changed since it ran") && stderr.contains("kd.alpha: 0.5 (on disk) → 0.2 (now)"), "{stderr}");
+    let (ok, stdout2, stderr) = run_recipe(&recipe, &[]);
+    assert!(ok, "{stdout}{stdout2}\n{stderr}");
+    assert_eq!(steps_run(&stdout2), ["student", "eval"], "{stdout2}");
+    assert_ne!(std::fs::read(workdir.join("student/model.safetensors")).unwrap(), student_weights);
+
+    // A deleted output is noticed: that step runs again (and what it feeds, if its output differs).
+    std::fs::remove_file(workdir.join("eval/reports.json")).unwrap();
+    let (ok, stdout, stderr) = run_recipe(&recipe, &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(steps_run(&stdout), ["eval"], "{stdout}");
 }
 
 /// Chat prompts are rendered with the teacher's template; the rendered text is what the Parquet

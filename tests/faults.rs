@@ -387,3 +387,62 @@ fn a_nan_loss_stops_with_a_checkpoint_and_can_be_resumed_skipping_bad_batches() 
     assert_eq!(report["resumed_from"], 1);
     assert_eq!(report["skipped_steps"], 5, "{report}");
 }
+
+#[test]
+fn checkpoints_of_other_settings_are_refused_with_resume_and_replaced_without() {
+    let g = setup();
+    let samples = samples_for_training(&g);
+    let recipe = distill_recipe(&g.root, "changed", &samples, &g.teacher, TRAIN);
+    assert!(killed(&train(&recipe, Some("train-step:10"))));
+    let changed = distill_recipe(&g.root, "changed", &samples, &g.teacher, &TRAIN.replace("lr: 1.0e-2", "lr: 5.0e-3"));
+    let o = kdllm_command(&["train", "--recipe", changed.to_str().unwrap(), "--resume"]).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("step-000008 is from a different run") && err.contains("train.lr: 0.01 (on disk) → 0.005 (now)"), "{err}");
+    assert!(err.contains("--resume never deletes checkpoints"), "{err}");
+    assert!(g.root.join("changed/student/checkpoints/step-000008").is_dir(), "kept");
+
+    let o = train(&changed, None);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("from a different run; starting over") && !err.contains("resuming"), "{err}");
+}
+
+/// Kills sent from outside during a longer training run, each once the log shows progress.
+#[test]
+fn training_killed_from_outside_resumes_to_bit_identical_weights() {
+    let g = setup();
+    let samples = samples_for_training(&g);
+    let long = "{steps: 300, batch_size: 4, lr: 1.0e-2, warmup_steps: 3, valid_fraction: 0.1, eval_every: 50, \
+                log_every: 1, checkpoint_every: 25, keep_checkpoints: 2, seed: 7}";
+    let reference = distill_recipe(&g.root, "reference", &samples, &g.teacher, long);
+    let t = Instant::now();
+    assert!(train(&reference, None).status.success());
+    let full = t.elapsed();
+    let recipe = distill_recipe(&g.root, "killed", &samples, &g.teacher, long);
+    let student = g.root.join("killed/student");
+    let logged = || std::fs::read_to_string(student.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+    let mut kills = 0;
+    for target in [40, 110, 190, 260] {
+        let mut child = kdllm_command(&["train", "--recipe", recipe.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + full * 4;
+        while Instant::now() < deadline && logged() < target {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = child.kill();
+        if child.wait().unwrap().signal() == Some(libc_sigkill()) {
+            kills += 1;
+        }
+    }
+    let o = train(&recipe, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let weights = |s: &Path| std::fs::read(s.join("model.safetensors")).unwrap();
+    assert!(weights(&student) == weights(&g.root.join("reference/student")), "weights differ");
+    assert_eq!(losses(&student), losses(&g.root.join("reference/student")));
+    assert!(kills >= 2, "only {kills} of 4 kills landed (a full run takes {full:?})");
+    eprintln!("training, outside kills: {kills} kills");
+}

@@ -119,8 +119,8 @@ pub enum GenerateError {
     ChangedCommand { dir: PathBuf, diff: String },
     #[error("{} holds Parquet files but no manifest.json, so it is not a `kdllm generate` output; choose another --output, or pass --overwrite to delete its *.parquet files", dir.display())]
     ForeignFolder { dir: PathBuf },
-    #[error("--output {} is a file; it names a folder (Parquet part files and manifest.json)", path.display())]
-    OutputIsFile { path: PathBuf },
+    #[error("--output {}: {} is a file, so the output folder (Parquet part files and manifest.json) cannot be made there; choose another --output", output.display(), file.display())]
+    OutputIsFile { output: PathBuf, file: PathBuf },
 }
 
 impl SamplingConfig {
@@ -169,8 +169,9 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     if job.part_size == 0 {
         return Err(GenerateError::Sampling("`part_size` must be >= 1".into()).into());
     }
-    if job.output.is_file() {
-        return Err(GenerateError::OutputIsFile { path: job.output.clone() }.into());
+    // The nearest existing ancestor must be a folder, or the output folder cannot be made.
+    if let Some(file) = job.output.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
+        return Err(GenerateError::OutputIsFile { output: job.output.clone(), file: file.to_path_buf() }.into());
     }
     let prompts = data::read_prompts(&job.prompts)?;
     let teacher = Checkpoint::open(&job.teacher, job.revision.as_deref())?;

@@ -232,7 +232,7 @@ fn default_eval_batch_size() -> usize {
 /// and quote that line.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("cannot read recipe {}: {source}", path.display())]
+    #[error("cannot read recipe {}: {source}; check the path (the shipped recipes are in recipes/)", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     /// Malformed YAML, an unknown key, a wrong type, or a bad name or reference at a place.
     #[error("{}:{line}:{column}: {message}\n{snippet}", path.display())]
@@ -406,6 +406,22 @@ impl Recipe {
                     ))
                 }
                 _ => {}
+            }
+            // Bounds, checked now rather than when the step runs after hours of earlier steps.
+            let bounds = match &step.config {
+                StepConfig::Finetune(s) => train::validate(&s.train, None).map_err(|e| e.to_string()),
+                StepConfig::Distill(s) => train::validate(&s.train, Some(&s.kd)).map_err(|e| e.to_string()),
+                StepConfig::Generate(s) if s.part_size == 0 => Err("`part_size` must be >= 1".to_string()),
+                StepConfig::Generate(s) => s.sampling.validate().map_err(|e| e.to_string()),
+                _ => Ok(()),
+            };
+            if let Err(message) = bounds {
+                // The first key the message names, e.g. `train.lr` → the line with `lr:`.
+                let key = message.split('`').nth(1).and_then(|k| k.rsplit('.').next());
+                return Err(match key {
+                    Some(k) => err_at(&format!("{k}:"), message),
+                    None => err(message),
+                });
             }
         }
         Ok(())

@@ -77,6 +77,12 @@ fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> RecipeError {
                 Some(key) if !message.contains('`') => format!("`{key}`: {message}"),
                 _ => message,
             };
+            // "invalid u64" is serde's word for a count that is negative or not a whole number.
+            let message = if ["invalid u64", "invalid usize", "invalid u32"].iter().any(|t| message.contains(t)) {
+                format!("{message}: expected a whole number ≥ 0")
+            } else {
+                message
+            };
             at(path, text, line, column, message)
         }
         _ => RecipeError::Invalid { path: path.to_path_buf(), message },

@@ -9,7 +9,7 @@ pub mod schedule;
 pub mod checkpoint;
 mod trainer;
 
-pub use trainer::{distill, encode_example, finetune};
+pub use trainer::{distill, encode_example, finetune, validate};
 
 use serde::{Deserialize, Serialize};
 

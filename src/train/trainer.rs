@@ -126,7 +126,9 @@ fn identity(
     }))
 }
 
-fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainError> {
+/// Checks the settings against their bounds, naming the key (a recipe checks them all before
+/// running any step).
+pub fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainError> {
     let bad = |m: &str| Err(TrainError::Config(m.to_string()));
     if cfg.steps == 0 || cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.max_seq_len < 2 {
         return bad("`train.steps`, `train.batch_size` and `train.grad_accum` must be > 0 and `train.max_seq_len` ≥ 2");
