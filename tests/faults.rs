@@ -446,3 +446,30 @@ fn training_killed_from_outside_resumes_to_bit_identical_weights() {
     assert!(kills >= 2, "only {kills} of 4 kills landed (a full run takes {full:?})");
     eprintln!("training, outside kills: {kills} kills");
 }
+
+#[test]
+fn ctrl_c_during_generation_closes_the_part_and_the_rerun_finishes_identically() {
+    let g = setup();
+    write_prompts(&g.prompts, 160);
+    let args = ["--samples-per-prompt", "1", "--max-new-tokens", "32", "--part-size", "64"];
+    let reference_dir = g.root.join("reference");
+    assert!(g.run(&reference_dir, &args, None).status.success());
+    let out = g.root.join("out");
+    let child = g.command(&out, &args).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && Manifest::read(&out).ok().flatten().is_none_or(|m| m.parts.is_empty()) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted:") && err.contains("of 160 samples are complete"), "{err}");
+    let m = Manifest::read(&out).unwrap().unwrap();
+    // The part open at the interrupt was closed at the batch boundary, not thrown away.
+    assert!(m.parts.len() >= 2 && m.done() < 160 && m.done() % 4 == 0, "{m:?}");
+    let o = g.run(&out, &args, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(read_samples(&out).unwrap().samples == read_samples(&reference_dir).unwrap().samples);
+}
