@@ -34,6 +34,8 @@ fn main() {
             }
         }
         eprintln!("error: {message}");
-        std::process::exit(1);
+        // 130, as shells report a process stopped by Ctrl-C; the work so far is saved.
+        let interrupted = err.chain().any(|e| e.is::<kdllm::interrupt::Interrupted>());
+        std::process::exit(if interrupted { 130 } else { 1 });
     }
 }

@@ -1,6 +1,6 @@
 //! Bad input, one test per case, through the real `kdllm` binary: each must exit non-zero with
 //! one `error:` line that names the file, key or flag at fault (with line:column for YAML) and
-//! says what to do, and must leave no output behind. The table in `tests/BAD_INPUT_TABLE.md`
+//! says what to do, and must leave no output behind. The table in the README's "Bad input"
 //! lists these cases with the messages kdllm prints.
 //!
 //! Everything runs offline on tiny models written into temporary folders.
@@ -103,7 +103,7 @@ fn s(p: &Path) -> &str {
 }
 
 /// Runs the command; it must fail. Returns its stderr (stdout is checked to hold no `error`),
-/// and prints it under the case name so the messages in BAD_INPUT_TABLE.md can be copied from
+/// and prints it under the case name so the messages in the README's table can be copied from
 /// `cargo test --release --test bad_input -- --nocapture --test-threads 1`.
 fn fails_with(case: &str, mut cmd: Command) -> String {
     let out = cmd.output().unwrap();

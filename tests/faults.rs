@@ -147,6 +147,7 @@ fn a_changed_command_is_refused_with_the_difference_unless_overwrite() {
     assert!(g.run(&out, &[], Some("part-renamed:2")).status.code().is_none());
     let o = g.run(&out, &["--temperature", "0.5"], None);
     let err = stderr(&o);
+    eprintln!("=== changed command\n{err}");
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("different command") && err.contains("sampling.temperature: 1.0 (on disk) → 0.5 (now)"), "{err}");
     assert!(err.contains("--overwrite"), "{err}");
@@ -179,6 +180,7 @@ fn disk_full_leaves_no_corrupt_part_and_the_rerun_completes() {
         .output()
         .unwrap();
     let err = stderr(&o);
+    eprintln!("=== disk full\n{err}");
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot write") && err.contains("disk space"), "{err}");
     let leftovers: Vec<_> = std::fs::read_dir(&out)
@@ -351,7 +353,7 @@ fn ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted: checkpoint of step") && err.contains("run the same command again"), "{err}");
     let o = train(&recipe, None);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -369,6 +371,7 @@ fn a_nan_loss_stops_with_a_checkpoint_and_can_be_resumed_skipping_bad_batches() 
     let recipe = distill_recipe(&g.root, "nan", &samples, &g.teacher, exploding);
     let o = train(&recipe, None);
     let err = stderr(&o);
+    eprintln!("=== nan\n{err}");
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("became") && err.contains("at step 2") && err.contains("weights of step 1"), "{err}");
     assert!(err.contains("loss (") && err.contains("skip_nonfinite"), "{err}");
@@ -397,6 +400,7 @@ fn checkpoints_of_other_settings_are_refused_with_resume_and_replaced_without() 
     let changed = distill_recipe(&g.root, "changed", &samples, &g.teacher, &TRAIN.replace("lr: 1.0e-2", "lr: 5.0e-3"));
     let o = kdllm_command(&["train", "--recipe", changed.to_str().unwrap(), "--resume"]).output().unwrap();
     let err = stderr(&o);
+    eprintln!("=== resume mismatch\n{err}");
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("step-000008 is from a different run") && err.contains("train.lr: 0.01 (on disk) → 0.005 (now)"), "{err}");
     assert!(err.contains("--resume never deletes checkpoints"), "{err}");
@@ -464,7 +468,7 @@ fn ctrl_c_during_generation_closes_the_part_and_the_rerun_finishes_identically()
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted:") && err.contains("of 160 samples are complete"), "{err}");
     let m = Manifest::read(&out).unwrap().unwrap();
     // The part open at the interrupt was closed at the batch boundary, not thrown away.

@@ -389,3 +389,49 @@ fn record_part(dir: &Path, file: String, start: usize, end: usize, first: String
     let sha256 = crate::hash::sha256_path(&path, &|_| false).with_context(|| format!("reading {}", path.display()))?;
     Ok(data::Part { file, start: start as u64, end: end as u64, bytes, sha256, first, last })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_folder_is_refused_unless_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("data.parquet"), b"not ours").unwrap();
+        std::fs::write(out.join("notes.txt"), b"keep me").unwrap();
+        let command = serde_json::json!({"sampling": {"seed": 1}});
+        let err = open_output(&out, command.clone(), 10, false).unwrap_err().to_string();
+        assert!(err.contains("no manifest.json") && err.contains("--overwrite"), "{err}");
+        assert!(out.join("data.parquet").exists(), "refusing touches nothing");
+
+        let m = open_output(&out, command.clone(), 10, true).unwrap();
+        assert_eq!((m.done(), m.total), (0, 10));
+        assert!(!out.join("data.parquet").exists() && out.join("notes.txt").exists(), "only Parquet files go");
+        // Now it is ours: the same command continues, another is refused with the difference.
+        assert_eq!(open_output(&out, command, 10, false).unwrap().total, 10);
+        let err = open_output(&out, serde_json::json!({"sampling": {"seed": 2}}), 10, false).unwrap_err().to_string();
+        assert!(err.contains("sampling.seed: 1 (on disk) → 2 (now)"), "{err}");
+    }
+
+    #[test]
+    fn resume_drops_damaged_parts_and_everything_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let mut m = Manifest::new(serde_json::json!({}), 30);
+        for i in 0..3 {
+            let name = data::part_name(i);
+            std::fs::write(out.join(&name), format!("part {i}")).unwrap();
+            m.parts.push(record_part(out, name, i * 10, i * 10 + 10, "a#0".into(), "b#0".into()).unwrap());
+        }
+        m.write(out).unwrap();
+        std::fs::write(out.join(data::part_name(1)), "part X").unwrap(); // same size, other bytes
+        std::fs::write(out.join("part-00009.parquet"), "stray").unwrap();
+        let resumed = resume(out, Manifest::read(out).unwrap().unwrap()).unwrap();
+        assert_eq!(resumed.done(), 10, "part 1 is damaged: parts 1 and 2 are redone");
+        assert_eq!(Manifest::read(out).unwrap().unwrap(), resumed, "the trimmed manifest is saved");
+        let left: Vec<PathBuf> = sample_files(out).unwrap();
+        assert_eq!(left, [out.join(data::part_name(0))]);
+    }
+}

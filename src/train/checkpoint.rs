@@ -32,7 +32,7 @@ pub struct State {
     pub tokens: usize,
     pub train_secs: f64,
     pub first_loss: Option<f64>,
-    pub last_loss: f64,
+    pub last_loss: Option<f64>,
     pub valid_loss: Option<f64>,
     /// Steps whose batch was skipped for a non-finite loss (`train.skip_nonfinite`).
     pub skipped: usize,
@@ -151,7 +151,7 @@ mod tests {
             tokens: 10,
             train_secs: 0.5,
             first_loss: Some(2.0),
-            last_loss: 1.0,
+            last_loss: Some(1.0),
             valid_loss: None,
             skipped: 0,
             optimizer_steps: 29,

@@ -308,7 +308,7 @@ fn run(
         tokens: 0,
         train_secs: 0.0,
         first_loss: None,
-        last_loss: f64::NAN,
+        last_loss: None,
         valid_loss: None,
         skipped: 0,
         optimizer_steps: 0,
@@ -433,7 +433,7 @@ fn run(
             st.train_secs += t0.elapsed().as_secs_f64();
             st.tokens += step_tokens;
             st.first_loss.get_or_insert(loss);
-            st.last_loss = loss;
+            st.last_loss = Some(loss);
         }
 
         let last = st.step == cfg.steps;
@@ -477,7 +477,7 @@ fn run(
         tokens: st.tokens,
         tokens_per_sec: st.tokens as f64 / st.train_secs.max(1e-9),
         first_loss: st.first_loss.unwrap_or(f64::NAN),
-        final_loss: st.last_loss,
+        final_loss: st.last_loss.unwrap_or(f64::NAN),
         valid_loss: st.valid_loss,
         wall_secs: started.elapsed().as_secs_f64(),
         resumed_from,
