@@ -231,7 +231,11 @@ fn run_recipe(recipe: &Path, extra: &[&str]) -> (bool, String, String) {
         .args(extra)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Steps announced as run (not skipped) in a recipe's stdout.
@@ -271,7 +275,11 @@ fn a_tiny_recipe_runs_every_step_kind_and_reruns_only_what_changed() {
     // Another alpha: the student and the eval that reads it run again; nothing before them.
     write_tiny_recipe(&recipe, &workdir, 0.2);
     let (ok, stdout, stderr) = run_recipe(&recipe, &["--resume"]);
-    assert!(!ok && stderr.contains("step `student` changed since it ran") && stderr.contains("kd.alpha: 0.5 (on disk) → 0.2 (now)"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("step `student` changed since it ran")
+            && stderr.contains("kd.alpha: 0.5 (on disk) → 0.2 (now)"),
+        "{stderr}"
+    );
     let (ok, stdout2, stderr) = run_recipe(&recipe, &[]);
     assert!(ok, "{stdout}{stdout2}\n{stderr}");
     assert_eq!(steps_run(&stdout2), ["student", "eval"], "{stdout2}");

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-
 use common::{kdllm_command, tiny_teacher, write_prompts};
 use kdllm::data::{read_samples, DataError, Manifest, Sample};
 
@@ -149,7 +148,10 @@ fn a_changed_command_is_refused_with_the_difference_unless_overwrite() {
     let err = stderr(&o);
     eprintln!("=== changed command\n{err}");
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("different command") && err.contains("sampling.temperature: 1.0 (on disk) → 0.5 (now)"), "{err}");
+    assert!(
+        err.contains("different command") && err.contains("sampling.temperature: 1.0 (on disk) → 0.5 (now)"),
+        "{err}"
+    );
     assert!(err.contains("--overwrite"), "{err}");
     assert_eq!(Manifest::read(&out).unwrap().unwrap().parts.len(), 1, "the refused run touched nothing");
 
@@ -402,7 +404,10 @@ fn checkpoints_of_other_settings_are_refused_with_resume_and_replaced_without() 
     let err = stderr(&o);
     eprintln!("=== resume mismatch\n{err}");
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("step-000008 is from a different run") && err.contains("train.lr: 0.01 (on disk) → 0.005 (now)"), "{err}");
+    assert!(
+        err.contains("step-000008 is from a different run") && err.contains("train.lr: 0.01 (on disk) → 0.005 (now)"),
+        "{err}"
+    );
     assert!(err.contains("--resume never deletes checkpoints"), "{err}");
     assert!(g.root.join("changed/student/checkpoints/step-000008").is_dir(), "kept");
 

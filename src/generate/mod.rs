@@ -176,12 +176,12 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let prompts = data::read_prompts(&job.prompts)?;
     let teacher = Checkpoint::open(&job.teacher, job.revision.as_deref())?;
     let tokenizer = &teacher.tokenizer;
-    let model = teacher.model(&Device::Cpu, job.precision)?;
-    let vocab = model.config().vocab_size;
+    let vocab = teacher.config.vocab_size;
     if cfg.logprobs > vocab {
         return Err(GenerateError::LogprobsTooLarge { k: cfg.logprobs, vocab }.into());
     }
-    let rendered = render_prompts(&prompts, tokenizer, cfg.max_new_tokens, model.config().max_position_embeddings, job.long_prompts)?;
+    let max_ctx = teacher.config.max_position_embeddings;
+    let rendered = render_prompts(&prompts, tokenizer, cfg.max_new_tokens, max_ctx, job.long_prompts)?;
 
     // The identity of the job: a rerun with the same one continues, any other is refused.
     let command = serde_json::json!({
@@ -213,6 +213,8 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
         eprintln!("resuming {}: {resumed} of {} samples already done", dir.display(), work.len());
     }
 
+    // Loaded only now: a refused or finished job costs no weights in memory.
+    let model = teacher.model(&Device::Cpu, job.precision)?;
     let settings = cfg.decode_settings(tokenizer.eos_ids().to_vec());
     let meta = FileMetadata::new(tokenizer.vocab_hash(), cfg.logprobs, serde_json::to_value(cfg)?);
     let bar = crate::progress::bar(work.len() as u64, "generate");
@@ -298,13 +300,23 @@ fn render_prompts(
         let mut ids = tokenizer.encode(&text, add_special_tokens)?;
         if ids.len() > room {
             if policy == LongPrompts::Refuse {
-                let e = GenerateError::PromptTooLong { id: p.id.clone(), len: ids.len(), new: max_new_tokens, max: max_ctx };
+                let e = GenerateError::PromptTooLong {
+                    id: p.id.clone(),
+                    len: ids.len(),
+                    new: max_new_tokens,
+                    max: max_ctx,
+                };
                 return Err(e.into());
             }
             // Keep the end, where the question and the assistant header are; BOS stays first.
             let keep_bos = usize::from(tokenizer.bos_id().is_some_and(|b| ids.first() == Some(&b)));
             let cut = ids.len() - room;
-            eprintln!("warning: prompt `{}` is {} tokens; keeping its last {} (--long-prompts truncate)", p.id, ids.len(), room - keep_bos);
+            eprintln!(
+                "warning: prompt `{}` is {} tokens; keeping its last {} (--long-prompts truncate)",
+                p.id,
+                ids.len(),
+                room - keep_bos
+            );
             ids.drain(keep_bos..keep_bos + cut);
             text = tokenizer.decode_with_special(&ids)?;
         }
@@ -383,7 +395,14 @@ fn sample_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn record_part(dir: &Path, file: String, start: usize, end: usize, first: String, last: String) -> anyhow::Result<data::Part> {
+fn record_part(
+    dir: &Path,
+    file: String,
+    start: usize,
+    end: usize,
+    first: String,
+    last: String,
+) -> anyhow::Result<data::Part> {
     let path = dir.join(&file);
     let bytes = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
     let sha256 = crate::hash::sha256_path(&path, &|_| false).with_context(|| format!("reading {}", path.display()))?;

@@ -623,18 +623,28 @@ pub fn run(path: &Path, strict: bool) -> anyhow::Result<RecipeSummary> {
         let identity = recipe.identity(step).with_context(|| format!("step `{}`: reading its inputs", step.name))?;
         let stamp = recipe.stamp(step);
         let up_to_date = stamp.as_ref().filter(|st| {
-            cache::key(&st.identity) == cache::key(&identity) && recipe.output_hash(step).as_ref() == Some(&st.output_hash)
+            cache::key(&st.identity) == cache::key(&identity)
+                && recipe.output_hash(step).as_ref() == Some(&st.output_hash)
         });
         let (outcome, wall_secs) = match up_to_date {
             Some(st) => {
-                println!("==> step {} ({}): up to date (same configuration and inputs), skipped", step.name, step.kind());
+                println!(
+                    "==> step {} ({}): up to date (same configuration and inputs), skipped",
+                    step.name,
+                    step.kind()
+                );
                 (st.outcome.clone(), st.wall_secs)
             }
             None => {
                 if let (true, Some(st)) = (strict, &stamp) {
                     let diff = crate::hash::json_diff(&st.identity, &identity);
                     let what = if diff.is_empty() { "  its output was changed or deleted".to_string() } else { diff };
-                    return Err(RecipeError::Changed { path: recipe.path.clone(), step: step.name.clone(), diff: what }.into());
+                    return Err(RecipeError::Changed {
+                        path: recipe.path.clone(),
+                        step: step.name.clone(),
+                        diff: what,
+                    }
+                    .into());
                 }
                 println!("==> step {} ({})", step.name, step.kind());
                 ran += 1;
@@ -643,8 +653,10 @@ pub fn run(path: &Path, strict: bool) -> anyhow::Result<RecipeSummary> {
                     .run_step(step, strict)
                     .with_context(|| format!("step `{}` ({}) failed", step.name, step.kind()))?;
                 let wall_secs = t.elapsed().as_secs_f64();
-                let output_hash = recipe.output_hash(step).with_context(|| format!("step `{}`: hashing its output", step.name))?;
-                recipe.write_stamp(step, &cache::Stamp { identity, output_hash, wall_secs, outcome: outcome.clone() })?;
+                let output_hash =
+                    recipe.output_hash(step).with_context(|| format!("step `{}`: hashing its output", step.name))?;
+                recipe
+                    .write_stamp(step, &cache::Stamp { identity, output_hash, wall_secs, outcome: outcome.clone() })?;
                 (outcome, wall_secs)
             }
         };
@@ -660,7 +672,10 @@ pub fn run(path: &Path, strict: bool) -> anyhow::Result<RecipeSummary> {
         models.extend(outcome.models);
     }
     if ran == 0 {
-        println!("\nnothing to do: every step is up to date (delete {} to run them again)", recipe.workdir.join(".kdllm").display());
+        println!(
+            "\nnothing to do: every step is up to date (delete {} to run them again)",
+            recipe.workdir.join(".kdllm").display()
+        );
     }
     let summary = RecipeSummary {
         name: recipe.name.clone(),

@@ -164,7 +164,10 @@ mod tests {
         let t = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
         let moments = HashMap::from([("m.w".to_string(), t.clone()), ("v.w".to_string(), t.clone())]);
         let model = |dir: &Path| -> anyhow::Result<()> {
-            candle_core::safetensors::save(&HashMap::from([("w".to_string(), t.clone())]), dir.join("model.safetensors"))?;
+            candle_core::safetensors::save(
+                &HashMap::from([("w".to_string(), t.clone())]),
+                dir.join("model.safetensors"),
+            )?;
             Ok(())
         };
         for step in [10, 20, 30] {

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 pub mod batch;
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
-pub mod checkpoint;
 mod trainer;
 
 pub use trainer::{distill, encode_example, finetune, validate};

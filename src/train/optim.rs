@@ -63,9 +63,15 @@ impl AdamW {
     pub fn restore(&mut self, moments: &HashMap<String, Tensor>, steps_done: usize) -> Result<()> {
         for p in &mut self.params {
             for (key, slot) in [(format!("m.{}", p.name), &mut p.m), (format!("v.{}", p.name), &mut p.v)] {
-                let t = moments.get(&key).ok_or_else(|| candle_core::Error::Msg(format!("no `{key}` in the optimizer state")))?;
+                let t = moments
+                    .get(&key)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no `{key}` in the optimizer state")))?;
                 if t.shape() != slot.shape() {
-                    candle_core::bail!("`{key}` has shape {:?} in the optimizer state, the model wants {:?}", t.shape(), slot.shape());
+                    candle_core::bail!(
+                        "`{key}` has shape {:?} in the optimizer state, the model wants {:?}",
+                        t.shape(),
+                        slot.shape()
+                    );
                 }
                 // A copy of its own: the in-place update must not write into the loaded buffer's sharers.
                 *slot = t.copy()?;

@@ -12,8 +12,8 @@ use candle_nn::VarMap;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use super::batch::{Batch, Sequence};
-use super::loss::{distill_loss, scalar, LossTerms};
 use super::checkpoint::{self, State};
+use super::loss::{distill_loss, scalar, LossTerms};
 use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
 use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, Resume, TrainConfig, TrainError, TrainReport};
@@ -320,8 +320,9 @@ fn run(
             let (state, weights, moments) = checkpoint::load(path)?;
             if state.fingerprint == fingerprint {
                 for (name, var) in opt.vars() {
-                    let t = weights.get(name).ok_or_else(|| {
-                        checkpoint::CheckpointError::Read { path: path.clone(), message: format!("no tensor `{name}`") }
+                    let t = weights.get(name).ok_or_else(|| checkpoint::CheckpointError::Read {
+                        path: path.clone(),
+                        message: format!("no tensor `{name}`"),
                     })?;
                     var.set(t).with_context(|| format!("restoring `{name}` from {}", path.display()))?;
                 }
@@ -335,7 +336,10 @@ fn run(
                 if out.resume == Resume::Strict {
                     bail!(TrainError::ResumeMismatch { checkpoint: path.clone(), diff });
                 }
-                eprintln!("note: the checkpoints in {} are from a different run; starting over:\n{diff}", output.display());
+                eprintln!(
+                    "note: the checkpoints in {} are from a different run; starting over:\n{diff}",
+                    output.display()
+                );
                 let dir = checkpoint::dir(output);
                 std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
@@ -355,7 +359,9 @@ fn run(
     let kept = match std::fs::read_to_string(&metrics_path) {
         Ok(text) if st.step > 0 => text
             .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["step"].as_u64() <= Some(st.step as u64)))
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["step"].as_u64() <= Some(st.step as u64))
+            })
             .map(|l| format!("{l}\n"))
             .collect(),
         _ => String::new(),
@@ -425,7 +431,9 @@ fn run(
             }
             st.skipped += 1;
             st.step = step + 1;
-            bar.suspend(|| eprintln!("warning: step {}: the {term} is {value}; batch skipped (train.skip_nonfinite)", step + 1));
+            bar.suspend(|| {
+                eprintln!("warning: step {}: the {term} is {value}; batch skipped (train.skip_nonfinite)", step + 1)
+            });
         } else {
             opt.step(&grads, lr, clip_scale(norm, cfg.grad_clip))?;
             st.step = step + 1;
