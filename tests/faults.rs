@@ -456,8 +456,9 @@ fn training_killed_from_outside_resumes_to_bit_identical_weights() {
     eprintln!("training, outside kills: {kills} kills");
 }
 
+/// SIGTERM (what schedulers send before a kill) is handled as Ctrl-C is.
 #[test]
-fn ctrl_c_during_generation_closes_the_part_and_the_rerun_finishes_identically() {
+fn sigterm_during_generation_closes_the_part_and_the_rerun_finishes_identically() {
     let g = setup();
     write_prompts(&g.prompts, 160);
     let args = ["--samples-per-prompt", "1", "--max-new-tokens", "32", "--part-size", "64"];
@@ -470,7 +471,7 @@ fn ctrl_c_during_generation_closes_the_part_and_the_rerun_finishes_identically()
         std::thread::sleep(Duration::from_millis(1));
     }
     // SAFETY: signals our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(130), "{err}");

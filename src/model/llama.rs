@@ -934,7 +934,10 @@ pub fn save_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>, dir: &
     let cfg_path = dir.join("config.json");
     let json = serde_json::to_string_pretty(&cfg.to_hf_json()).expect("json");
     std::fs::write(&cfg_path, json).map_err(|source| ModelError::Write { path: cfg_path, source })?;
-    candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
+    // Under a temporary name first: a run killed mid-write never leaves a torn model.safetensors.
+    let (tmp, path) = (dir.join("model.safetensors.partial"), dir.join("model.safetensors"));
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::rename(&tmp, &path).map_err(|source| ModelError::Write { path, source })?;
     Ok(())
 }
 
