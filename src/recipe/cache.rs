@@ -9,7 +9,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::{Outcome, Recipe, Step};
-use crate::hash::{sha256_bytes, sha256_path};
+use crate::hash::sha256_path;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Stamp {
@@ -71,9 +71,4 @@ impl Recipe {
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
-}
-
-/// A short name for an identity, for logs.
-pub(super) fn key(identity: &serde_json::Value) -> String {
-    sha256_bytes(identity.to_string().as_bytes())
 }

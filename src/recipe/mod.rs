@@ -622,10 +622,9 @@ pub fn run(path: &Path, strict: bool) -> anyhow::Result<RecipeSummary> {
     for step in &recipe.steps {
         let identity = recipe.identity(step).with_context(|| format!("step `{}`: reading its inputs", step.name))?;
         let stamp = recipe.stamp(step);
-        let up_to_date = stamp.as_ref().filter(|st| {
-            cache::key(&st.identity) == cache::key(&identity)
-                && recipe.output_hash(step).as_ref() == Some(&st.output_hash)
-        });
+        let up_to_date = stamp
+            .as_ref()
+            .filter(|st| st.identity == identity && recipe.output_hash(step).as_ref() == Some(&st.output_hash));
         let (outcome, wall_secs) = match up_to_date {
             Some(st) => {
                 println!(
