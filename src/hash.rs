@@ -19,11 +19,6 @@ pub fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// `sha256:<hex>` of some bytes.
-pub fn sha256_bytes(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(bytes))
-}
-
 /// `sha256:<hex>` of a file's content, or of a folder's: every file under it whose relative path
 /// `skip` does not reject, in path order, each as (relative path, content).
 pub fn sha256_path(path: &Path, skip: &dyn Fn(&Path) -> bool) -> io::Result<String> {

@@ -72,11 +72,20 @@ fn stderr(o: &Output) -> String {
 }
 
 fn killed(o: &Output) -> bool {
-    o.status.signal() == Some(libc_sigkill())
+    o.status.signal() == Some(libc::SIGKILL)
 }
 
-fn libc_sigkill() -> i32 {
-    9
+/// Polls (every millisecond) until `done` holds or `timeout` has passed.
+fn wait_for(timeout: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && !done() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The bytes of a trained model's weights.
+fn model_bytes(student: &Path) -> Vec<u8> {
+    std::fs::read(student.join("model.safetensors")).unwrap()
 }
 
 /// What must hold on disk at any moment: the manifest lists contiguous, intact parts; a reader
@@ -215,16 +224,12 @@ fn generation_killed_from_outside_resumes_to_exactly_the_uninterrupted_rows() {
     for round in 1..=4u64 {
         let mut child = g.command(&out, &args).stderr(Stdio::null()).spawn().unwrap();
         let done_before = Manifest::read(&out).unwrap().map_or(0, |m| m.parts.len());
-        let deadline = Instant::now() + full * 4;
         // Wait for `round` more parts, then let it run on a little (a different time each round).
-        while Instant::now() < deadline
-            && Manifest::read(&out).ok().flatten().map_or(0, |m| m.parts.len()) < done_before + round as usize
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let parts = || Manifest::read(&out).ok().flatten().map_or(0, |m| m.parts.len());
+        wait_for(full * 4, || parts() >= done_before + round as usize);
         std::thread::sleep(Duration::from_micros(700 * round));
         let _ = child.kill();
-        if child.wait().unwrap().signal() == Some(libc_sigkill()) {
+        if child.wait().unwrap().signal() == Some(libc::SIGKILL) {
             kills += 1;
         }
         check_folder_invariants(&out);
@@ -317,8 +322,10 @@ fn training_killed_at_any_point_resumes_to_bit_identical_weights() {
     let o = train(&recipe, None);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming from") && stderr(&o).contains("step 20 of 24"), "{}", stderr(&o));
-    let weights = |s: &Path| std::fs::read(s.join("model.safetensors")).unwrap();
-    assert!(weights(&student) == weights(&reference_student), "resumed weights differ from the uninterrupted run's");
+    assert!(
+        model_bytes(&student) == model_bytes(&reference_student),
+        "resumed weights differ from the uninterrupted run's"
+    );
     assert_eq!(losses(&student), losses(&reference_student), "same losses at every step, none logged twice");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(student.join("train_report.json")).unwrap()).unwrap();
@@ -327,7 +334,7 @@ fn training_killed_at_any_point_resumes_to_bit_identical_weights() {
     let o = train(&recipe, None);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && out.contains("up to date") && out.contains("nothing to do"), "{out}");
-    eprintln!("training: {kills} kills, {} weight bytes compared", weights(&student).len());
+    eprintln!("training: {kills} kills, {} weight bytes compared", model_bytes(&student).len());
 }
 
 #[test]
@@ -345,12 +352,9 @@ fn ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline
-        && std::fs::read_to_string(student.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 20
-    {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for(Duration::from_secs(60), || {
+        std::fs::read_to_string(student.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) >= 20
+    });
     // SAFETY: signals our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
@@ -360,8 +364,7 @@ fn ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically() {
     let o = train(&recipe, None);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
-    let weights = |s: &Path| std::fs::read(s.join("model.safetensors")).unwrap();
-    assert!(weights(&student) == weights(&g.root.join("reference/student")));
+    assert!(model_bytes(&student) == model_bytes(&g.root.join("reference/student")));
 }
 
 #[test]
@@ -438,19 +441,15 @@ fn training_killed_from_outside_resumes_to_bit_identical_weights() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + full * 4;
-        while Instant::now() < deadline && logged() < target {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for(full * 4, || logged() >= target);
         let _ = child.kill();
-        if child.wait().unwrap().signal() == Some(libc_sigkill()) {
+        if child.wait().unwrap().signal() == Some(libc::SIGKILL) {
             kills += 1;
         }
     }
     let o = train(&recipe, None);
     assert!(o.status.success(), "{}", stderr(&o));
-    let weights = |s: &Path| std::fs::read(s.join("model.safetensors")).unwrap();
-    assert!(weights(&student) == weights(&g.root.join("reference/student")), "weights differ");
+    assert!(model_bytes(&student) == model_bytes(&g.root.join("reference/student")), "weights differ");
     assert_eq!(losses(&student), losses(&g.root.join("reference/student")));
     assert!(kills >= 2, "only {kills} of 4 kills landed (a full run takes {full:?})");
     eprintln!("training, outside kills: {kills} kills");
@@ -466,10 +465,7 @@ fn sigterm_during_generation_closes_the_part_and_the_rerun_finishes_identically(
     assert!(g.run(&reference_dir, &args, None).status.success());
     let out = g.root.join("out");
     let child = g.command(&out, &args).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && Manifest::read(&out).ok().flatten().is_none_or(|m| m.parts.is_empty()) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for(Duration::from_secs(60), || Manifest::read(&out).ok().flatten().is_some_and(|m| !m.parts.is_empty()));
     // SAFETY: signals our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let o = child.wait_with_output().unwrap();
@@ -478,7 +474,7 @@ fn sigterm_during_generation_closes_the_part_and_the_rerun_finishes_identically(
     assert!(err.contains("interrupted:") && err.contains("of 160 samples are complete"), "{err}");
     let m = Manifest::read(&out).unwrap().unwrap();
     // The part open at the interrupt was closed at the batch boundary, not thrown away.
-    assert!(m.parts.len() >= 2 && m.done() < 160 && m.done() % 4 == 0, "{m:?}");
+    assert!(m.parts.len() >= 2 && m.done() < 160 && m.done().is_multiple_of(4), "{m:?}");
     let o = g.run(&out, &args, None);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(read_samples(&out).unwrap().samples == read_samples(&reference_dir).unwrap().samples);

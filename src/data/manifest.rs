@@ -66,20 +66,11 @@ impl Manifest {
         serde_json::from_str(&text).map(Some).map_err(|source| DataError::Json { path, line: 1, source })
     }
 
-    /// Replaces `dir/manifest.json` atomically: a temporary file, fsync, rename, fsync of `dir`.
+    /// Replaces `dir/manifest.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<(), DataError> {
         let path = dir.join(MANIFEST);
-        let tmp = dir.join(format!("{MANIFEST}.partial"));
-        let err = |source| DataError::Write { path: path.clone(), source };
         let text = serde_json::to_string_pretty(self).expect("a manifest serializes");
-        let mut f = File::create(&tmp).map_err(err)?;
-        if let Err(e) = f.write_all(text.as_bytes()).and_then(|_| f.sync_all()) {
-            let _ = fs::remove_file(&tmp);
-            return Err(err(e));
-        }
-        fs::rename(&tmp, &path).map_err(err)?;
-        sync_dir(dir);
-        Ok(())
+        write_atomic(&path, text.as_bytes()).map_err(|source| DataError::Write { path, source })
     }
 
     /// The files of the complete parts, in order.
@@ -91,6 +82,23 @@ impl Manifest {
 /// `part-00007.parquet`.
 pub fn part_name(index: usize) -> String {
     format!("part-{index:05}.parquet")
+}
+
+/// Replaces `path` with `bytes` so that readers see the old file or the new one, never a torn
+/// one: `<path>.partial`, fsync, rename, fsync of the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let written = File::create(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()));
+    if let Err(e) = written.and_then(|_| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
+    }
+    Ok(())
 }
 
 /// Makes renames and deletions in `dir` durable (best effort: not every file system allows it).

@@ -21,7 +21,7 @@ mod writer;
 
 pub use error::DataError;
 pub use examples::{read_examples, Example};
-pub use manifest::{part_name, sync_dir, Manifest, Part, MANIFEST};
+pub use manifest::{part_name, sync_dir, write_atomic, Manifest, Part, MANIFEST};
 pub use prompts::{read_prompts, PromptInput, PromptRecord};
 pub use reader::{read_metadata, read_samples, SampleSet};
 pub use sample::{FileMetadata, FinishReason, ParseFinishReasonError, Sample};

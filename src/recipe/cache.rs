@@ -50,8 +50,8 @@ impl Recipe {
         }))
     }
 
-    pub(super) fn output_hash(&self, step: &Step) -> Option<String> {
-        sha256_path(&self.output(step), &not_output).ok()
+    pub(super) fn output_hash(&self, step: &Step) -> std::io::Result<String> {
+        sha256_path(&self.output(step), &not_output)
     }
 
     /// The stamp of the step's last complete run, if any (an unreadable one counts as none).
@@ -65,10 +65,7 @@ impl Recipe {
         let path = self.stamp_path(step);
         let dir = path.parent().expect("stamp has a folder");
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = path.with_extension("json.partial");
-        std::fs::write(&tmp, serde_json::to_string_pretty(stamp)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        crate::data::write_atomic(&path, serde_json::to_string_pretty(stamp)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
     }
 }

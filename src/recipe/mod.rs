@@ -460,17 +460,16 @@ impl Recipe {
     /// Runs one step; what it did, for the log line and the summary.
     fn run_step(&self, step: &Step, strict: bool) -> anyhow::Result<Outcome> {
         let output = self.output(step);
-        let dir = output.clone();
         // A step that runs again continues its own interrupted work when its configuration is
         // unchanged, and replaces it otherwise; `strict` (--resume) refuses to replace anything.
         let resume = if strict { Resume::Strict } else { Resume::Auto };
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
         Ok(match &step.config {
             StepConfig::Task(s) => {
-                let files = task::write_task_data(&s.task, &dir)?;
+                let files = task::write_task_data(&s.task, &output)?;
                 let texts: Vec<String> =
                     crate::data::read_examples(&files.train)?.into_iter().map(|e| e.prompt + &e.completion).collect();
-                Tokenizer::train_bpe(&texts, s.task.tokenizer_vocab_size)?.save(&dir)?;
+                Tokenizer::train_bpe(&texts, s.task.tokenizer_vocab_size)?.save(&output)?;
                 Outcome {
                     line: format!(
                         "{} train / {} test / {} prompts, BPE tokenizer ({} tokens) → {}",
@@ -478,7 +477,7 @@ impl Recipe {
                         s.task.test_examples,
                         s.task.prompts,
                         s.task.tokenizer_vocab_size,
-                        dir.display()
+                        output.display()
                     ),
                     tokens_per_sec: None,
                     report: serde_json::to_value(&files)?,
@@ -558,7 +557,7 @@ impl Recipe {
                     })
                     .collect();
                 let rows = model_rows(&step.name, &names, &reports);
-                let path = dir.join("reports.json");
+                let path = output.join("reports.json");
                 std::fs::write(&path, serde_json::to_string_pretty(&reports)?)
                     .with_context(|| format!("writing {}", path.display()))?;
                 let scores: Vec<String> = rows
@@ -624,7 +623,7 @@ pub fn run(path: &Path, strict: bool) -> anyhow::Result<RecipeSummary> {
         let stamp = recipe.stamp(step);
         let up_to_date = stamp
             .as_ref()
-            .filter(|st| st.identity == identity && recipe.output_hash(step).as_ref() == Some(&st.output_hash));
+            .filter(|st| st.identity == identity && recipe.output_hash(step).is_ok_and(|h| h == st.output_hash));
         let (outcome, wall_secs) = match up_to_date {
             Some(st) => {
                 println!(

@@ -14,13 +14,13 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::sync_dir;
+use crate::model::Weights;
 
 /// Where the loop stands; with the weights and moments, all that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// What was trained: the config, data and model init this run was started with (a hash).
-    pub fingerprint: String,
-    /// The same, readable, to show what changed when a resume is refused.
+    /// What is trained: the settings, data and initial model the run was started with. A
+    /// checkpoint continues only the same run; the diff of two shows what changed.
     pub run: serde_json::Value,
     /// Optimizer steps done.
     pub step: usize,
@@ -38,6 +38,25 @@ pub struct State {
     pub skipped: usize,
     /// AdamW updates made (fewer than `step` when batches were skipped).
     pub optimizer_steps: usize,
+}
+
+impl State {
+    /// Step 0 of `run`.
+    pub fn new(run: serde_json::Value) -> Self {
+        State {
+            run,
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            tokens: 0,
+            train_secs: 0.0,
+            first_loss: None,
+            last_loss: None,
+            valid_loss: None,
+            skipped: 0,
+            optimizer_steps: 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,15 +145,15 @@ pub fn save(
     Ok(done)
 }
 
-/// A checkpoint's state, model tensors (by parameter name) and optimizer moments.
-pub fn load(path: &Path) -> Result<(State, HashMap<String, Tensor>, HashMap<String, Tensor>), CheckpointError> {
+/// A checkpoint's state, model weights (its model.safetensors, for `llama::load_weights`) and
+/// optimizer moments.
+pub fn load(path: &Path) -> Result<(State, Weights, HashMap<String, Tensor>), CheckpointError> {
     let bad = |message: String| CheckpointError::Read { path: path.to_path_buf(), message };
     let text = fs::read_to_string(path.join(STATE)).map_err(|e| bad(format!("{STATE}: {e}")))?;
     let state: State = serde_json::from_str(&text).map_err(|e| bad(format!("{STATE}: {e}")))?;
-    let read = |file: &str| {
-        candle_core::safetensors::load(path.join(file), &Device::Cpu).map_err(|e| bad(format!("{file}: {e}")))
-    };
-    Ok((state, read("model.safetensors")?, read(OPTIMIZER)?))
+    let moments = candle_core::safetensors::load(path.join(OPTIMIZER), &Device::Cpu)
+        .map_err(|e| bad(format!("{OPTIMIZER}: {e}")))?;
+    Ok((state, Weights::Files(vec![path.join("model.safetensors")]), moments))
 }
 
 #[cfg(test)]
@@ -143,8 +162,6 @@ mod tests {
 
     fn state(step: usize) -> State {
         State {
-            fingerprint: "sha256:x".into(),
-            run: serde_json::json!({}),
             step,
             epoch: 1,
             cursor: 3,
@@ -152,9 +169,8 @@ mod tests {
             train_secs: 0.5,
             first_loss: Some(2.0),
             last_loss: Some(1.0),
-            valid_loss: None,
-            skipped: 0,
             optimizer_steps: 29,
+            ..State::new(serde_json::json!({"train": {"lr": 0.01}}))
         }
     }
 
@@ -178,7 +194,9 @@ mod tests {
         assert_eq!(kept, ["step-000020", "step-000030"]);
         let (s, weights, m) = load(&list(out.path())[1]).unwrap();
         assert_eq!(s, state(30));
-        assert_eq!(weights["w"].to_vec1::<f32>().unwrap(), [1.0, 2.0]);
+        let Weights::Files(files) = weights else { panic!("a checkpoint's weights are its file") };
+        let saved = candle_core::safetensors::load(&files[0], &Device::Cpu).unwrap();
+        assert_eq!(saved["w"].to_vec1::<f32>().unwrap(), [1.0, 2.0]);
         assert_eq!(m.len(), 2);
 
         // A folder left half-written by a crash is not a checkpoint, and is cleaned up.
@@ -188,7 +206,7 @@ mod tests {
         assert!(!dir(out.path()).join("step-000040.partial").exists());
 
         fs::write(list(out.path())[1].join(STATE), "{").unwrap();
-        let err = load(&list(out.path())[1]).unwrap_err().to_string();
+        let err = load(&list(out.path())[1]).err().expect("a torn state file is an error").to_string();
         assert!(err.contains("step-000030") && err.contains("trainer_state.json") && err.contains("delete"), "{err}");
     }
 }

@@ -269,6 +269,39 @@ fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// The state of the newest checkpoint in `output` when it belongs to the run `run_id`, with the
+/// weights and optimizer moments restored from it. Checkpoints of another run are deleted
+/// (`Resume::Auto`) or refused (`Resume::Strict`), naming what changed.
+fn resume(
+    output: &Path,
+    run_id: &serde_json::Value,
+    mode: Resume,
+    steps: usize,
+    varmap: &VarMap,
+    opt: &mut AdamW,
+) -> anyhow::Result<Option<State>> {
+    checkpoint::remove_partials(output);
+    let Some(path) = checkpoint::list(output).pop() else {
+        return Ok(None);
+    };
+    let (state, weights, moments) = checkpoint::load(&path)?;
+    if state.run != *run_id {
+        let diff = crate::hash::json_diff(&state.run, run_id);
+        if mode == Resume::Strict {
+            bail!(TrainError::ResumeMismatch { checkpoint: path, diff });
+        }
+        eprintln!("note: the checkpoints in {} are from a different run; starting over:\n{diff}", output.display());
+        let dir = checkpoint::dir(output);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        return Ok(None);
+    }
+    llama::load_weights(varmap, &weights).with_context(|| format!("restoring the weights from {}", path.display()))?;
+    opt.restore(&moments, state.optimizer_steps)
+        .with_context(|| format!("restoring the optimizer from {}", path.display()))?;
+    eprintln!("resuming from {} (step {} of {steps})", path.display(), state.step);
+    Ok(Some(state))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run(
     init: &ModelInit,
@@ -297,55 +330,9 @@ fn run(
     let mut opt = AdamW::new(vars, cfg)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating output folder {}", output.display()))?;
 
-    // Continue from the newest checkpoint of the same run, if any.
-    let fingerprint = crate::hash::sha256_bytes(out.run_id.to_string().as_bytes());
-    let mut st = State {
-        fingerprint: fingerprint.clone(),
-        run: out.run_id.clone(),
-        step: 0,
-        epoch: 0,
-        cursor: 0,
-        tokens: 0,
-        train_secs: 0.0,
-        first_loss: None,
-        last_loss: None,
-        valid_loss: None,
-        skipped: 0,
-        optimizer_steps: 0,
-    };
-    checkpoint::remove_partials(output);
-    let mut resumed_from = None;
-    match checkpoint::list(output).last() {
-        Some(path) => {
-            let (state, weights, moments) = checkpoint::load(path)?;
-            if state.fingerprint == fingerprint {
-                for (name, var) in opt.vars() {
-                    let t = weights.get(name).ok_or_else(|| checkpoint::CheckpointError::Read {
-                        path: path.clone(),
-                        message: format!("no tensor `{name}`"),
-                    })?;
-                    var.set(t).with_context(|| format!("restoring `{name}` from {}", path.display()))?;
-                }
-                opt.restore(&moments, state.optimizer_steps)
-                    .with_context(|| format!("restoring the optimizer from {}", path.display()))?;
-                eprintln!("resuming from {} (step {} of {})", path.display(), state.step, cfg.steps);
-                resumed_from = Some(state.step);
-                st = state;
-            } else {
-                let diff = crate::hash::json_diff(&state.run, &out.run_id);
-                if out.resume == Resume::Strict {
-                    bail!(TrainError::ResumeMismatch { checkpoint: path.clone(), diff });
-                }
-                eprintln!(
-                    "note: the checkpoints in {} are from a different run; starting over:\n{diff}",
-                    output.display()
-                );
-                let dir = checkpoint::dir(output);
-                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-            }
-        }
-        None => {}
-    }
+    let resumed = resume(output, &out.run_id, out.resume, cfg.steps, &varmap, &mut opt)?;
+    let resumed_from = resumed.as_ref().map(|st| st.step);
+    let mut st = resumed.unwrap_or_else(|| State::new(out.run_id.clone()));
     let save = |st: &State, opt: &AdamW| {
         checkpoint::save(output, st, &opt.moments(), cfg.keep_checkpoints, |dir| {
             llama::save(&model_cfg, &varmap, dir)?;
