@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::data::Shard;
+use crate::engine::{Engine, ServerOptions};
 use crate::eval::EvalJob;
-use crate::generate::{GenerateJob, LongPrompts, SamplingConfig, DEFAULT_PART_SIZE};
+use crate::generate::{GenerateJob, LongPrompts, SamplingConfig, ScoreJob, DEFAULT_PART_SIZE, DEFAULT_SCORE_BATCH};
 use crate::model::Precision;
 
 #[derive(Debug, Parser)]
@@ -19,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Sample completions from a teacher and write them, with its log-probabilities, to Parquet.
     Generate(GenerateArgs),
+    /// Store a teacher's log-probabilities (top-k per token, teacher-forced) for given text.
+    Score(ScoreArgs),
     /// Run a recipe: a YAML chain of finetune / generate / distill / eval steps.
     Train(TrainArgs),
     /// Measure a model on teacher samples or task data; prints one JSON object.
@@ -52,14 +56,63 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
+/// How to reach a server teacher (`--teacher http://HOST:PORT/v1`).
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// A server teacher's tokenizer: a folder, GGUF file, alias or Hub repo id (default: found
+    /// from the model id the server reports).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// The server's engine: vllm, sglang, llama-server or openai (default: detected).
+    #[arg(long)]
+    pub engine: Option<Engine>,
+    /// The served model to ask for, when the server serves several.
+    #[arg(long)]
+    pub served_model: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Further tries of a request after a 429, a 5xx, a dropped connection or a timeout.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// First wait before a retry, in milliseconds (doubling each try, with jitter).
+    #[arg(long)]
+    pub backoff_ms: Option<u64>,
+    /// Seconds before a request is abandoned (and retried).
+    #[arg(long)]
+    pub request_timeout: Option<u64>,
+}
+
+impl ServerArgs {
+    /// Flags given override `ServerOptions::default()`.
+    fn options(&self) -> ServerOptions {
+        let d = ServerOptions::default();
+        ServerOptions {
+            engine: self.engine.or(d.engine),
+            model: self.served_model.clone().or(d.model),
+            concurrency: self.concurrency.unwrap_or(d.concurrency),
+            retries: self.retries.unwrap_or(d.retries),
+            backoff_ms: self.backoff_ms.unwrap_or(d.backoff_ms),
+            timeout_secs: self.request_timeout.unwrap_or(d.timeout_secs),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Teacher: an alias (see README), a Hub repo id (owner/name) or a local folder.
+    /// Teacher: an alias (see README), a Hub repo id (owner/name), a local folder, a GGUF file, or
+    /// a server (http://HOST:PORT/v1: vLLM, SGLang, llama-server).
     #[arg(long)]
     pub teacher: String,
     /// Hub revision (branch, tag or commit) of the teacher.
     #[arg(long)]
     pub revision: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Only shard I of N (counted from 0) of the work list, e.g. 0/4: N runs (machines, array
+    /// jobs) each fill their own folder, and readers take the folder holding them.
+    #[arg(long)]
+    pub shard: Option<Shard>,
     /// Prompts: JSONL with `id` and `prompt` or `messages`, or text with one prompt a line.
     #[arg(long)]
     pub prompts: PathBuf,
@@ -116,6 +169,9 @@ impl GenerateArgs {
         GenerateJob {
             teacher: self.teacher,
             revision: self.revision,
+            tokenizer: self.server.tokenizer.clone(),
+            server: self.server.options(),
+            shard: self.shard,
             prompts: self.prompts,
             output: self.output,
             sampling,
@@ -123,6 +179,61 @@ impl GenerateArgs {
             long_prompts: self.long_prompts,
             part_size: self.part_size,
             overwrite: self.overwrite,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Teacher: a model (as for generate) or a server (http://HOST:PORT/v1).
+    #[arg(long)]
+    pub teacher: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The text to score: teacher samples written by kdllm (a .parquet file, a folder, a folder
+    /// of shards), or a corpus: JSONL of {"prompt", "completion"} or {"text"}.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output folder, as for generate (Parquet parts and manifest.json; a rerun continues).
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Discard an output folder written by a different command and start over.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Top-k log-probs stored per completion token.
+    #[arg(long, default_value_t = 20)]
+    pub logprobs: usize,
+    /// Compute dtype of an in-process teacher: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
+    /// Rows per forward pass of an in-process teacher.
+    #[arg(long, default_value_t = DEFAULT_SCORE_BATCH)]
+    pub batch_size: usize,
+    /// Rows per Parquet part file.
+    #[arg(long, default_value_t = DEFAULT_PART_SIZE)]
+    pub part_size: usize,
+    /// Only shard I of N (counted from 0) of the rows.
+    #[arg(long)]
+    pub shard: Option<Shard>,
+}
+
+impl ScoreArgs {
+    pub fn into_job(self) -> ScoreJob {
+        ScoreJob {
+            teacher: self.teacher,
+            revision: self.revision,
+            tokenizer: self.server.tokenizer.clone(),
+            server: self.server.options(),
+            data: self.data,
+            output: self.output,
+            logprobs: self.logprobs,
+            precision: self.dtype,
+            batch_size: self.batch_size,
+            part_size: self.part_size,
+            overwrite: self.overwrite,
+            shard: self.shard,
         }
     }
 }
@@ -180,6 +291,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 report.output.display(),
                 report.samples - report.resumed,
                 report.completion_tokens,
+                report.tokens_per_sec,
+            );
+        }
+        Command::Score(args) => {
+            let report = crate::generate::score(&args.into_job())?;
+            eprintln!(
+                "{} rows in {} ({} scored now: {} tokens, {:.0} tok/s)",
+                report.rows,
+                report.output.display(),
+                report.rows - report.resumed,
+                report.tokens,
                 report.tokens_per_sec,
             );
         }

@@ -220,6 +220,31 @@ pub fn resolve(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<
     resolve_hub(repo_id, revision.unwrap_or("main"), opts)
 }
 
+/// Like [`resolve`], but for the tokenizer alone (a server teacher's): a folder needs only
+/// `tokenizer.json`, and from the Hub only the tokenizer files (and `config.json`, for BOS and
+/// EOS) are fetched, never the weights.
+pub fn resolve_tokenizer(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<ModelFiles, HubError> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        if let Some(rev) = revision {
+            return Err(HubError::RevisionForFolder { dir: path.into(), revision: rev.into() });
+        }
+        return Ok(ModelFiles { dir: path.into(), id: spec.into(), revision: None });
+    }
+    let repo_id = match opts.alias(spec) {
+        Some(id) => id,
+        None if is_repo_id(spec) => spec,
+        None => return Err(HubError::UnknownModel { spec: spec.into(), known: opts.alias_names() }),
+    };
+    let mut f = Fetcher::new(repo_id, revision.unwrap_or("main"), opts)?;
+    let tokenizer = f.require(REQUIRED[1])?;
+    let dir = tokenizer.parent().expect("a cached file lies in a snapshot folder").to_path_buf();
+    for file in ["config.json", "chat_template.jinja"].into_iter().chain(OPTIONAL) {
+        f.fetch(file)?;
+    }
+    Ok(ModelFiles { dir, id: repo_id.into(), revision: f.commit })
+}
+
 fn resolve_folder(spec: &str, dir: &Path) -> Result<ModelFiles, HubError> {
     if !dir.join("config.json").is_file() {
         return Err(HubError::NotAModelFolder { dir: dir.into() });

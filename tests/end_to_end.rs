@@ -18,6 +18,9 @@ fn gen_job(teacher: &Path, prompts: &Path, out: PathBuf) -> GenerateJob {
     GenerateJob {
         teacher: teacher.display().to_string(),
         revision: None,
+        tokenizer: None,
+        server: Default::default(),
+        shard: None,
         prompts: prompts.to_path_buf(),
         output: out,
         sampling: SamplingConfig {

@@ -60,6 +60,11 @@ pub enum DataError {
     #[error("{} is an unfinished `kdllm generate` output ({done} of {total} samples); run the same generate command (or recipe) again to finish it", path.display())]
     Incomplete { path: PathBuf, done: u64, total: u64 },
 
+    /// A folder of shard folders that is not one whole job: a shard missing, doubled, unfinished
+    /// or from another command.
+    #[error("{}: {message}", dir.display())]
+    ShardSet { dir: PathBuf, message: String },
+
     /// A sample's lists have inconsistent lengths (or bad values).
     #[error("{}: sample `{prompt_id}` #{sample_index}: {problem}", path.display())]
     InvalidSample { path: PathBuf, prompt_id: String, sample_index: u32, problem: String },

@@ -10,6 +10,7 @@ use parquet::basic::Compression;
 
 use super::error::DataError;
 use super::manifest::Manifest;
+use super::shards::shard_set;
 use super::sample::{FileMetadata, FinishReason, Sample};
 use super::schema::{
     self, COMPLETION, COMPLETION_TOKEN_IDS, FINISH_REASON, PROMPT, PROMPT_ID, PROMPT_TOKEN_IDS, SAMPLE_INDEX, TEACHER,
@@ -27,8 +28,9 @@ pub struct SampleSet {
 }
 
 /// Reads every sample. `path` is one `.parquet` file or a directory: with a `manifest.json`
-/// (what `generate` writes), the parts it lists, and only once the run is complete; without
-/// one, its `*.parquet` files in file-name order. Parts must agree on tokenizer, K and sampling
+/// (what `generate` and `score` write), the parts it lists, and only once the run is complete;
+/// a folder of shard folders, their parts in shard order once every shard is there and complete;
+/// else its `*.parquet` files in file-name order. Parts must agree on tokenizer, K and sampling
 /// parameters.
 pub fn read_samples(path: &Path) -> Result<SampleSet, DataError> {
     let parts = parts(path)?;
@@ -52,13 +54,14 @@ fn parts(path: &Path) -> Result<Vec<PathBuf>, DataError> {
         return Ok(vec![path.to_path_buf()]);
     }
     if let Some(m) = Manifest::read(path)? {
-        if !m.is_complete() {
-            return Err(DataError::Incomplete { path: path.to_path_buf(), done: m.done(), total: m.total });
+        return complete_parts(path, &m);
+    }
+    if let Some(shards) = shard_set(path)? {
+        let mut parts = Vec::new();
+        for (dir, m) in &shards {
+            parts.extend(complete_parts(dir, m)?);
         }
-        if m.parts.is_empty() {
-            return Err(DataError::Empty { path: path.to_path_buf(), what: "samples", hint: HINT });
-        }
-        return Ok(m.part_paths(path));
+        return Ok(parts);
     }
     let mut parts = Vec::new();
     for entry in fs::read_dir(path).map_err(read_err)? {
@@ -72,6 +75,17 @@ fn parts(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     }
     parts.sort();
     Ok(parts)
+}
+
+/// The parts of a `kdllm generate` / `kdllm score` folder, once it is complete.
+fn complete_parts(dir: &Path, m: &Manifest) -> Result<Vec<PathBuf>, DataError> {
+    if !m.is_complete() {
+        return Err(DataError::Incomplete { path: dir.to_path_buf(), done: m.done(), total: m.size() });
+    }
+    if m.parts.is_empty() {
+        return Err(DataError::Empty { path: dir.to_path_buf(), what: "samples", hint: HINT });
+    }
+    Ok(m.part_paths(dir))
 }
 
 fn agreed_metadata(parts: &[PathBuf]) -> Result<FileMetadata, DataError> {

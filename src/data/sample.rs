@@ -117,6 +117,9 @@ pub struct FileMetadata {
     pub sampling: serde_json::Value,
     /// The kdllm version that wrote the file.
     pub kdllm_version: String,
+    /// The serving engine that computed the log-probs (`engine`, `version`, `model`), when the
+    /// teacher was a server.
+    pub server: Option<serde_json::Value>,
 }
 
 impl FileMetadata {
@@ -127,6 +130,40 @@ impl FileMetadata {
             logprobs_k,
             sampling,
             kdllm_version: env!("CARGO_PKG_VERSION").to_string(),
+            server: None,
+        }
+    }
+}
+
+/// A completion and the teacher's log-probs at each of its tokens: what a decode loop, a server
+/// or a scoring pass gives for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Generated ids; a final EOS is included when `finish` is `Stop`.
+    pub ids: Vec<u32>,
+    /// log p(token) at temperature 1 for each id.
+    pub token_logprobs: Vec<f32>,
+    pub topk_ids: Vec<Vec<u32>>,
+    pub topk_logprobs: Vec<Vec<f32>>,
+    pub finish: FinishReason,
+}
+
+impl Completion {
+    pub fn empty() -> Self {
+        Completion {
+            ids: Vec::new(),
+            token_logprobs: Vec::new(),
+            topk_ids: Vec::new(),
+            topk_logprobs: Vec::new(),
+            finish: FinishReason::Length,
+        }
+    }
+
+    /// The generated ids without the final EOS: what the completion text is decoded from.
+    pub fn text_ids(&self) -> &[u32] {
+        match self.finish {
+            FinishReason::Stop if !self.ids.is_empty() => &self.ids[..self.ids.len() - 1],
+            _ => &self.ids,
         }
     }
 }

@@ -27,6 +27,7 @@
 //! | `kdllm.tokenizer_hash` | hash of the tokenizer the ids belong to |
 //! | `kdllm.logprobs_k` | K, entries per top-k row (decimal) |
 //! | `kdllm.sampling` | sampling parameters (JSON object) |
+//! | `kdllm.server` | optional: the serving engine that computed the log-probs, `{"engine", "version", "model"}` (JSON) |
 //!
 //! Log-probs are natural logs. Strings are dictionary encoded; the file is ZSTD compressed.
 
@@ -60,6 +61,7 @@ const KEY_VERSION: &str = "kdllm.version";
 const KEY_TOKENIZER_HASH: &str = "kdllm.tokenizer_hash";
 const KEY_LOGPROBS_K: &str = "kdllm.logprobs_k";
 const KEY_SAMPLING: &str = "kdllm.sampling";
+const KEY_SERVER: &str = "kdllm.server";
 const SCHEMA_VERSION: &str = "1";
 
 /// Non-null list items, so readers never have to decide what a null token means.
@@ -125,6 +127,7 @@ pub(crate) fn to_key_value(meta: &FileMetadata) -> Vec<KeyValue> {
         (KEY_SAMPLING, meta.sampling.to_string()),
     ]
     .into_iter()
+    .chain(meta.server.as_ref().map(|s| (KEY_SERVER, s.to_string())))
     .map(|(k, v)| KeyValue::new(k.to_string(), v))
     .collect()
 }
@@ -149,7 +152,14 @@ pub(crate) fn from_key_value(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<
     let logprobs_k = k.parse().map_err(|_| bad(KEY_LOGPROBS_K, format!("is `{k}`, not a non-negative integer")))?;
     let sampling =
         serde_json::from_str(get(KEY_SAMPLING)?).map_err(|e| bad(KEY_SAMPLING, format!("is not valid JSON: {e}")))?;
+    let server = match get(KEY_SERVER) {
+        Ok(text) => {
+            Some(serde_json::from_str(text).map_err(|e| bad(KEY_SERVER, format!("is not valid JSON: {e}")))?)
+        }
+        Err(_) => None,
+    };
     Ok(FileMetadata {
+        server,
         tokenizer_hash: get(KEY_TOKENIZER_HASH)?.to_string(),
         logprobs_k,
         sampling,

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use super::sampler;
-use crate::data::FinishReason;
+use crate::data::{Completion, FinishReason};
 use crate::model::llama::{KvCache, Llama, Result};
 
 /// How to pick tokens and what to record about them.
@@ -22,27 +22,6 @@ pub struct DecodeSettings {
     pub eos_ids: Vec<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    /// Generated ids; a final EOS is included when `finish` is `Stop`.
-    pub ids: Vec<u32>,
-    /// log p(token) at temperature 1 for each generated id.
-    pub token_logprobs: Vec<f32>,
-    pub topk_ids: Vec<Vec<u32>>,
-    pub topk_logprobs: Vec<Vec<f32>>,
-    pub finish: FinishReason,
-}
-
-impl Completion {
-    /// The generated ids without the final EOS: what the completion text is decoded from.
-    pub fn text_ids(&self) -> &[u32] {
-        match self.finish {
-            FinishReason::Stop => &self.ids[..self.ids.len() - 1],
-            FinishReason::Length => &self.ids,
-        }
-    }
-}
-
 /// Logit count of a step (rows × vocabulary) from which rows are sampled in parallel.
 const PARALLEL_SAMPLING: usize = 1 << 17;
 
@@ -50,15 +29,7 @@ const PARALLEL_SAMPLING: usize = 1 << 17;
 /// which other prompts share its batch.
 pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &DecodeSettings) -> Result<Vec<Completion>> {
     let b = prompts.len();
-    let mut out: Vec<Completion> = (0..b)
-        .map(|_| Completion {
-            ids: Vec::new(),
-            token_logprobs: Vec::new(),
-            topk_ids: Vec::new(),
-            topk_logprobs: Vec::new(),
-            finish: FinishReason::Length,
-        })
-        .collect();
+    let mut out: Vec<Completion> = (0..b).map(|_| Completion::empty()).collect();
     if b == 0 || s.max_new_tokens == 0 {
         return Ok(out);
     }

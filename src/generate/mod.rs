@@ -1,11 +1,14 @@
-//! The generator: sample completions from a teacher and store them with its log-probabilities.
+//! The generator: sample completions from a teacher (in this process or on a server) and store
+//! them with its log-probabilities; `score` stores its log-probabilities for given text.
 
 mod decode;
 pub mod sampler;
+mod score;
 
-pub use decode::{decode, Completion, DecodeSettings};
+pub use decode::{decode, DecodeSettings};
+pub use score::{score, ScoreJob, ScoreReport, DEFAULT_SCORE_BATCH};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -13,8 +16,10 @@ use candle_core::Device;
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{self, DataError, FileMetadata, Manifest, PromptInput, Sample, SampleWriter};
-use crate::model::{Checkpoint, Precision};
+use crate::data::{self, Completion, FileMetadata, PartsOutput, PromptInput, Sample, Shard};
+use crate::engine::{self, SampleParams, ServerOptions};
+use crate::model::Precision;
+use crate::teacher::Teacher;
 
 /// Sampling settings; the CLI flags and recipe keys of the same names. Defaults only in `Default`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,9 +77,12 @@ impl std::str::FromStr for LongPrompts {
 
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
-    /// Alias, Hub repo id or local folder.
+    /// Alias, Hub repo id, local folder, GGUF file, or an `http(s)://` server.
     pub teacher: String,
     pub revision: Option<String>,
+    /// A server teacher's tokenizer (else found from the model id the server reports).
+    pub tokenizer: Option<String>,
+    pub server: ServerOptions,
     pub prompts: PathBuf,
     /// The output folder: Parquet part files and `manifest.json`.
     pub output: PathBuf,
@@ -87,6 +95,8 @@ pub struct GenerateJob {
     pub part_size: usize,
     /// Replace an output folder written by a different command instead of refusing.
     pub overwrite: bool,
+    /// Only this shard of the work list.
+    pub shard: Option<Shard>,
 }
 
 /// Samples per part file unless set.
@@ -115,12 +125,6 @@ pub enum GenerateError {
     PromptTooLong { id: String, len: usize, new: usize, max: usize },
     #[error("--max-new-tokens {new} leaves no room for a prompt in the teacher's context of {max} tokens; lower it")]
     NoRoomForPrompt { new: usize, max: usize },
-    #[error("{} was written by a different command:\n{diff}\npass --overwrite to discard it and start over, or choose another --output", dir.display())]
-    ChangedCommand { dir: PathBuf, diff: String },
-    #[error("{} holds Parquet files but no manifest.json, so it is not a `kdllm generate` output; choose another --output, or pass --overwrite to delete its *.parquet files", dir.display())]
-    ForeignFolder { dir: PathBuf },
-    #[error("--output {}: {} is a file, so the output folder (Parquet part files and manifest.json) cannot be made there; choose another --output", output.display(), file.display())]
-    OutputIsFile { output: PathBuf, file: PathBuf },
 }
 
 impl SamplingConfig {
@@ -157,35 +161,36 @@ impl SamplingConfig {
     }
 }
 
-/// The RNG of one (prompt, sample) pair: independent of batching and of the other prompts.
+/// The seed of one (prompt, sample) pair: independent of batching and of the other prompts.
+pub fn row_seed(seed: u64, prompt_id: &str, sample_index: u32) -> u64 {
+    crate::hash::fnv1a(&[&seed.to_le_bytes(), prompt_id.as_bytes(), &sample_index.to_le_bytes()])
+}
+
+/// The RNG of one (prompt, sample) pair.
 pub fn row_rng(seed: u64, prompt_id: &str, sample_index: u32) -> StdRng {
-    StdRng::seed_from_u64(crate::hash::fnv1a(&[&seed.to_le_bytes(), prompt_id.as_bytes(), &sample_index.to_le_bytes()]))
+    StdRng::seed_from_u64(row_seed(seed, prompt_id, sample_index))
 }
 
 pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let started = Instant::now();
     let cfg = &job.sampling;
     cfg.validate()?;
+    job.server.validate()?;
     if job.part_size == 0 {
         return Err(GenerateError::Sampling("`part_size` must be >= 1".into()).into());
     }
-    // The nearest existing ancestor must be a folder, or the output folder cannot be made.
-    if let Some(file) = job.output.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
-        return Err(GenerateError::OutputIsFile { output: job.output.clone(), file: file.to_path_buf() }.into());
-    }
     let prompts = data::read_prompts(&job.prompts)?;
-    let teacher = Checkpoint::open(&job.teacher, job.revision.as_deref())?;
-    let tokenizer = &teacher.tokenizer;
-    let vocab = teacher.config.vocab_size;
+    let teacher = Teacher::open(&job.teacher, job.revision.as_deref(), job.tokenizer.as_deref(), &job.server)?;
+    let tokenizer = teacher.tokenizer();
+    let vocab = teacher.vocab_size();
     if cfg.logprobs > vocab {
         return Err(GenerateError::LogprobsTooLarge { k: cfg.logprobs, vocab }.into());
     }
-    let max_ctx = teacher.config.max_position_embeddings;
-    let rendered = render_prompts(&prompts, tokenizer, cfg.max_new_tokens, max_ctx, job.long_prompts)?;
+    let rendered = render_prompts(&prompts, tokenizer, cfg.max_new_tokens, teacher.max_context(), job.long_prompts)?;
 
     // The identity of the job: a rerun with the same one continues, any other is refused.
     let command = serde_json::json!({
-        "teacher": teacher.fingerprint()?,
+        "teacher": teacher.identity()?,
         "prompts": crate::hash::sha256_path(&job.prompts, &|_| false)
             .with_context(|| format!("reading {}", job.prompts.display()))?,
         "sampling": cfg,
@@ -194,83 +199,117 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     });
     let work: Vec<(usize, u32)> =
         (0..prompts.len()).flat_map(|p| (0..cfg.samples_per_prompt as u32).map(move |s| (p, s))).collect();
+    let total = work.len() as u64;
+    let shard = job.shard.map(|s| s.range(total, cfg.batch_size as u64));
     let dir = &job.output;
-    let mut manifest = open_output(dir, command, work.len() as u64, job.overwrite)?;
-    let resumed = manifest.done() as usize;
+    let mut out = PartsOutput::open(dir, command, total, shard, job.overwrite)?;
+    let end = out.manifest().range().1;
+    let resumed = out.manifest().done() as usize;
+    let size = out.manifest().size() as usize;
     let report = |tokens: usize, secs: f64| GenerateReport {
         output: dir.clone(),
-        samples: work.len(),
+        samples: size,
         resumed,
         completion_tokens: tokens,
         tokens_per_sec: tokens as f64 / secs.max(1e-9),
         wall_secs: started.elapsed().as_secs_f64(),
     };
-    if manifest.is_complete() {
-        eprintln!("{} is already complete ({} samples): nothing to do", dir.display(), work.len());
+    if out.manifest().is_complete() {
+        eprintln!("{} is already complete ({size} samples): nothing to do", dir.display());
         return Ok(report(0, 0.0));
     }
     if resumed > 0 {
-        eprintln!("resuming {}: {resumed} of {} samples already done", dir.display(), work.len());
+        eprintln!("resuming {}: {resumed} of {size} samples already done", dir.display());
     }
 
-    // Loaded only now: a refused or finished job costs no weights in memory.
-    let model = teacher.model(&Device::Cpu, job.precision)?;
-    let settings = cfg.decode_settings(tokenizer.eos_ids().to_vec());
-    let meta = FileMetadata::new(tokenizer.vocab_hash(), cfg.logprobs, serde_json::to_value(cfg)?);
-    let bar = crate::progress::bar(work.len() as u64, "generate");
+    let mut meta = FileMetadata::new(tokenizer.vocab_hash(), cfg.logprobs, serde_json::to_value(cfg)?);
+    meta.server = teacher.server_info();
+    out.start(meta, job.part_size, teacher.server_info());
+    let (name, revision) = teacher.name();
+    let row = |p: usize, s: u32, c: Completion| -> anyhow::Result<Sample> {
+        Ok(Sample {
+            prompt_id: prompts[p].id.clone(),
+            sample_index: s,
+            prompt: rendered[p].0.clone(),
+            completion: tokenizer.decode(c.text_ids())?,
+            prompt_token_ids: rendered[p].1.clone(),
+            completion_token_ids: c.ids,
+            token_logprobs: c.token_logprobs,
+            topk_token_ids: c.topk_ids,
+            topk_logprobs: c.topk_logprobs,
+            finish_reason: c.finish,
+            teacher: name.clone(),
+            teacher_revision: revision.clone(),
+        })
+    };
+    let todo = &work[out.next() as usize..end as usize];
+    let bar = crate::progress::bar(size as u64, "generate");
     bar.set_position(resumed as u64);
-    let (mut tokens, mut part_start) = (0, resumed);
-    let mut part: Option<SampleWriter> = None;
     let decode_started = Instant::now();
-    // Batches are fixed slices of the work list, whatever run computes them, so a resumed job
-    // samples exactly the batches (and so the rows, bit for bit) of an uninterrupted one.
-    for (b, chunk) in work.chunks(cfg.batch_size).enumerate().skip(resumed / cfg.batch_size) {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|&(p, _)| rendered[p].1.clone()).collect();
-        let mut rngs: Vec<StdRng> = chunk.iter().map(|&(p, s)| row_rng(cfg.seed, &prompts[p].id, s)).collect();
-        let completions = decode(&model, &ids, &mut rngs, &settings)?;
-        let writer = match part.as_mut() {
-            Some(w) => w,
-            None => part.insert(SampleWriter::create(&dir.join(data::part_name(manifest.parts.len())), &meta)?),
-        };
-        for (&(p, s), c) in chunk.iter().zip(completions) {
-            tokens += c.ids.len();
-            writer.write(&Sample {
-                prompt_id: prompts[p].id.clone(),
-                sample_index: s,
-                prompt: rendered[p].0.clone(),
-                completion: tokenizer.decode(c.text_ids())?,
-                prompt_token_ids: rendered[p].1.clone(),
-                completion_token_ids: c.ids,
-                token_logprobs: c.token_logprobs,
-                topk_token_ids: c.topk_ids,
-                topk_logprobs: c.topk_logprobs,
-                finish_reason: c.finish,
-                teacher: teacher.id.clone(),
-                teacher_revision: teacher.revision.clone(),
-            })?;
+    let tokens = match &teacher {
+        Teacher::Local(checkpoint) => {
+            // Loaded only now: a refused or finished job costs no weights in memory.
+            let model = checkpoint.model(&Device::Cpu, job.precision)?;
+            let settings = cfg.decode_settings(tokenizer.eos_ids().to_vec());
+            let mut tokens = 0;
+            // Batches are fixed slices of the work list, whatever run (or shard) computes them,
+            // so a resumed job samples exactly the batches (and so the rows, bit for bit) of an
+            // uninterrupted one.
+            for chunk in todo.chunks(cfg.batch_size) {
+                let ids: Vec<Vec<u32>> = chunk.iter().map(|&(p, _)| rendered[p].1.clone()).collect();
+                let mut rngs: Vec<StdRng> = chunk.iter().map(|&(p, s)| row_rng(cfg.seed, &prompts[p].id, s)).collect();
+                for (&(p, s), c) in chunk.iter().zip(decode(&model, &ids, &mut rngs, &settings)?) {
+                    tokens += c.ids.len();
+                    out.push(&row(p, s, c)?)?;
+                }
+                bar.inc(chunk.len() as u64);
+                crate::fault::point("generate-batch");
+                let stop = crate::interrupt::requested();
+                out.end_batch(stop)?;
+                if stop {
+                    return Err(interrupted(&bar, &out));
+                }
+            }
+            tokens
         }
-        bar.inc(chunk.len() as u64);
-        crate::fault::point("generate-batch");
-        let end = b * cfg.batch_size + chunk.len();
-        let stop = crate::interrupt::requested();
-        if end - part_start >= job.part_size || end == work.len() || stop {
-            let writer = part.take().expect("a part is open");
-            let name = data::part_name(manifest.parts.len());
-            writer.finish()?;
-            crate::fault::point("part-renamed");
-            let label = |i: usize| format!("{}#{}", prompts[work[i].0].id, work[i].1);
-            manifest.parts.push(record_part(dir, name, part_start, end, label(part_start), label(end - 1))?);
-            manifest.write(dir)?;
-            part_start = end;
+        Teacher::Remote(remote) => {
+            let sample = |&(p, s): &(usize, u32)| SampleParams {
+                temperature: cfg.temperature,
+                top_p: cfg.top_p,
+                top_k: cfg.top_k,
+                max_new_tokens: cfg.max_new_tokens,
+                logprobs: cfg.logprobs,
+                seed: engine::request_seed(row_seed(cfg.seed, &prompts[p].id, s)),
+            };
+            let requests = todo.iter().map(|w| (rendered[w.0].1.as_slice(), sample(w)));
+            let mut tokens = 0;
+            let result = remote.for_each_in_order(
+                requests,
+                |server, (ids, params)| async move { server.sample(ids, &params).await },
+                &mut out,
+                |out, i, c| {
+                    let (p, s) = todo[i];
+                    tokens += c.ids.len();
+                    out.push(&row(p, s, c)?)?;
+                    bar.inc(1);
+                    crate::fault::point("generate-batch");
+                    Ok(())
+                },
+            );
+            result.map_err(|e| if e.is::<crate::interrupt::Interrupted>() { interrupted(&bar, &out) } else { e })?;
+            tokens
         }
-        if stop {
-            bar.abandon();
-            let saved = format!("{end} of {} samples are complete in {}", work.len(), dir.display());
-            return Err(crate::interrupt::Interrupted { saved }.into());
-        }
-    }
+    };
     bar.finish_and_clear();
     Ok(report(tokens, decode_started.elapsed().as_secs_f64()))
+}
+
+/// The error of a run stopped by Ctrl-C, saying what was kept.
+fn interrupted(bar: &indicatif::ProgressBar, out: &PartsOutput) -> anyhow::Error {
+    bar.abandon();
+    let m = out.manifest();
+    let saved = format!("{} of {} samples are complete in {}", m.done(), m.size(), out.dir().display());
+    crate::interrupt::Interrupted { saved }.into()
 }
 
 /// Each prompt as the teacher sees it: the rendered text and its token ids, checked (or cut)
@@ -279,9 +318,11 @@ fn render_prompts(
     prompts: &[data::PromptRecord],
     tokenizer: &crate::tokenizer::Tokenizer,
     max_new_tokens: usize,
-    max_ctx: usize,
+    max_ctx: Option<usize>,
     policy: LongPrompts,
 ) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
+    // A server that does not say its context leaves the check to the server.
+    let max_ctx = max_ctx.unwrap_or(usize::MAX);
     let room = max_ctx.checked_sub(max_new_tokens).filter(|&r| r > 0);
     let room = room.ok_or(GenerateError::NoRoomForPrompt { new: max_new_tokens, max: max_ctx })?;
     let mut rendered = Vec::with_capacity(prompts.len());
@@ -323,134 +364,4 @@ fn render_prompts(
         rendered.push((text, ids));
     }
     Ok(rendered)
-}
-
-/// The manifest to continue from: the existing one when it was written by the same command
-/// (its parts checked, leftovers of a crash removed), else a new one.
-fn open_output(dir: &Path, command: serde_json::Value, total: u64, overwrite: bool) -> anyhow::Result<Manifest> {
-    let existing = Manifest::read(dir)?;
-    let ours = |m: &Manifest| m.command == command && m.total == total;
-    match existing {
-        Some(m) if ours(&m) => return resume(dir, m),
-        Some(m) if !overwrite => {
-            let diff = crate::hash::json_diff(&m.command, &command);
-            return Err(GenerateError::ChangedCommand { dir: dir.to_path_buf(), diff }.into());
-        }
-        None if !overwrite && dir.is_dir() && !sample_files(dir)?.is_empty() => {
-            return Err(GenerateError::ForeignFolder { dir: dir.to_path_buf() }.into());
-        }
-        _ => {}
-    }
-    std::fs::create_dir_all(dir).map_err(|source| DataError::Write { path: dir.to_path_buf(), source })?;
-    for f in sample_files(dir)? {
-        std::fs::remove_file(&f).map_err(|source| DataError::Write { path: f, source })?;
-    }
-    let manifest = Manifest::new(command, total);
-    manifest.write(dir)?;
-    Ok(manifest)
-}
-
-/// Keeps the complete parts whose files are intact, drops the rest (and the parts after a
-/// damaged one, since parts are contiguous), and deletes files no manifest entry accounts for.
-fn resume(dir: &Path, mut m: Manifest) -> anyhow::Result<Manifest> {
-    let intact = |p: &data::Part| {
-        let path = dir.join(&p.file);
-        std::fs::metadata(&path).is_ok_and(|md| md.len() == p.bytes)
-            && crate::hash::sha256_path(&path, &|_| false).is_ok_and(|h| h == p.sha256)
-    };
-    if let Some(bad) = m.parts.iter().position(|p| !intact(p)) {
-        eprintln!(
-            "warning: {} is missing or damaged; sampling it and the parts after it again",
-            dir.join(&m.parts[bad].file).display()
-        );
-        m.parts.truncate(bad);
-        m.write(dir)?;
-    }
-    let listed: Vec<PathBuf> = m.part_paths(dir);
-    for f in sample_files(dir)? {
-        if !listed.contains(&f) {
-            // A part renamed into place just before a crash, before the manifest recorded it, or
-            // a temporary file: either way redone from the manifest.
-            std::fs::remove_file(&f).map_err(|source| DataError::Write { path: f, source })?;
-        }
-    }
-    data::sync_dir(dir);
-    Ok(m)
-}
-
-/// The `*.parquet` and `*.partial` files of `dir` (the manifest's temporary file included).
-fn sample_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    if !dir.is_dir() {
-        return Ok(out);
-    }
-    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
-    for entry in entries {
-        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
-        if path.extension().is_some_and(|e| e == "parquet" || e == "partial") {
-            out.push(path);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn record_part(
-    dir: &Path,
-    file: String,
-    start: usize,
-    end: usize,
-    first: String,
-    last: String,
-) -> anyhow::Result<data::Part> {
-    let path = dir.join(&file);
-    let bytes = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
-    let sha256 = crate::hash::sha256_path(&path, &|_| false).with_context(|| format!("reading {}", path.display()))?;
-    Ok(data::Part { file, start: start as u64, end: end as u64, bytes, sha256, first, last })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_foreign_folder_is_refused_unless_overwrite() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        std::fs::create_dir_all(&out).unwrap();
-        std::fs::write(out.join("data.parquet"), b"not ours").unwrap();
-        std::fs::write(out.join("notes.txt"), b"keep me").unwrap();
-        let command = serde_json::json!({"sampling": {"seed": 1}});
-        let err = open_output(&out, command.clone(), 10, false).unwrap_err().to_string();
-        assert!(err.contains("no manifest.json") && err.contains("--overwrite"), "{err}");
-        assert!(out.join("data.parquet").exists(), "refusing touches nothing");
-
-        let m = open_output(&out, command.clone(), 10, true).unwrap();
-        assert_eq!((m.done(), m.total), (0, 10));
-        assert!(!out.join("data.parquet").exists() && out.join("notes.txt").exists(), "only Parquet files go");
-        // Now it is ours: the same command continues, another is refused with the difference.
-        assert_eq!(open_output(&out, command, 10, false).unwrap().total, 10);
-        let err = open_output(&out, serde_json::json!({"sampling": {"seed": 2}}), 10, false).unwrap_err().to_string();
-        assert!(err.contains("sampling.seed: 1 (on disk) → 2 (now)"), "{err}");
-    }
-
-    #[test]
-    fn resume_drops_damaged_parts_and_everything_after_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path();
-        let mut m = Manifest::new(serde_json::json!({}), 30);
-        for i in 0..3 {
-            let name = data::part_name(i);
-            std::fs::write(out.join(&name), format!("part {i}")).unwrap();
-            m.parts.push(record_part(out, name, i * 10, i * 10 + 10, "a#0".into(), "b#0".into()).unwrap());
-        }
-        m.write(out).unwrap();
-        std::fs::write(out.join(data::part_name(1)), "part X").unwrap(); // same size, other bytes
-        std::fs::write(out.join("part-00009.parquet"), "stray").unwrap();
-        let resumed = resume(out, Manifest::read(out).unwrap().unwrap()).unwrap();
-        assert_eq!(resumed.done(), 10, "part 1 is damaged: parts 1 and 2 are redone");
-        assert_eq!(Manifest::read(out).unwrap().unwrap(), resumed, "the trimmed manifest is saved");
-        let left: Vec<PathBuf> = sample_files(out).unwrap();
-        assert_eq!(left, [out.join(data::part_name(0))]);
-    }
 }

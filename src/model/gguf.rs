@@ -64,6 +64,17 @@ pub fn read(path: &Path) -> Result<GgufCheckpoint> {
     Ok(GgufCheckpoint { config, tensors, tokenizer })
 }
 
+/// The tokenizer of a GGUF file alone (its metadata; no tensor is read).
+pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let err = |message: String| ModelError::Gguf { path: path.to_path_buf(), message };
+    let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let content = Content::read(&mut BufReader::new(file)).map_err(|e| err(corrupt(e)))?;
+    Tokenizer::from_gguf(&content.metadata).map_err(|e| match e {
+        TokenizerError::Gguf(m) => err(format!("tokenizer: {m}")),
+        other => err(other.to_string()),
+    })
+}
+
 impl GgufCheckpoint {
     /// Writes `config.json`, `model.safetensors` and the tokenizer files: a Hugging Face folder
     /// that `Llama::load`, `Tokenizer::from_folder` and transformers read.

@@ -135,6 +135,22 @@ impl Checkpoint {
     }
 }
 
+/// The tokenizer named by `spec` (a folder with `tokenizer.json`, a GGUF file, an alias or a Hub
+/// repo id) without the model's weights; with the id it resolved to.
+pub fn open_tokenizer(spec: &str, revision: Option<&str>) -> anyhow::Result<(Tokenizer, String)> {
+    let path = Path::new(spec);
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if !path.is_file() {
+            anyhow::bail!("GGUF file {spec} not found");
+        }
+        return Ok((gguf::read_tokenizer(path)?, spec.to_string()));
+    }
+    let files = hub::resolve_tokenizer(spec, revision, &HubOptions::from_env()?)?;
+    let tok = Tokenizer::from_folder(&files.dir)
+        .with_context(|| format!("loading the tokenizer of {}", files.dir.display()))?;
+    Ok((tok, files.id))
+}
+
 /// The tensors of `weights` with only `layers` kept, renumbered 0.. in the given order; the
 /// layers left out are never read.
 fn keep_layers(weights: &Weights, layers: &[usize]) -> anyhow::Result<Weights> {

@@ -38,7 +38,8 @@
 //! |------------|------------------------------------------------------------------------------|
 //! | `task`     | `task` (`task::TaskConfig`)                                                  |
 //! | `finetune` | `data`, `model` (`from` [+ `layers`] \| `config`), `tokenizer`, `train` (`train::TrainConfig`) |
-//! | `generate` | `teacher`, `prompts`, `revision`, `sampling` (`generate::SamplingConfig`), `dtype`, `long_prompts`, `part_size` |
+//! | `generate` | `teacher`, `prompts`, `revision`, `tokenizer`, `server` (`engine::ServerOptions`), `sampling` (`generate::SamplingConfig`), `dtype`, `long_prompts`, `part_size` |
+//! | `score`    | `teacher`, `data`, `revision`, `tokenizer`, `server`, `logprobs`, `dtype`, `batch_size`, `part_size` |
 //! | `distill`  | `data`, `student` (`from` [+ `layers`] \| `config`), `tokenizer`, `kd`, `train` |
 //! | `eval`     | `models` (a list), `data`, `task`, `batch_size`, `dtype`                     |
 //!
@@ -47,7 +48,7 @@
 //! and manifest). Any other path, `workdir` included, is relative to
 //! the current directory, as on the command line (not to the recipe's folder). A `from:`,
 //! `teacher:` or model that is not a reference may also be a Hub repo id, an alias or a `.gguf`
-//! file.
+//! file; a `teacher:` may be a server, `http://HOST:PORT/v1`.
 //!
 //! Defaults come only from the `Default` of each config struct; a section left out of a step
 //! (`train:`, `sampling:`, ...) is that default.
@@ -58,9 +59,9 @@
 
 mod cache;
 mod parse;
+mod steps;
 mod summary;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -68,12 +69,13 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{self, EvalJob, EvalReport};
-use crate::generate::{self, GenerateJob, GenerateReport, LongPrompts, SamplingConfig};
-use crate::model::Precision;
-use crate::task::{self, TaskConfig};
+use crate::generate::{self, GenerateJob, GenerateReport, ScoreJob};
+use crate::task;
 use crate::tokenizer::Tokenizer;
-use crate::train::{self, DistillJob, FinetuneJob, KdConfig, ModelInit, Resume, TrainConfig, TrainReport};
-use parse::Seen;
+use crate::train::{self, DistillJob, FinetuneJob, ModelInit, Resume, TrainReport};
+pub use steps::{
+    DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep,
+};
 pub use summary::{format_summary, model_rows, ModelRow, RecipeSummary, StepRow};
 
 /// A parsed and validated recipe: every reference names an earlier step.
@@ -96,138 +98,6 @@ pub struct Step {
     column: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StepKind {
-    Task,
-    Finetune,
-    Generate,
-    Distill,
-    Eval,
-}
-
-impl fmt::Display for StepKind {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(match self {
-            StepKind::Task => "task",
-            StepKind::Finetune => "finetune",
-            StepKind::Generate => "generate",
-            StepKind::Distill => "distill",
-            StepKind::Eval => "eval",
-        })
-    }
-}
-
-/// The keys of a step besides `name` and `kind`, one struct per kind.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StepConfig {
-    Task(TaskStep),
-    Finetune(FinetuneStep),
-    Generate(GenerateStep),
-    Distill(DistillStep),
-    Eval(EvalStep),
-}
-
-/// `kind: task`: write the task's data files and train a BPE tokenizer on `train.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskStep {
-    #[serde(default, rename = "name", skip_serializing)]
-    _name: Seen,
-    #[serde(default, rename = "kind", skip_serializing)]
-    _kind: Seen,
-    #[serde(default)]
-    pub task: TaskConfig,
-}
-
-/// `kind: finetune`: `train::finetune` with cross-entropy on `data`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FinetuneStep {
-    #[serde(default, rename = "name", skip_serializing)]
-    _name: Seen,
-    #[serde(default, rename = "kind", skip_serializing)]
-    _kind: Seen,
-    pub data: String,
-    pub model: ModelInit,
-    #[serde(default)]
-    pub tokenizer: Option<String>,
-    #[serde(default)]
-    pub train: TrainConfig,
-}
-
-/// `kind: generate`: `generate::generate`; writes Parquet parts and a manifest to `<workdir>/<name>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateStep {
-    #[serde(default, rename = "name", skip_serializing)]
-    _name: Seen,
-    #[serde(default, rename = "kind", skip_serializing)]
-    _kind: Seen,
-    pub teacher: String,
-    #[serde(default)]
-    pub revision: Option<String>,
-    pub prompts: String,
-    #[serde(default)]
-    pub sampling: SamplingConfig,
-    /// Compute dtype of the teacher: `f32` (default) or `bf16`.
-    #[serde(default)]
-    pub dtype: Precision,
-    /// A prompt too long for the context: `refuse` (default) or `truncate`.
-    #[serde(default)]
-    pub long_prompts: LongPrompts,
-    /// Samples per Parquet part file.
-    #[serde(default = "default_part_size")]
-    pub part_size: usize,
-}
-
-fn default_part_size() -> usize {
-    generate::DEFAULT_PART_SIZE
-}
-
-/// `kind: distill`: `train::distill` on teacher samples.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DistillStep {
-    #[serde(default, rename = "name", skip_serializing)]
-    _name: Seen,
-    #[serde(default, rename = "kind", skip_serializing)]
-    _kind: Seen,
-    pub data: String,
-    pub student: ModelInit,
-    #[serde(default)]
-    pub tokenizer: Option<String>,
-    #[serde(default)]
-    pub kd: KdConfig,
-    #[serde(default)]
-    pub train: TrainConfig,
-}
-
-/// `kind: eval`: `eval::evaluate` once per model; writes `<workdir>/<name>/reports.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalStep {
-    #[serde(default, rename = "name", skip_serializing)]
-    _name: Seen,
-    #[serde(default, rename = "kind", skip_serializing)]
-    _kind: Seen,
-    pub models: Vec<String>,
-    /// Compute dtype: `f32` (default) or `bf16`.
-    #[serde(default)]
-    pub dtype: Precision,
-    /// Teacher samples (Parquet) or task examples to score NLL/KL/agreement on.
-    pub data: String,
-    /// Task test set (JSONL prompt/completion) for task accuracy.
-    #[serde(default)]
-    pub task: Option<String>,
-    #[serde(default = "default_eval_batch_size")]
-    pub batch_size: usize,
-}
-
-fn default_eval_batch_size() -> usize {
-    32
-}
-
 /// Why a recipe was rejected. Every error names the recipe file; most point at a line and column
 /// and quote that line.
 #[derive(Debug, thiserror::Error)]
@@ -243,57 +113,6 @@ pub enum RecipeError {
     /// A problem with the recipe as a whole (no steps, no name).
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
-}
-
-impl Step {
-    pub fn kind(&self) -> StepKind {
-        match self.config {
-            StepConfig::Task(_) => StepKind::Task,
-            StepConfig::Finetune(_) => StepKind::Finetune,
-            StepConfig::Generate(_) => StepKind::Generate,
-            StepConfig::Distill(_) => StepKind::Distill,
-            StepConfig::Eval(_) => StepKind::Eval,
-        }
-    }
-
-    /// The step's keys besides `name` and `kind`, as JSON.
-    fn config_json(&self) -> serde_json::Result<serde_json::Value> {
-        match &self.config {
-            StepConfig::Task(s) => serde_json::to_value(s),
-            StepConfig::Finetune(s) => serde_json::to_value(s),
-            StepConfig::Generate(s) => serde_json::to_value(s),
-            StepConfig::Distill(s) => serde_json::to_value(s),
-            StepConfig::Eval(s) => serde_json::to_value(s),
-        }
-    }
-
-    /// The step's keys that hold paths (and so may hold references), as `(key, value)`.
-    fn inputs(&self) -> Vec<(&'static str, &str)> {
-        let mut out = Vec::new();
-        match &self.config {
-            StepConfig::Task(_) => {}
-            StepConfig::Finetune(s) => {
-                out.push(("data", s.data.as_str()));
-                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
-                out.extend(s.model.from.as_deref().map(|f| ("model.from", f)));
-            }
-            StepConfig::Generate(s) => {
-                out.push(("teacher", s.teacher.as_str()));
-                out.push(("prompts", s.prompts.as_str()));
-            }
-            StepConfig::Distill(s) => {
-                out.push(("data", s.data.as_str()));
-                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
-                out.extend(s.student.from.as_deref().map(|f| ("student.from", f)));
-            }
-            StepConfig::Eval(s) => {
-                out.extend(s.models.iter().map(|m| ("models", m.as_str())));
-                out.push(("data", s.data.as_str()));
-                out.extend(s.task.as_deref().map(|t| ("task", t)));
-            }
-        }
-        out
-    }
 }
 
 /// `steps.NAME.output[/sub/path]` → `(NAME, sub/path)`; `None` for a plain path.
@@ -412,7 +231,12 @@ impl Recipe {
                 StepConfig::Finetune(s) => train::validate(&s.train, None).map_err(|e| e.to_string()),
                 StepConfig::Distill(s) => train::validate(&s.train, Some(&s.kd)).map_err(|e| e.to_string()),
                 StepConfig::Generate(s) if s.part_size == 0 => Err("`part_size` must be >= 1".to_string()),
-                StepConfig::Generate(s) => s.sampling.validate().map_err(|e| e.to_string()),
+                StepConfig::Generate(s) => {
+                    s.sampling.validate().map_err(|e| e.to_string()).and_then(|_| s.server.validate().map_err(|e| e.to_string()))
+                }
+                StepConfig::Score(s) if s.part_size == 0 => Err("`part_size` must be >= 1".to_string()),
+                StepConfig::Score(s) if s.batch_size == 0 => Err("`batch_size` must be >= 1".to_string()),
+                StepConfig::Score(s) => s.server.validate().map_err(|e| e.to_string()),
                 _ => Ok(()),
             };
             if let Err(message) = bounds {
@@ -511,6 +335,9 @@ impl Recipe {
                 let job = GenerateJob {
                     teacher: self.resolve(&s.teacher).to_string_lossy().into_owned(),
                     revision: s.revision.clone(),
+                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t).to_string_lossy().into_owned()),
+                    server: s.server.clone(),
+                    shard: None,
                     prompts: self.resolve(&s.prompts),
                     output,
                     sampling: s.sampling.clone(),
@@ -525,6 +352,36 @@ impl Recipe {
                         "{} samples, {} completion tokens, {:.0} tok/s, {:.1}s → {}",
                         r.samples,
                         r.completion_tokens,
+                        r.tokens_per_sec,
+                        r.wall_secs,
+                        r.output.display()
+                    ),
+                    tokens_per_sec: Some(r.tokens_per_sec),
+                    report: serde_json::to_value(&r)?,
+                    models: Vec::new(),
+                }
+            }
+            StepConfig::Score(s) => {
+                let job = ScoreJob {
+                    teacher: self.resolve(&s.teacher).to_string_lossy().into_owned(),
+                    revision: s.revision.clone(),
+                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t).to_string_lossy().into_owned()),
+                    server: s.server.clone(),
+                    data: self.resolve(&s.data),
+                    output,
+                    logprobs: s.logprobs,
+                    precision: s.dtype,
+                    batch_size: s.batch_size,
+                    part_size: s.part_size,
+                    overwrite: !strict,
+                    shard: None,
+                };
+                let r = generate::score(&job)?;
+                Outcome {
+                    line: format!(
+                        "{} rows, {} tokens scored, {:.0} tok/s, {:.1}s → {}",
+                        r.rows,
+                        r.tokens,
                         r.tokens_per_sec,
                         r.wall_secs,
                         r.output.display()

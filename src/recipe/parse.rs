@@ -201,6 +201,7 @@ impl<'de> Visitor<'de> for StepsSeed<'_> {
                 StepKind::Task => next(&mut seq, StepConfig::Task)?,
                 StepKind::Finetune => next(&mut seq, StepConfig::Finetune)?,
                 StepKind::Generate => next(&mut seq, StepConfig::Generate)?,
+                StepKind::Score => next(&mut seq, StepConfig::Score)?,
                 StepKind::Distill => next(&mut seq, StepConfig::Distill)?,
                 StepKind::Eval => next(&mut seq, StepConfig::Eval)?,
             };

@@ -1,7 +1,10 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
+use super::parse::Seen;
+use crate::generate::SamplingConfig;
 use crate::model::LlamaConfig;
+use crate::task::TaskConfig;
 
 #[test]
 fn references_parse_into_step_and_sub_path() {

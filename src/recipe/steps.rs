@@ -1,0 +1,250 @@
+//! The steps of a recipe: one struct per kind, holding that kind's keys (all others are errors).
+
+use serde::{Deserialize, Serialize};
+
+use super::parse::Seen;
+use super::Step;
+use crate::engine::ServerOptions;
+use crate::generate::{self, LongPrompts, SamplingConfig};
+use crate::model::Precision;
+use crate::task::TaskConfig;
+use crate::train::{KdConfig, ModelInit, TrainConfig};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepKind {
+    Task,
+    Finetune,
+    Generate,
+    Score,
+    Distill,
+    Eval,
+}
+
+impl fmt::Display for StepKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            StepKind::Task => "task",
+            StepKind::Finetune => "finetune",
+            StepKind::Generate => "generate",
+            StepKind::Score => "score",
+            StepKind::Distill => "distill",
+            StepKind::Eval => "eval",
+        })
+    }
+}
+
+/// The keys of a step besides `name` and `kind`, one struct per kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepConfig {
+    Task(TaskStep),
+    Finetune(FinetuneStep),
+    Generate(GenerateStep),
+    Score(ScoreStep),
+    Distill(DistillStep),
+    Eval(EvalStep),
+}
+
+/// `kind: task`: write the task's data files and train a BPE tokenizer on `train.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskStep {
+    #[serde(default, rename = "name", skip_serializing)]
+    pub(super) _name: Seen,
+    #[serde(default, rename = "kind", skip_serializing)]
+    pub(super) _kind: Seen,
+    #[serde(default)]
+    pub task: TaskConfig,
+}
+
+/// `kind: finetune`: `train::finetune` with cross-entropy on `data`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneStep {
+    #[serde(default, rename = "name", skip_serializing)]
+    pub(super) _name: Seen,
+    #[serde(default, rename = "kind", skip_serializing)]
+    pub(super) _kind: Seen,
+    pub data: String,
+    pub model: ModelInit,
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// `kind: generate`: `generate::generate`; writes Parquet parts and a manifest to `<workdir>/<name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateStep {
+    #[serde(default, rename = "name", skip_serializing)]
+    pub(super) _name: Seen,
+    #[serde(default, rename = "kind", skip_serializing)]
+    pub(super) _kind: Seen,
+    /// A model, or a server (`http://HOST:PORT/v1`).
+    pub teacher: String,
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// A server teacher's tokenizer (else found from the model id the server reports).
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// How to drive a server teacher (`engine::ServerOptions`).
+    #[serde(default)]
+    pub server: ServerOptions,
+    pub prompts: String,
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+    /// Compute dtype of the teacher: `f32` (default) or `bf16`.
+    #[serde(default)]
+    pub dtype: Precision,
+    /// A prompt too long for the context: `refuse` (default) or `truncate`.
+    #[serde(default)]
+    pub long_prompts: LongPrompts,
+    /// Samples per Parquet part file.
+    #[serde(default = "default_part_size")]
+    pub part_size: usize,
+}
+
+fn default_part_size() -> usize {
+    generate::DEFAULT_PART_SIZE
+}
+
+/// `kind: score`: `generate::score`; the teacher's top-k for given text, in the layout of
+/// `generate`'s output (parts and a manifest in `<workdir>/<name>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreStep {
+    #[serde(default, rename = "name", skip_serializing)]
+    pub(super) _name: Seen,
+    #[serde(default, rename = "kind", skip_serializing)]
+    pub(super) _kind: Seen,
+    pub teacher: String,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    #[serde(default)]
+    pub server: ServerOptions,
+    /// Teacher samples (Parquet) or a corpus (JSONL of prompt/completion or text).
+    pub data: String,
+    #[serde(default = "default_logprobs")]
+    pub logprobs: usize,
+    #[serde(default)]
+    pub dtype: Precision,
+    #[serde(default = "default_score_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_part_size")]
+    pub part_size: usize,
+}
+
+fn default_logprobs() -> usize {
+    SamplingConfig::default().logprobs
+}
+
+fn default_score_batch() -> usize {
+    generate::DEFAULT_SCORE_BATCH
+}
+
+/// `kind: distill`: `train::distill` on teacher samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillStep {
+    #[serde(default, rename = "name", skip_serializing)]
+    pub(super) _name: Seen,
+    #[serde(default, rename = "kind", skip_serializing)]
+    pub(super) _kind: Seen,
+    pub data: String,
+    pub student: ModelInit,
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    #[serde(default)]
+    pub kd: KdConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// `kind: eval`: `eval::evaluate` once per model; writes `<workdir>/<name>/reports.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStep {
+    #[serde(default, rename = "name", skip_serializing)]
+    pub(super) _name: Seen,
+    #[serde(default, rename = "kind", skip_serializing)]
+    pub(super) _kind: Seen,
+    pub models: Vec<String>,
+    /// Compute dtype: `f32` (default) or `bf16`.
+    #[serde(default)]
+    pub dtype: Precision,
+    /// Teacher samples (Parquet) or task examples to score NLL/KL/agreement on.
+    pub data: String,
+    /// Task test set (JSONL prompt/completion) for task accuracy.
+    #[serde(default)]
+    pub task: Option<String>,
+    #[serde(default = "default_eval_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_eval_batch_size() -> usize {
+    32
+}
+
+impl Step {
+    pub fn kind(&self) -> StepKind {
+        match self.config {
+            StepConfig::Task(_) => StepKind::Task,
+            StepConfig::Finetune(_) => StepKind::Finetune,
+            StepConfig::Generate(_) => StepKind::Generate,
+            StepConfig::Score(_) => StepKind::Score,
+            StepConfig::Distill(_) => StepKind::Distill,
+            StepConfig::Eval(_) => StepKind::Eval,
+        }
+    }
+
+    /// The step's keys besides `name` and `kind`, as JSON.
+    pub(super) fn config_json(&self) -> serde_json::Result<serde_json::Value> {
+        match &self.config {
+            StepConfig::Task(s) => serde_json::to_value(s),
+            StepConfig::Finetune(s) => serde_json::to_value(s),
+            StepConfig::Generate(s) => serde_json::to_value(s),
+            StepConfig::Score(s) => serde_json::to_value(s),
+            StepConfig::Distill(s) => serde_json::to_value(s),
+            StepConfig::Eval(s) => serde_json::to_value(s),
+        }
+    }
+
+    /// The step's keys that hold paths (and so may hold references), as `(key, value)`.
+    pub(super) fn inputs(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        match &self.config {
+            StepConfig::Task(_) => {}
+            StepConfig::Finetune(s) => {
+                out.push(("data", s.data.as_str()));
+                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
+                out.extend(s.model.from.as_deref().map(|f| ("model.from", f)));
+            }
+            StepConfig::Generate(s) => {
+                out.push(("teacher", s.teacher.as_str()));
+                out.push(("prompts", s.prompts.as_str()));
+                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
+            }
+            StepConfig::Score(s) => {
+                out.push(("teacher", s.teacher.as_str()));
+                out.push(("data", s.data.as_str()));
+                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
+            }
+            StepConfig::Distill(s) => {
+                out.push(("data", s.data.as_str()));
+                out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
+                out.extend(s.student.from.as_deref().map(|f| ("student.from", f)));
+            }
+            StepConfig::Eval(s) => {
+                out.extend(s.models.iter().map(|m| ("models", m.as_str())));
+                out.push(("data", s.data.as_str()));
+                out.extend(s.task.as_deref().map(|t| ("task", t)));
+            }
+        }
+        out
+    }
+}
+
