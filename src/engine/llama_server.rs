@@ -1,6 +1,12 @@
-//! llama.cpp's `llama-server`, through its native `POST /completion`: the prompt as token ids,
-//! `n_probs` top-k per position with their ids, computed from the model's logits before any
-//! sampler (`post_sampling_probs: false`). Every sampler is set neutral but those kdllm asks for.
+//! llama.cpp's `llama-server`, through its native `POST /completion`: the prompt as token ids
+//! (used as they are, no BOS added), `n_probs` top-k per position with their ids, computed from
+//! the logits before any sampler (`post_sampling_probs: false`: the softmax of the full
+//! vocabulary at temperature 1; llama.cpp normalises in f32, so its log-probs sit about 1e-4
+//! above an f64 softmax's). Every sampler but those kdllm asks for is set neutral: the server's
+//! defaults (top-k 40, top-p 0.95, min-p 0.05, a repetition window of 64, and whatever the GGUF's
+//! `general.sampling.*` says) would otherwise change the distribution sampled from. An end token
+//! is the last entry of `completion_probabilities`; no stop strings are sent (their tokens
+//! would be left out of it).
 
 use serde_json::{json, Value};
 
@@ -24,6 +30,9 @@ fn neutral(body: &mut Value) {
         "xtc_probability": 0.0,
         "mirostat": 0,
         "top_n_sigma": -1.0,
+        "dynatemp_range": 0.0,
+        "min_keep": 0,
+        "ignore_eos": false,
         "samplers": SAMPLERS,
         "post_sampling_probs": false,
         "return_tokens": true,
@@ -45,6 +54,8 @@ pub(super) fn sample_request(prompt: &[u32], p: &SampleParams) -> Value {
         "seed": p.seed,
         // The sampled token's log-prob comes with the top-k, so at least one is asked for.
         "n_probs": p.logprobs.max(1),
+        // Replaces any bias list the server was started with.
+        "logit_bias": [],
     });
     neutral(&mut body);
     body
@@ -116,7 +127,9 @@ pub(super) fn parse_sample(v: &Value) -> Result<Reply, Problem> {
         None if v.get("stopped_eos").and_then(Value::as_bool) == Some(true) => Stop::Eos,
         None => Stop::Length,
     };
-    Ok(Reply { tokens, stop, model: None })
+    // The model as the server names it in /v1/models: the `-m` path, or its `--alias`.
+    let model = v.get("model").and_then(Value::as_str).map(str::to_string);
+    Ok(Reply { tokens, stop, model })
 }
 
 pub(super) fn parse_score(v: &Value, expect: u32) -> Result<Token, Problem> {
@@ -151,12 +164,6 @@ pub(super) async fn context(http: &Http) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture(name: &str) -> Value {
-        let path = format!("{}/tests/fixtures/engines/llama-server/{name}", env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        serde_json::from_str(&text).unwrap()
-    }
 
     #[test]
     fn the_sampling_request_turns_every_other_sampler_off() {

@@ -17,6 +17,8 @@ mod llama_server;
 mod openai;
 mod sglang;
 mod tokens;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 
@@ -395,7 +397,7 @@ impl Server {
             }
             Engine::Sglang => {
                 let v = self.http.post("/generate", &sglang::score_request(&all, k, from)).await;
-                sglang::parse_score(&self.limit(v, k)?, &all, from).map_err(|e| self.problem(e))?
+                sglang::parse_score(&self.limit(v, k)?, &all, from, sglang::score_start(from)).map_err(|e| self.problem(e))?
             }
             Engine::Openai => return Err(EngineError::NoScoring { url: self.url().to_string(), engine: self.engine }),
         };
@@ -427,43 +429,66 @@ impl Server {
         }
     }
 
-    /// The server's tokens as a row: each top-k sorted, exactly `k` long.
+    /// The server's tokens as a row (see [`assemble`]).
     fn completion(&self, tokens: Vec<Token>, stop: Stop, k: usize) -> Result<Completion, EngineError> {
-        let mut c = Completion::empty();
-        for (position, mut t) in tokens.into_iter().enumerate() {
-            if self.vocab_size > 0 {
-                if let Some(bad) = std::iter::once(t.id).chain(t.top.iter().map(|e| e.0)).find(|&id| id as usize >= self.vocab_size) {
-                    return Err(EngineError::TokenizerMismatch {
-                        url: self.url().to_string(),
-                        tokenizer: "the tokenizer".into(),
-                        detail: format!("the server returned token id {bad}, beyond its vocabulary of {}", self.vocab_size),
-                    });
-                }
-            }
-            t.top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            t.top.dedup_by_key(|e| e.0);
-            if t.top.len() < k {
-                return Err(EngineError::TooFewTopk {
-                    url: self.url().to_string(),
-                    engine: self.engine,
-                    position,
-                    got: t.top.len(),
-                    asked: k,
-                });
-            }
-            t.top.truncate(k);
-            c.ids.push(t.id);
-            c.token_logprobs.push(t.logprob);
-            let (ids, lps) = t.top.into_iter().unzip();
-            c.topk_ids.push(ids);
-            c.topk_logprobs.push(lps);
-        }
-        c.finish = match stop {
-            Stop::Eos if c.ids.last().is_some_and(|id| self.eos_ids.contains(id)) => FinishReason::Stop,
-            _ => FinishReason::Length,
-        };
-        Ok(c)
+        assemble(tokens, stop, k, &self.eos_ids, self.vocab_size).map_err(|e| match e {
+            Assembly::TooFew { position, got } => EngineError::TooFewTopk {
+                url: self.url().to_string(),
+                engine: self.engine,
+                position,
+                got,
+                asked: k,
+            },
+            Assembly::BeyondVocab(id) => EngineError::TokenizerMismatch {
+                url: self.url().to_string(),
+                tokenizer: "the tokenizer".into(),
+                detail: format!("the server returned token id {id}, beyond its vocabulary of {}", self.vocab_size),
+            },
+        })
     }
+}
+
+/// Why a server's tokens do not make a row.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Assembly {
+    TooFew { position: usize, got: usize },
+    BeyondVocab(u32),
+}
+
+/// A row from a server's tokens: each top-k sorted by log-prob (engines list the sampled token
+/// first, or add it as a (k+1)-th), exactly `k` long; a stop counts as `Stop` only when the row
+/// ends with one of `eos_ids`. A `vocab_size` of 0 skips the vocabulary check.
+pub(super) fn assemble(
+    tokens: Vec<Token>,
+    stop: Stop,
+    k: usize,
+    eos_ids: &[u32],
+    vocab_size: usize,
+) -> Result<Completion, Assembly> {
+    let mut c = Completion::empty();
+    for (position, mut t) in tokens.into_iter().enumerate() {
+        if vocab_size > 0 {
+            if let Some(bad) = std::iter::once(t.id).chain(t.top.iter().map(|e| e.0)).find(|&id| id as usize >= vocab_size) {
+                return Err(Assembly::BeyondVocab(bad));
+            }
+        }
+        t.top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        t.top.dedup_by_key(|e| e.0);
+        if t.top.len() < k {
+            return Err(Assembly::TooFew { position, got: t.top.len() });
+        }
+        t.top.truncate(k);
+        c.ids.push(t.id);
+        c.token_logprobs.push(t.logprob);
+        let (ids, lps) = t.top.into_iter().unzip();
+        c.topk_ids.push(ids);
+        c.topk_logprobs.push(lps);
+    }
+    c.finish = match stop {
+        Stop::Eos if c.ids.last().is_some_and(|id| eos_ids.contains(id)) => FinishReason::Stop,
+        _ => FinishReason::Length,
+    };
+    Ok(c)
 }
 
 /// What a response parser found wrong, before the URL is known.

@@ -37,15 +37,20 @@ pub(super) fn sample_request(prompt: &[u32], p: &SampleParams) -> Value {
     })
 }
 
+/// Where the input log-probs of a request scoring from `from` start: SGLang leaves the entry at
+/// `logprob_start_len` empty, so one position earlier.
+pub(super) fn score_start(from: usize) -> usize {
+    from.saturating_sub(1)
+}
+
 /// The input's log-probs from position `from` on, and no new token (a prefill-only request).
-/// SGLang leaves the entry at `logprob_start_len` empty, so it starts one position earlier.
 pub(super) fn score_request(ids: &[u32], k: usize, from: usize) -> Value {
     json!({
         "input_ids": ids,
         "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
         "return_logprob": true,
         "top_logprobs_num": k.max(1),
-        "logprob_start_len": from.saturating_sub(1),
+        "logprob_start_len": score_start(from),
         "stream": false,
     })
 }
@@ -96,13 +101,13 @@ pub(super) fn parse_sample(v: &Value) -> Result<Reply, Problem> {
     Ok(Reply { tokens, stop, model: None })
 }
 
-/// Positions `from..` of `ids`. The input log-probs start at `logprob_start_len` = `from - 1`:
-/// entry j is the log-prob of token `from - 1 + j` given those before it, except entry 0, which
-/// is empty (`[null, id, null]`, top-k `null`). `output_*` (a next-token row) is ignored.
-pub(super) fn parse_score(v: &Value, ids: &[u32], from: usize) -> Result<Vec<Token>, Problem> {
+/// Positions `from..` of `ids`, from an answer whose input log-probs start at
+/// `logprob_start_len` = `start` (< `from`): entry j is the log-prob of token `start + j` given
+/// those before it, except entry 0, which is empty (`[null, id, null]`, top-k `null`).
+/// `output_*` (a next-token row) is ignored.
+pub(super) fn parse_score(v: &Value, ids: &[u32], from: usize, start: usize) -> Result<Vec<Token>, Problem> {
     let v = v.as_array().and_then(|a| a.first()).unwrap_or(v);
     let meta = v.get("meta_info").ok_or_else(|| Problem::Shape("the /generate answer has no `meta_info`".into()))?;
-    let start = from.saturating_sub(1);
     let out = tokens(meta, "input", from - start)?;
     if out.len() != ids.len() - from {
         return Err(Problem::Shape(format!(
