@@ -2,7 +2,9 @@
 //! tokenizer trained here), prompt files, and a way to run the `kdllm` binary.
 #![allow(dead_code)] // each test crate uses a different subset
 
-use std::path::Path;
+pub mod mock_engine;
+
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::Device;
@@ -59,3 +61,67 @@ pub fn kdllm(args: &[&str]) -> (bool, String) {
     let out: Output = kdllm_command(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs the command; it must fail. Returns its stderr (stdout is checked to hold no `error`),
+/// and prints it under the case name so the messages in the README's table can be copied from
+/// `cargo test --release --test bad_input -- --nocapture --test-threads 1`.
+pub fn fails_with(case: &str, mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("=== {case}\n{}", stderr.trim_end());
+    assert!(!out.status.success(), "{case}: kdllm should have failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_ne!(out.status.code(), None, "{case}: killed by a signal (a crash, not an error)\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{case}: a panic, not an error message:\n{stderr}");
+    stderr.into_owned()
+}
+
+pub fn fails<S: AsRef<std::ffi::OsStr>>(case: &str, args: &[S]) -> String {
+    let mut cmd = kdllm_command(&[]);
+    cmd.args(args);
+    fails_with(case, cmd)
+}
+
+pub fn has_all(err: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in:\n{err}");
+    }
+}
+
+/// kdllm's own errors are one `error: ...` line.
+pub fn one_error_line(err: &str) -> &str {
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no `error:` line in:\n{err}"));
+    line
+}
+
+/// No teacher samples were written at `out` (nor a `.partial` beside it): it does not exist or
+/// is a folder without any `*.parquet`.
+pub fn assert_no_samples(out: &Path) {
+    if out.exists() {
+        assert!(out.is_dir(), "{} was written", out.display());
+        let parquet: Vec<_> = walk(out).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+        assert!(parquet.is_empty(), "samples were written: {parquet:?}");
+    }
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    for e in std::fs::read_dir(out.parent().unwrap()).unwrap() {
+        let other = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!other.starts_with(&format!("{name}.")), "{other} left beside {}", out.display());
+    }
+}
+
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
+}
+

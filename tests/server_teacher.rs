@@ -1,0 +1,257 @@
+//! Server teachers against a stand-in engine (`common/mock_engine.rs`) that answers in the shapes
+//! of llama-server, vLLM, SGLang and a plain OpenAI-compatible server: the rows they give,
+//! scoring, concurrency, retries, a model switch, shards.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::mock_engine::{Behaviour, Flavor, Lm, MockEngine};
+use common::{tiny_teacher, write_prompts};
+use kdllm::data::{read_samples, Manifest, Sample, SampleSet, Shard};
+use kdllm::engine::ServerOptions;
+use kdllm::generate::{generate, score, GenerateJob, SamplingConfig, ScoreJob};
+use kdllm::model::Precision;
+use kdllm::tokenizer::Tokenizer;
+
+const PROMPTS: usize = 10;
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    teacher: PathBuf,
+    prompts: PathBuf,
+    tok: Tokenizer,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts, PROMPTS);
+    let tok = Tokenizer::from_folder(&teacher).unwrap();
+    Setup { tmp, teacher, prompts, tok }
+}
+
+impl Setup {
+    fn engine(&self, flavor: Flavor, f: impl FnOnce(&mut Behaviour)) -> MockEngine {
+        let mut b = Behaviour { model: "mock/teacher".into(), ..Default::default() };
+        f(&mut b);
+        MockEngine::start(flavor, self.tok.clone(), b)
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn job(&self, teacher: &str, out: &Path) -> GenerateJob {
+        GenerateJob {
+            teacher: teacher.to_string(),
+            revision: None,
+            tokenizer: Some(self.teacher.display().to_string()),
+            server: ServerOptions { concurrency: 4, retries: 3, backoff_ms: 5, ..Default::default() },
+            prompts: self.prompts.clone(),
+            output: out.to_path_buf(),
+            sampling: SamplingConfig { max_new_tokens: 10, samples_per_prompt: 2, logprobs: 4, seed: 7, ..Default::default() },
+            precision: Precision::F32,
+            long_prompts: Default::default(),
+            part_size: 6,
+            overwrite: false,
+            shard: None,
+        }
+    }
+}
+
+/// What the toy model draws for a prompt with the seed kdllm sends for (prompt, sample).
+fn expected(tok: &Tokenizer, s: &Sample, seed: u64) -> Vec<u32> {
+    let lm = Lm::new(tok, false);
+    let request_seed = kdllm::engine::request_seed(kdllm::generate::row_seed(seed, &s.prompt_id, s.sample_index));
+    lm.sample(&s.prompt_token_ids, 1.0, request_seed, 10, None).0
+}
+
+fn rows(set: &SampleSet) -> Vec<(String, u32, Vec<u32>, Vec<f32>, Vec<Vec<u32>>)> {
+    set.samples
+        .iter()
+        .map(|s| (s.prompt_id.clone(), s.sample_index, s.completion_token_ids.clone(), s.token_logprobs.clone(), s.topk_token_ids.clone()))
+        .collect()
+}
+
+#[test]
+fn every_engine_gives_the_rows_the_model_drew_in_the_same_parquet() {
+    let t = setup();
+    let mut all = Vec::new();
+    for flavor in [Flavor::LlamaServer, Flavor::Vllm, Flavor::Sglang] {
+        let engine = t.engine(flavor, |_| {});
+        let out = t.out(&format!("{flavor:?}"));
+        let report = generate(&t.job(&engine.url, &out)).unwrap();
+        assert_eq!(report.samples, 2 * PROMPTS);
+        let set = read_samples(&out).unwrap();
+        assert_eq!(set.samples.len(), 2 * PROMPTS);
+        assert_eq!(set.meta.logprobs_k, 4);
+        let server = set.meta.server.clone().expect("the Parquet metadata names the engine");
+        assert_eq!(server["model"], "mock/teacher");
+        let m = Manifest::read(&out).unwrap().unwrap();
+        assert_eq!(m.teacher_info.as_ref().map(|i| i["engine"].clone()), Some(server["engine"].clone()));
+        for s in &set.samples {
+            assert_eq!(s.completion_token_ids, expected(&t.tok, s, 7), "{flavor:?}: {}#{}", s.prompt_id, s.sample_index);
+            assert_eq!(s.teacher, "mock/teacher");
+            assert!(s.topk_logprobs.iter().all(|r| r.len() == 4 && r.windows(2).all(|w| w[0] >= w[1])));
+            let stopped = s.completion_token_ids.last() == Some(&t.tok.eos_ids()[0]);
+            assert_eq!(s.finish_reason == kdllm::data::FinishReason::Stop, stopped);
+            assert_eq!(s.completion, t.tok.decode(&s.completion_token_ids[..s.completion_token_ids.len() - usize::from(stopped)]).unwrap());
+        }
+        assert!(set.samples.iter().any(|s| s.finish_reason == kdllm::data::FinishReason::Stop), "some rows end with the end token");
+        all.push(rows(&set));
+    }
+    assert!(all.windows(2).all(|w| w[0] == w[1]), "llama-server, vLLM and SGLang answers make the same rows");
+}
+
+#[test]
+fn scoring_through_each_engine_gives_the_sampled_log_probs_back() {
+    let t = setup();
+    let engine = t.engine(Flavor::Vllm, |_| {});
+    let samples = t.out("samples");
+    generate(&t.job(&engine.url, &samples)).unwrap();
+    let sampled = read_samples(&samples).unwrap();
+    for flavor in [Flavor::LlamaServer, Flavor::Vllm, Flavor::Sglang] {
+        let engine = t.engine(flavor, |_| {});
+        let out = t.out(&format!("scored-{flavor:?}"));
+        let job = ScoreJob {
+            teacher: engine.url.clone(),
+            revision: None,
+            tokenizer: Some(t.teacher.display().to_string()),
+            server: ServerOptions { concurrency: 3, ..Default::default() },
+            data: samples.clone(),
+            output: out.clone(),
+            logprobs: 4,
+            precision: Precision::F32,
+            batch_size: 4,
+            part_size: 5,
+            overwrite: false,
+            shard: None,
+        };
+        let report = score(&job).unwrap();
+        assert_eq!(report.rows, 2 * PROMPTS);
+        let scored = read_samples(&out).unwrap();
+        assert_eq!(rows(&scored), rows(&sampled), "{flavor:?}: teacher-forced log-probs are the sampled ones");
+    }
+    // A server without prompt log-probs cannot score: said at the first row, nothing written.
+    let plain = t.engine(Flavor::Openai, |_| {});
+    let job = ScoreJob {
+        teacher: plain.url.clone(),
+        revision: None,
+        tokenizer: Some(t.teacher.display().to_string()),
+        server: ServerOptions::default(),
+        data: samples.clone(),
+        output: t.out("scored-openai"),
+        logprobs: 4,
+        precision: Precision::F32,
+        batch_size: 4,
+        part_size: 5,
+        overwrite: false,
+        shard: None,
+    };
+    let err = format!("{:#}", score(&job).unwrap_err());
+    assert!(err.contains("cannot score given text") && err.contains("vLLM"), "{err}");
+}
+
+#[test]
+fn at_most_concurrency_requests_are_in_flight_and_they_do_overlap() {
+    let t = setup();
+    let engine = t.engine(Flavor::LlamaServer, |b| b.delay = Duration::from_millis(40));
+    let mut job = t.job(&engine.url, &t.out("c"));
+    job.server.concurrency = 3;
+    generate(&job).unwrap();
+    let max = engine.state.max_in_flight.load(Ordering::SeqCst);
+    assert!((2..=3).contains(&max), "{max} requests were in flight at once with --concurrency 3");
+}
+
+#[test]
+fn transient_failures_are_retried_and_persistent_ones_say_how_many_tries() {
+    let t = setup();
+    // A 503, a 429, a dropped connection and a 502 before the first answer: all retried.
+    let engine = t.engine(Flavor::Vllm, |b| b.failures = vec![503, 429, 0, 502]);
+    let out = t.out("flaky");
+    generate(&t.job(&engine.url, &out)).unwrap();
+    let clean = t.engine(Flavor::Vllm, |_| {});
+    let reference = t.out("clean");
+    generate(&t.job(&clean.url, &reference)).unwrap();
+    assert_eq!(rows(&read_samples(&out).unwrap()), rows(&read_samples(&reference).unwrap()));
+
+    let down = t.engine(Flavor::Vllm, |b| b.always_fail = Some(503));
+    let mut job = t.job(&down.url, &t.out("down"));
+    job.server.retries = 2;
+    let err = format!("{:#}", generate(&job).unwrap_err());
+    assert!(err.contains("3 tries") && err.contains("HTTP 503") && err.contains(&down.url.replace("/v1", "")), "{err}");
+    assert!(Manifest::read(&t.out("down")).unwrap().unwrap().parts.is_empty(), "no part was written");
+}
+
+#[test]
+fn a_model_switch_mid_run_stops_the_run_and_the_rerun_names_the_difference() {
+    let t = setup();
+    let engine = t.engine(Flavor::LlamaServer, |b| b.switch_after = Some((9, "mock/other".into())));
+    let out = t.out("switch");
+    let mut job = t.job(&engine.url, &out);
+    job.server.concurrency = 1;
+    let err = format!("{:#}", generate(&job).unwrap_err());
+    assert!(err.contains("now serves `mock/other`") && err.contains("`mock/teacher`"), "{err}");
+    let kept = Manifest::read(&out).unwrap().unwrap();
+    assert_eq!(kept.done(), 6, "the part written before the switch is kept; the one during it is not");
+    let err = format!("{:#}", generate(&job).unwrap_err());
+    assert!(err.contains("teacher.server_model: \"mock/teacher\" (on disk) → \"mock/other\" (now)"), "{err}");
+}
+
+#[test]
+fn shards_of_a_server_job_merge_into_the_unsharded_rows() {
+    let t = setup();
+    let engine = t.engine(Flavor::Sglang, |_| {});
+    let whole = t.out("whole");
+    generate(&t.job(&engine.url, &whole)).unwrap();
+    let root = t.out("shards");
+    for i in 0..3 {
+        let mut job = t.job(&engine.url, &root.join(format!("shard-{i}")));
+        job.shard = Some(Shard { index: i, count: 3 });
+        job.sampling.batch_size = 4;
+        generate(&job).unwrap();
+    }
+    let mut whole_job = t.job(&engine.url, &t.out("whole4"));
+    whole_job.sampling.batch_size = 4;
+    generate(&whole_job).unwrap();
+    assert_eq!(read_samples(&root).unwrap().samples, read_samples(&t.out("whole4")).unwrap().samples);
+    assert_eq!(rows(&read_samples(&root).unwrap()), rows(&read_samples(&whole).unwrap()));
+}
+
+#[test]
+fn a_tokenizer_from_the_model_id_the_server_reports() {
+    let t = setup();
+    // llama-server reports the model as the path it was started with: a folder here.
+    let engine = t.engine(Flavor::LlamaServer, |b| b.model = t.teacher.display().to_string());
+    let mut job = t.job(&engine.url, &t.out("by-id"));
+    job.tokenizer = None;
+    generate(&job).unwrap();
+    assert_eq!(read_samples(&t.out("by-id")).unwrap().meta.tokenizer_hash, t.tok.vocab_hash());
+    // An id that names nothing here needs --tokenizer.
+    let unknown = t.engine(Flavor::LlamaServer, |b| b.model = "/models/elsewhere/model.gguf".into());
+    let mut job = t.job(&unknown.url, &t.out("unknown"));
+    job.tokenizer = None;
+    let err = format!("{:#}", generate(&job).unwrap_err());
+    assert!(err.contains("serves `/models/elsewhere/model.gguf`") && err.contains("--tokenizer"), "{err}");
+}
+
+#[test]
+fn a_server_of_token_strings_maps_them_back_or_refuses_what_is_ambiguous() {
+    let t = setup();
+    // Byte tokens that are not whole characters all read "�": such a token cannot be mapped.
+    let engine = t.engine(Flavor::Openai, |_| {});
+    let err = format!("{:#}", generate(&t.job(&engine.url, &t.out("ambiguous"))).unwrap_err());
+    assert!(err.contains("\"�\", which is the text of") && err.contains("token ids"), "{err}");
+    assert!(Manifest::read(&t.out("ambiguous")).unwrap().unwrap().parts.is_empty());
+    // Where every token's text is its own, the strings map back to the ids exactly.
+    let strings = t.engine(Flavor::Openai, |b| b.unambiguous_only = true);
+    generate(&t.job(&strings.url, &t.out("strings"))).unwrap();
+    let ids = t.engine(Flavor::Vllm, |b| b.unambiguous_only = true);
+    generate(&t.job(&ids.url, &t.out("ids"))).unwrap();
+    assert_eq!(rows(&read_samples(&t.out("strings")).unwrap()), rows(&read_samples(&t.out("ids")).unwrap()));
+}
