@@ -331,3 +331,72 @@ fn chat_prompts_use_the_template_and_its_special_tokens() {
     assert!(err.contains("`c1`") && err.contains("only system and user roles"), "{err}");
     assert!(!failed.exists());
 }
+
+#[test]
+fn two_shards_of_an_in_process_teacher_merge_into_the_unsharded_rows_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts, 13); // 26 samples in batches of 8: the shards take 2 and 2 batches
+    let whole = generate(&gen_job(&teacher, &prompts, tmp.path().join("whole"))).unwrap();
+    let root = tmp.path().join("shards");
+    for i in 0..2 {
+        let mut job = gen_job(&teacher, &prompts, root.join(format!("part-of-{i}")));
+        job.shard = Some(kdllm::data::Shard { index: i, count: 2 });
+        let r = generate(&job).unwrap();
+        assert_eq!(r.samples, [16, 10][i as usize], "shard {i} holds whole batches");
+    }
+    let merged = kdllm::data::read_samples(&root).unwrap();
+    assert!(merged.samples == kdllm::data::read_samples(&whole.output).unwrap().samples, "same rows, same order, same bits");
+}
+
+#[test]
+fn an_in_process_teacher_scores_its_own_samples_as_it_sampled_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts, 6);
+    let samples = generate(&gen_job(&teacher, &prompts, tmp.path().join("samples"))).unwrap().output;
+    let job = kdllm::generate::ScoreJob {
+        teacher: teacher.display().to_string(),
+        revision: None,
+        tokenizer: None,
+        server: Default::default(),
+        data: samples.clone(),
+        output: tmp.path().join("scored"),
+        logprobs: 8,
+        precision: Precision::F32,
+        batch_size: 3,
+        part_size: 5,
+        overwrite: false,
+        shard: None,
+    };
+    let report = kdllm::generate::score(&job).unwrap();
+    assert_eq!(report.rows, 12);
+    let (a, b) = (kdllm::data::read_samples(&samples).unwrap(), kdllm::data::read_samples(&job.output).unwrap());
+    let mut worst = 0f32;
+    for (s, t) in a.samples.iter().zip(&b.samples) {
+        assert_eq!((&s.prompt_id, &s.completion_token_ids, &s.completion), (&t.prompt_id, &t.completion_token_ids, &t.completion));
+        let pairs = s.token_logprobs.iter().zip(&t.token_logprobs);
+        for (x, y) in pairs.chain(s.topk_logprobs.iter().flatten().zip(t.topk_logprobs.iter().flatten())) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    // The KV-cache decode that sampled and the full forward that scored differ only in f32
+    // rounding, here of logits in the hundreds (this teacher's weights are sharpened ×8).
+    assert!(worst < 1e-3, "teacher-forced log-probs differ from the sampled ones by {worst}");
+
+    // A plain corpus: each completion scored after its prompt, with the end token.
+    let corpus = tmp.path().join("corpus.jsonl");
+    std::fs::write(&corpus, "{\"prompt\": \"the cat\", \"completion\": \" sat on a mat\"}\n{\"text\": \"the dog ran to a big red ball\"}\n").unwrap();
+    let job = kdllm::generate::ScoreJob { data: corpus, output: tmp.path().join("corpus-scored"), ..job };
+    kdllm::generate::score(&job).unwrap();
+    let set = kdllm::data::read_samples(&job.output).unwrap();
+    assert_eq!(set.samples.len(), 2);
+    let tok = Tokenizer::from_folder(&teacher).unwrap();
+    assert_eq!(set.samples[0].completion_token_ids.last(), tok.eos_ids().first());
+    assert_eq!(set.samples[1].prompt_token_ids.len(), 1, "a bare text: its first token is the context");
+    assert!(set.samples.iter().all(|s| s.topk_token_ids.iter().all(|r| r.len() == 8)));
+}

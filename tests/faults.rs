@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::mock_engine::{Behaviour, Flavor, MockEngine};
 use common::{kdllm_command, tiny_teacher, write_prompts};
 use kdllm::data::{read_samples, DataError, Manifest, Sample};
 
@@ -39,6 +40,11 @@ impl Gen {
     /// `kdllm generate` into `out`: 48 samples, batches of 4, parts of 8 (6 parts); a flag in
     /// `extra` replaces the default of the same name.
     fn command(&self, out: &Path, extra: &[&str]) -> Command {
+        self.command_from(self.teacher.to_str().unwrap(), out, extra)
+    }
+
+    /// The same, with `teacher` (a server's URL) as the teacher.
+    fn command_from(&self, teacher: &str, out: &Path, extra: &[&str]) -> Command {
         let defaults = [
             ("--max-new-tokens", "12"),
             ("--samples-per-prompt", "2"),
@@ -47,7 +53,7 @@ impl Gen {
             ("--logprobs", "4"),
             ("--seed", "3"),
         ];
-        let mut args = vec!["generate", "--teacher", self.teacher.to_str().unwrap()];
+        let mut args = vec!["generate", "--teacher", teacher];
         args.extend(["--prompts", self.prompts.to_str().unwrap(), "-o", out.to_str().unwrap()]);
         for (flag, value) in defaults {
             if !extra.contains(&flag) {
@@ -240,6 +246,49 @@ fn generation_killed_from_outside_resumes_to_exactly_the_uninterrupted_rows() {
     assert!(samples == reference, "rows differ from the uninterrupted run's");
     assert!(kills >= 2, "only {kills} of 4 kills landed before the child finished (a full run takes {full:?})");
     eprintln!("generation, outside kills: {kills} kills, {} rows checked", samples.len());
+}
+
+/// A server teacher: the kdllm child is killed at set points while requests are in flight, the
+/// network is cut (every request fails until the retries run out) and the server restarts
+/// (connections dropped, then a 503); each time the rerun continues, and the rows end up those of
+/// an uninterrupted run.
+#[test]
+fn server_generation_killed_or_cut_off_resumes_to_exactly_the_uninterrupted_rows() {
+    let g = setup();
+    let tok = kdllm::tokenizer::Tokenizer::from_folder(&g.teacher).unwrap();
+    let engine = MockEngine::start(Flavor::LlamaServer, tok, Behaviour { model: "mock/teacher".into(), ..Default::default() });
+    let extra = ["--tokenizer", g.teacher.to_str().unwrap(), "--concurrency", "4", "--retries", "2", "--backoff-ms", "5"];
+    let run = |out: &Path, fault: Option<&str>| {
+        let mut cmd = g.command_from(&engine.url, out, &extra);
+        if let Some(f) = fault {
+            cmd.env("KDLLM_FAULT", f);
+        }
+        cmd.output().unwrap()
+    };
+    let reference_dir = g.root.join("reference");
+    let o = run(&reference_dir, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference = read_samples(&reference_dir).unwrap().samples;
+
+    let out = g.root.join("out");
+    for fault in ["generate-batch:3", "part-renamed:1", "generate-batch:11", "part-renamed:2"] {
+        let o = run(&out, Some(fault));
+        assert!(killed(&o), "{fault}: expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
+        check_folder_invariants(&out);
+    }
+    let before = Manifest::read(&out).unwrap().unwrap().done();
+    engine.behave(|b| b.always_fail = Some(0));
+    let o = run(&out, None);
+    assert_eq!(o.status.code(), Some(1), "a cut network is an error once the retries are spent");
+    assert!(stderr(&o).contains("3 tries"), "{}", stderr(&o));
+    assert_eq!(Manifest::read(&out).unwrap().unwrap().done(), before, "nothing lost, nothing added");
+    engine.behave(|b| {
+        b.always_fail = None;
+        b.failures = vec![0, 0, 503];
+    });
+    let o = run(&out, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check_exactly_once(&out, &reference);
 }
 
 /// A recipe with one distill step on `samples`; `train` is the step's `train:` mapping.
