@@ -219,7 +219,8 @@ fn write_tiny_recipe(recipe: &Path, workdir: &Path, alpha: f64) {
              - {{name: task, kind: task, task: {{max_digits: 2, train_examples: 300, test_examples: 20, prompts: 40}}}}\n\
              - {{name: teacher, kind: finetune, data: steps.task.output/train.jsonl, tokenizer: steps.task.output, model: {{config: {model}}}, train: {train}}}\n\
              - {{name: samples, kind: generate, teacher: steps.teacher.output, prompts: steps.task.output/prompts.jsonl, sampling: {{max_new_tokens: 5, logprobs: 5, batch_size: 16}}}}\n\
-             - {{name: student, kind: distill, data: steps.samples.output, tokenizer: steps.teacher.output, student: {{config: {model}}}, kd: {{alpha: {alpha}}}, train: {train}}}\n\
+             - {{name: rescored, kind: score, teacher: steps.teacher.output, data: steps.samples.output, logprobs: 5}}\n\
+             - {{name: student, kind: distill, data: steps.rescored.output, tokenizer: steps.teacher.output, student: {{config: {model}}}, kd: {{alpha: {alpha}}}, train: {train}}}\n\
              - {{name: eval, kind: eval, models: [steps.teacher.output, steps.student.output], data: steps.samples.output, task: steps.task.output/test.jsonl}}\n",
             workdir.display()
         ),
@@ -261,7 +262,7 @@ fn a_tiny_recipe_runs_every_step_kind_and_reruns_only_what_changed() {
     write_tiny_recipe(&recipe, &workdir, 0.5);
     let (ok, stdout, stderr) = run_recipe(&recipe, &[]);
     assert!(ok, "{stdout}\n{stderr}");
-    assert_eq!(steps_run(&stdout), ["task", "teacher", "samples", "student", "eval"], "{stdout}");
+    assert_eq!(steps_run(&stdout), ["task", "teacher", "samples", "rescored", "student", "eval"], "{stdout}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(workdir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["models"].as_array().map(Vec::len), Some(2), "{summary}");

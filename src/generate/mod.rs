@@ -200,7 +200,9 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let work: Vec<(usize, u32)> =
         (0..prompts.len()).flat_map(|p| (0..cfg.samples_per_prompt as u32).map(move |s| (p, s))).collect();
     let total = work.len() as u64;
-    let shard = job.shard.map(|s| s.range(total, cfg.batch_size as u64));
+    // In-process batches are fixed slices of the work list: shards cut between them.
+    let unit = if matches!(teacher, Teacher::Local(_)) { cfg.batch_size } else { 1 };
+    let shard = job.shard.map(|s| s.range(total, unit as u64));
     let dir = &job.output;
     let mut out = PartsOutput::open(dir, command, total, shard, job.overwrite)?;
     let end = out.manifest().range().1;

@@ -109,7 +109,8 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
         }
     });
     let total = rows.len() as u64;
-    let shard = job.shard.map(|s| s.range(total, job.batch_size as u64));
+    let unit = if matches!(teacher, Teacher::Local(_)) { job.batch_size } else { 1 };
+    let shard = job.shard.map(|s| s.range(total, unit as u64));
     let dir = &job.output;
     let mut out = PartsOutput::open(dir, command, total, shard, job.overwrite)?;
     let end = out.manifest().range().1 as usize;

