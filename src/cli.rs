@@ -98,8 +98,9 @@ impl ServerArgs {
     }
 }
 
+/// The teacher of `generate` and `score`, and the slice of the work this run does.
 #[derive(Debug, Args)]
-pub struct GenerateArgs {
+pub struct TeacherArgs {
     /// Teacher: an alias (see README), a Hub repo id (owner/name), a local folder, a GGUF file, or
     /// a server (http://HOST:PORT/v1: vLLM, SGLang, llama-server).
     #[arg(long)]
@@ -113,6 +114,12 @@ pub struct GenerateArgs {
     /// jobs) each fill their own folder, and readers take the folder holding them.
     #[arg(long)]
     pub shard: Option<Shard>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub teacher: TeacherArgs,
     /// Prompts: JSONL with `id` and `prompt` or `messages`, or text with one prompt a line.
     #[arg(long)]
     pub prompts: PathBuf,
@@ -166,12 +173,13 @@ impl GenerateArgs {
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             logprobs: self.logprobs.unwrap_or(d.logprobs),
         };
+        let t = self.teacher;
         GenerateJob {
-            teacher: self.teacher,
-            revision: self.revision,
-            tokenizer: self.server.tokenizer.clone(),
-            server: self.server.options(),
-            shard: self.shard,
+            tokenizer: t.server.tokenizer.clone(),
+            server: t.server.options(),
+            teacher: t.teacher,
+            revision: t.revision,
+            shard: t.shard,
             prompts: self.prompts,
             output: self.output,
             sampling,
@@ -185,13 +193,8 @@ impl GenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
-    /// Teacher: a model (as for generate) or a server (http://HOST:PORT/v1).
-    #[arg(long)]
-    pub teacher: String,
-    #[arg(long)]
-    pub revision: Option<String>,
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub teacher: TeacherArgs,
     /// The text to score: teacher samples written by kdllm (a .parquet file, a folder, a folder
     /// of shards), or a corpus: JSONL of {"prompt", "completion"} or {"text"}.
     #[arg(long)]
@@ -214,18 +217,17 @@ pub struct ScoreArgs {
     /// Rows per Parquet part file.
     #[arg(long, default_value_t = DEFAULT_PART_SIZE)]
     pub part_size: usize,
-    /// Only shard I of N (counted from 0) of the rows.
-    #[arg(long)]
-    pub shard: Option<Shard>,
 }
 
 impl ScoreArgs {
     pub fn into_job(self) -> ScoreJob {
+        let t = self.teacher;
         ScoreJob {
-            teacher: self.teacher,
-            revision: self.revision,
-            tokenizer: self.server.tokenizer.clone(),
-            server: self.server.options(),
+            tokenizer: t.server.tokenizer.clone(),
+            server: t.server.options(),
+            teacher: t.teacher,
+            revision: t.revision,
+            shard: t.shard,
             data: self.data,
             output: self.output,
             logprobs: self.logprobs,
@@ -233,7 +235,6 @@ impl ScoreArgs {
             batch_size: self.batch_size,
             part_size: self.part_size,
             overwrite: self.overwrite,
-            shard: self.shard,
         }
     }
 }

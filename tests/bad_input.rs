@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{Field, Schema};
-use common::{assert_no_samples, fails, fails_with, has_all, kdllm_command, one_error_line, s, tiny_teacher, walk, write_prompts};
+use common::{
+    assert_no_samples, fails, fails_with, has_all, kdllm_command, one_error_line, s, tiny_teacher, walk, write_prompts,
+};
 use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;

@@ -349,7 +349,10 @@ fn two_shards_of_an_in_process_teacher_merge_into_the_unsharded_rows_bit_for_bit
         assert_eq!(r.samples, [16, 10][i as usize], "shard {i} holds whole batches");
     }
     let merged = kdllm::data::read_samples(&root).unwrap();
-    assert!(merged.samples == kdllm::data::read_samples(&whole.output).unwrap().samples, "same rows, same order, same bits");
+    assert!(
+        merged.samples == kdllm::data::read_samples(&whole.output).unwrap().samples,
+        "same rows, same order, same bits"
+    );
 }
 
 #[test]
@@ -379,7 +382,10 @@ fn an_in_process_teacher_scores_its_own_samples_as_it_sampled_them() {
     let (a, b) = (kdllm::data::read_samples(&samples).unwrap(), kdllm::data::read_samples(&job.output).unwrap());
     let mut worst = 0f32;
     for (s, t) in a.samples.iter().zip(&b.samples) {
-        assert_eq!((&s.prompt_id, &s.completion_token_ids, &s.completion), (&t.prompt_id, &t.completion_token_ids, &t.completion));
+        assert_eq!(
+            (&s.prompt_id, &s.completion_token_ids, &s.completion),
+            (&t.prompt_id, &t.completion_token_ids, &t.completion)
+        );
         let pairs = s.token_logprobs.iter().zip(&t.token_logprobs);
         for (x, y) in pairs.chain(s.topk_logprobs.iter().flatten().zip(t.topk_logprobs.iter().flatten())) {
             worst = worst.max((x - y).abs());
@@ -391,7 +397,11 @@ fn an_in_process_teacher_scores_its_own_samples_as_it_sampled_them() {
 
     // A plain corpus: each completion scored after its prompt, with the end token.
     let corpus = tmp.path().join("corpus.jsonl");
-    std::fs::write(&corpus, "{\"prompt\": \"the cat\", \"completion\": \" sat on a mat\"}\n{\"text\": \"the dog ran to a big red ball\"}\n").unwrap();
+    std::fs::write(
+        &corpus,
+        "{\"prompt\": \"the cat\", \"completion\": \" sat on a mat\"}\n{\"text\": \"the dog ran to a big red ball\"}\n",
+    )
+    .unwrap();
     let job = kdllm::generate::ScoreJob { data: corpus, output: tmp.path().join("corpus-scored"), ..job };
     kdllm::generate::score(&job).unwrap();
     let set = kdllm::data::read_samples(&job.output).unwrap();

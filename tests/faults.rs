@@ -256,8 +256,10 @@ fn generation_killed_from_outside_resumes_to_exactly_the_uninterrupted_rows() {
 fn server_generation_killed_or_cut_off_resumes_to_exactly_the_uninterrupted_rows() {
     let g = setup();
     let tok = kdllm::tokenizer::Tokenizer::from_folder(&g.teacher).unwrap();
-    let engine = MockEngine::start(Flavor::LlamaServer, tok, Behaviour { model: "mock/teacher".into(), ..Default::default() });
-    let extra = ["--tokenizer", g.teacher.to_str().unwrap(), "--concurrency", "4", "--retries", "2", "--backoff-ms", "5"];
+    let engine =
+        MockEngine::start(Flavor::LlamaServer, tok, Behaviour { model: "mock/teacher".into(), ..Default::default() });
+    let extra =
+        ["--tokenizer", g.teacher.to_str().unwrap(), "--concurrency", "4", "--retries", "2", "--backoff-ms", "5"];
     let run = |out: &Path, fault: Option<&str>| {
         let mut cmd = g.command_from(&engine.url, out, &extra);
         if let Some(f) = fault {

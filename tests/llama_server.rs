@@ -21,7 +21,19 @@ impl LlamaServer {
     fn start(bin: &Path, gguf: &Path) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(bin)
-            .args(["-m", s(gguf), "--port", &port.to_string(), "--parallel", "2", "-c", "2048", "-t", "2", "--no-repack"])
+            .args([
+                "-m",
+                s(gguf),
+                "--port",
+                &port.to_string(),
+                "--parallel",
+                "2",
+                "-c",
+                "2048",
+                "-t",
+                "2",
+                "--no-repack",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -40,6 +52,9 @@ impl LlamaServer {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("llama-server did not become healthy at {url} within 60 s");
     }
 }
@@ -63,7 +78,9 @@ fn prompts(dir: &Path) -> PathBuf {
     let lines: Vec<String> = questions
         .iter()
         .enumerate()
-        .map(|(i, q)| serde_json::json!({"id": format!("q{i}"), "messages": [{"role": "user", "content": q}]}).to_string())
+        .map(|(i, q)| {
+            serde_json::json!({"id": format!("q{i}"), "messages": [{"role": "user", "content": q}]}).to_string()
+        })
         .collect();
     let path = dir.join("prompts.jsonl");
     std::fs::write(&path, lines.join("\n")).unwrap();
@@ -89,7 +106,18 @@ fn a_real_llama_server_samples_scores_resumes_and_shards() {
     let prompts = prompts(tmp.path());
     let generate = |out: &Path, extra: &[&str]| {
         let mut args = vec!["generate", "--teacher", &server.url, "--prompts", s(&prompts), "-o", s(out)];
-        args.extend(["--max-new-tokens", "24", "--logprobs", "5", "--seed", "3", "--part-size", "2", "--concurrency", "2"]);
+        args.extend([
+            "--max-new-tokens",
+            "24",
+            "--logprobs",
+            "5",
+            "--seed",
+            "3",
+            "--part-size",
+            "2",
+            "--concurrency",
+            "2",
+        ]);
         args.extend_from_slice(extra);
         kdllm_command(&args)
     };
@@ -121,7 +149,17 @@ fn a_real_llama_server_samples_scores_resumes_and_shards() {
 
     // Scoring the server's own samples through it gives back the log-probs it sampled with.
     let scored = tmp.path().join("scored");
-    run(&mut kdllm_command(&["score", "--teacher", &server.url, "--data", s(&whole), "-o", s(&scored), "--logprobs", "5"]));
+    run(&mut kdllm_command(&[
+        "score",
+        "--teacher",
+        &server.url,
+        "--data",
+        s(&whole),
+        "-o",
+        s(&scored),
+        "--logprobs",
+        "5",
+    ]));
     let again = read_samples(&scored).unwrap();
     let mut worst = 0f32;
     for (a, b) in set.samples.iter().zip(&again.samples) {

@@ -8,7 +8,9 @@ mod common;
 use std::path::PathBuf;
 
 use common::mock_engine::{Behaviour, Flavor, MockEngine};
-use common::{assert_no_samples, fails_with, has_all, kdllm, kdllm_command, one_error_line, s, tiny_teacher, walk, write_prompts};
+use common::{
+    assert_no_samples, fails_with, has_all, kdllm, kdllm_command, one_error_line, s, tiny_teacher, walk, write_prompts,
+};
 use kdllm::tokenizer::Tokenizer;
 
 struct Fixture {
@@ -49,7 +51,8 @@ impl Fixture {
     }
 
     fn generate_to(&self, url: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Command {
-        let mut args = vec!["generate", "--teacher", url, "--tokenizer", s(&self.teacher), "--prompts", s(&self.prompts)];
+        let mut args =
+            vec!["generate", "--teacher", url, "--tokenizer", s(&self.teacher), "--prompts", s(&self.prompts)];
         args.extend(["-o", s(out), "--max-new-tokens", "6", "--retries", "1", "--backoff-ms", "5"]);
         args.extend_from_slice(extra);
         kdllm_command(&args)
@@ -71,28 +74,48 @@ fn an_unreachable_server_is_named_with_its_tries() {
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}/v1");
-    refused(&f, "unreachable server", f.generate(&url, &[]), &["cannot reach the teacher server at", &format!("127.0.0.1:{port}"), "2 tries", "--teacher"]);
+    refused(
+        &f,
+        "unreachable server",
+        f.generate(&url, &[]),
+        &["cannot reach the teacher server at", &format!("127.0.0.1:{port}"), "2 tries", "--teacher"],
+    );
 }
 
 #[test]
 fn a_model_the_server_does_not_serve_lists_what_it_serves() {
     let f = Fixture::new();
     let e = f.engine(Flavor::Vllm, |_| {});
-    refused(&f, "wrong model name", f.generate(&e.url, &["--served-model", "mock/nope"]), &["no model named `mock/nope`", "it serves: mock/teacher", "--served-model"]);
+    refused(
+        &f,
+        "wrong model name",
+        f.generate(&e.url, &["--served-model", "mock/nope"]),
+        &["no model named `mock/nope`", "it serves: mock/teacher", "--served-model"],
+    );
 }
 
 #[test]
 fn a_server_without_log_probs_says_which_engines_have_them() {
     let f = Fixture::new();
     let e = f.engine(Flavor::Openai, |b| b.no_logprobs = true);
-    refused(&f, "no logprobs", f.generate(&e.url, &[]), &["returned no log-probabilities", "vLLM, SGLang or llama-server"]);
+    refused(
+        &f,
+        "no logprobs",
+        f.generate(&e.url, &[]),
+        &["returned no log-probabilities", "vLLM, SGLang or llama-server"],
+    );
 }
 
 #[test]
 fn logprobs_above_the_servers_limit_names_vllms_max_logprobs() {
     let f = Fixture::new();
     let e = f.engine(Flavor::Vllm, |b| b.max_logprobs = Some(20));
-    refused(&f, "logprobs above the limit", f.generate(&e.url, &["--logprobs", "50"]), &["refuses --logprobs 50", "greater than max allowed: 20", "--max-logprobs"]);
+    refused(
+        &f,
+        "logprobs above the limit",
+        f.generate(&e.url, &["--logprobs", "50"]),
+        &["refuses --logprobs 50", "greater than max allowed: 20", "--max-logprobs"],
+    );
 }
 
 #[test]
@@ -105,7 +128,10 @@ fn a_refused_api_key_is_never_shown() {
     let out = cmd.output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success());
-    has_all(one_error_line(&stderr), &["refused the request (HTTP 401)", "does not accept the API key", "KDLLM_API_KEY"]);
+    has_all(
+        one_error_line(&stderr),
+        &["refused the request (HTTP 401)", "does not accept the API key", "KDLLM_API_KEY"],
+    );
     assert!(!stdout.contains(secret) && !stderr.contains(secret), "the key was shown");
     for file in walk(f.tmp.path()) {
         let bytes = std::fs::read(&file).unwrap();
@@ -133,7 +159,12 @@ fn malformed_json_is_one_error_with_the_start_of_the_answer() {
 fn fewer_top_k_entries_than_asked_is_refused() {
     let f = Fixture::new();
     let e = f.engine(Flavor::Sglang, |b| b.fewer_topk = 1);
-    refused(&f, "fewer top-k than asked", f.generate(&e.url, &["--logprobs", "5"]), &["returned 4 top-k entries", "--logprobs 5", "lower --logprobs"]);
+    refused(
+        &f,
+        "fewer top-k than asked",
+        f.generate(&e.url, &["--logprobs", "5"]),
+        &["returned 4 top-k entries", "--logprobs 5", "lower --logprobs"],
+    );
 }
 
 #[test]
@@ -142,14 +173,24 @@ fn a_tokenizer_that_does_not_match_the_servers_is_refused() {
     let texts: Vec<String> = (0..50).map(|i| format!("other words {i} here")).collect();
     let other = Tokenizer::train_bpe(&texts, 280).unwrap();
     let e = f.engine(Flavor::LlamaServer, |b| b.other_tokenizer = Some(other));
-    refused(&f, "tokenizer mismatch", f.generate(&e.url, &[]), &["does not match the teacher server's", "where the server gives", "--tokenizer"]);
+    refused(
+        &f,
+        "tokenizer mismatch",
+        f.generate(&e.url, &[]),
+        &["does not match the teacher server's", "where the server gives", "--tokenizer"],
+    );
 }
 
 #[test]
 fn a_shard_beyond_the_count_is_refused() {
     let f = Fixture::new();
     let e = f.engine(Flavor::Vllm, |_| {});
-    refused(&f, "--shard 3/2", f.generate(&e.url, &["--shard", "3/2"]), &["--shard", "shard 3 does not exist in 2 shards", "0/2 … 1/2"]);
+    refused(
+        &f,
+        "--shard 3/2",
+        f.generate(&e.url, &["--shard", "3/2"]),
+        &["--shard", "shard 3 does not exist in 2 shards", "0/2 … 1/2"],
+    );
 }
 
 #[test]
@@ -159,7 +200,12 @@ fn a_shard_folder_from_another_command_is_named() {
     let root = f.path("shards");
     for (i, seed) in [(0, "1"), (1, "2")] {
         let dir = root.join(format!("shard-{i}"));
-        assert!(f.generate_to(&e.url, &dir, &["--shard", &format!("{i}/2"), "--seed", seed]).output().unwrap().status.success());
+        assert!(f
+            .generate_to(&e.url, &dir, &["--shard", &format!("{i}/2"), "--seed", seed])
+            .output()
+            .unwrap()
+            .status
+            .success());
     }
     let eval = kdllm_command(&["eval", "--model", s(&f.teacher), "--data", s(&root)]);
     let err = fails_with("shard from another command", eval);
@@ -186,8 +232,19 @@ fn scoring_data_of_another_tokenizer_is_refused() {
     let b = Behaviour { model: "mock/other".into(), ..Default::default() };
     let other_engine = MockEngine::start(Flavor::Vllm, other_tok, b);
     let out = f.out();
-    let args = ["score", "--teacher", &other_engine.url, "--tokenizer", s(&other), "--data", s(&samples), "-o", s(&out)];
-    let (ok, _) = kdllm(&["score", "--teacher", &e.url, "--tokenizer", s(&f.teacher), "--data", s(&samples), "-o", s(&f.path("fine"))]);
+    let args =
+        ["score", "--teacher", &other_engine.url, "--tokenizer", s(&other), "--data", s(&samples), "-o", s(&out)];
+    let (ok, _) = kdllm(&[
+        "score",
+        "--teacher",
+        &e.url,
+        "--tokenizer",
+        s(&f.teacher),
+        "--data",
+        s(&samples),
+        "-o",
+        s(&f.path("fine")),
+    ]);
     assert!(ok, "the same tokenizer scores");
     let mut cmd = kdllm_command(&[]);
     cmd.args(args);

@@ -54,10 +54,35 @@ impl Setup {
             server: ServerOptions { concurrency: 4, retries: 3, backoff_ms: 5, ..Default::default() },
             prompts: self.prompts.clone(),
             output: out.to_path_buf(),
-            sampling: SamplingConfig { max_new_tokens: 10, samples_per_prompt: 2, logprobs: 4, seed: 7, ..Default::default() },
+            sampling: SamplingConfig {
+                max_new_tokens: 10,
+                samples_per_prompt: 2,
+                logprobs: 4,
+                seed: 7,
+                ..Default::default()
+            },
             precision: Precision::F32,
             long_prompts: Default::default(),
             part_size: 6,
+            overwrite: false,
+            shard: None,
+        }
+    }
+}
+
+impl Setup {
+    fn score_job(&self, teacher: &str, data: &Path, out: &Path) -> ScoreJob {
+        ScoreJob {
+            teacher: teacher.to_string(),
+            revision: None,
+            tokenizer: Some(self.teacher.display().to_string()),
+            server: ServerOptions { concurrency: 3, ..Default::default() },
+            data: data.to_path_buf(),
+            output: out.to_path_buf(),
+            logprobs: 4,
+            precision: Precision::F32,
+            batch_size: 4,
+            part_size: 5,
             overwrite: false,
             shard: None,
         }
@@ -71,10 +96,21 @@ fn expected(tok: &Tokenizer, s: &Sample, seed: u64) -> Vec<u32> {
     lm.sample(&s.prompt_token_ids, 1.0, request_seed, 10, None).0
 }
 
-fn rows(set: &SampleSet) -> Vec<(String, u32, Vec<u32>, Vec<f32>, Vec<Vec<u32>>)> {
+/// A row as the tests compare it: id, sample, ids, log-probs, top-k ids.
+type Row = (String, u32, Vec<u32>, Vec<f32>, Vec<Vec<u32>>);
+
+fn rows(set: &SampleSet) -> Vec<Row> {
     set.samples
         .iter()
-        .map(|s| (s.prompt_id.clone(), s.sample_index, s.completion_token_ids.clone(), s.token_logprobs.clone(), s.topk_token_ids.clone()))
+        .map(|s| {
+            (
+                s.prompt_id.clone(),
+                s.sample_index,
+                s.completion_token_ids.clone(),
+                s.token_logprobs.clone(),
+                s.topk_token_ids.clone(),
+            )
+        })
         .collect()
 }
 
@@ -95,14 +131,26 @@ fn every_engine_gives_the_rows_the_model_drew_in_the_same_parquet() {
         let m = Manifest::read(&out).unwrap().unwrap();
         assert_eq!(m.teacher_info.as_ref().map(|i| i["engine"].clone()), Some(server["engine"].clone()));
         for s in &set.samples {
-            assert_eq!(s.completion_token_ids, expected(&t.tok, s, 7), "{flavor:?}: {}#{}", s.prompt_id, s.sample_index);
+            assert_eq!(
+                s.completion_token_ids,
+                expected(&t.tok, s, 7),
+                "{flavor:?}: {}#{}",
+                s.prompt_id,
+                s.sample_index
+            );
             assert_eq!(s.teacher, "mock/teacher");
             assert!(s.topk_logprobs.iter().all(|r| r.len() == 4 && r.windows(2).all(|w| w[0] >= w[1])));
             let stopped = s.completion_token_ids.last() == Some(&t.tok.eos_ids()[0]);
             assert_eq!(s.finish_reason == kdllm::data::FinishReason::Stop, stopped);
-            assert_eq!(s.completion, t.tok.decode(&s.completion_token_ids[..s.completion_token_ids.len() - usize::from(stopped)]).unwrap());
+            assert_eq!(
+                s.completion,
+                t.tok.decode(&s.completion_token_ids[..s.completion_token_ids.len() - usize::from(stopped)]).unwrap()
+            );
         }
-        assert!(set.samples.iter().any(|s| s.finish_reason == kdllm::data::FinishReason::Stop), "some rows end with the end token");
+        assert!(
+            set.samples.iter().any(|s| s.finish_reason == kdllm::data::FinishReason::Stop),
+            "some rows end with the end token"
+        );
         all.push(rows(&set));
     }
     assert!(all.windows(2).all(|w| w[0] == w[1]), "llama-server, vLLM and SGLang answers make the same rows");
@@ -118,42 +166,14 @@ fn scoring_through_each_engine_gives_the_sampled_log_probs_back() {
     for flavor in [Flavor::LlamaServer, Flavor::Vllm, Flavor::Sglang] {
         let engine = t.engine(flavor, |_| {});
         let out = t.out(&format!("scored-{flavor:?}"));
-        let job = ScoreJob {
-            teacher: engine.url.clone(),
-            revision: None,
-            tokenizer: Some(t.teacher.display().to_string()),
-            server: ServerOptions { concurrency: 3, ..Default::default() },
-            data: samples.clone(),
-            output: out.clone(),
-            logprobs: 4,
-            precision: Precision::F32,
-            batch_size: 4,
-            part_size: 5,
-            overwrite: false,
-            shard: None,
-        };
-        let report = score(&job).unwrap();
+        let report = score(&t.score_job(&engine.url, &samples, &out)).unwrap();
         assert_eq!(report.rows, 2 * PROMPTS);
         let scored = read_samples(&out).unwrap();
         assert_eq!(rows(&scored), rows(&sampled), "{flavor:?}: teacher-forced log-probs are the sampled ones");
     }
     // A server without prompt log-probs cannot score: said at the first row, nothing written.
     let plain = t.engine(Flavor::Openai, |_| {});
-    let job = ScoreJob {
-        teacher: plain.url.clone(),
-        revision: None,
-        tokenizer: Some(t.teacher.display().to_string()),
-        server: ServerOptions::default(),
-        data: samples.clone(),
-        output: t.out("scored-openai"),
-        logprobs: 4,
-        precision: Precision::F32,
-        batch_size: 4,
-        part_size: 5,
-        overwrite: false,
-        shard: None,
-    };
-    let err = format!("{:#}", score(&job).unwrap_err());
+    let err = format!("{:#}", score(&t.score_job(&plain.url, &samples, &t.out("scored-openai"))).unwrap_err());
     assert!(err.contains("cannot score given text") && err.contains("vLLM"), "{err}");
 }
 

@@ -155,7 +155,8 @@ fn open_manifest(
         Some(m) if ours(&m) => return Ok(resume(dir, m)?),
         Some(m) if !overwrite => {
             let mut diff = crate::hash::json_diff(&m.command, &command);
-            let shard_name = |s: Option<ShardRange>| s.map_or("none".to_string(), |s| format!("{}/{}", s.index, s.count));
+            let shard_name =
+                |s: Option<ShardRange>| s.map_or("none".to_string(), |s| format!("{}/{}", s.index, s.count));
             if m.shard != shard {
                 diff.push_str(&format!("\n  --shard: {} (on disk) → {} (now)", shard_name(m.shard), shard_name(shard)));
             }
@@ -294,7 +295,7 @@ mod tests {
             for index in 0..count {
                 let r = crate::data::Shard { index, count }.range(total, unit);
                 assert_eq!(r.start, next, "shard {index}/{count} of {total} starts where the one before ends");
-                assert!(r.start % unit == 0 || r.start == total, "shards start on batch boundaries");
+                assert!(r.start.is_multiple_of(unit) || r.start == total, "shards start on batch boundaries");
                 next = r.end;
             }
             assert_eq!(next, total, "the shards of {total} cover it");

@@ -10,12 +10,12 @@ use parquet::basic::Compression;
 
 use super::error::DataError;
 use super::manifest::Manifest;
-use super::shards::shard_set;
 use super::sample::{FileMetadata, FinishReason, Sample};
 use super::schema::{
     self, COMPLETION, COMPLETION_TOKEN_IDS, FINISH_REASON, PROMPT, PROMPT_ID, PROMPT_TOKEN_IDS, SAMPLE_INDEX, TEACHER,
     TEACHER_REVISION, TOKEN_LOGPROBS, TOPK_LOGPROBS, TOPK_TOKEN_IDS,
 };
+use super::shards::shard_set;
 
 const WHAT: &str = "sample file";
 const HINT: &str = "pass a .parquet file or a directory written by `kdllm generate`";

@@ -153,9 +153,7 @@ pub(crate) fn from_key_value(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<
     let sampling =
         serde_json::from_str(get(KEY_SAMPLING)?).map_err(|e| bad(KEY_SAMPLING, format!("is not valid JSON: {e}")))?;
     let server = match get(KEY_SERVER) {
-        Ok(text) => {
-            Some(serde_json::from_str(text).map_err(|e| bad(KEY_SERVER, format!("is not valid JSON: {e}")))?)
-        }
+        Ok(text) => Some(serde_json::from_str(text).map_err(|e| bad(KEY_SERVER, format!("is not valid JSON: {e}")))?),
         Err(_) => None,
     };
     Ok(FileMetadata {

@@ -27,7 +27,11 @@ pub(super) struct Http {
 /// How one try ended, when it did not give JSON.
 enum Failure {
     /// Worth another try: the reason, and how long the server asked us to wait.
-    Transient { why: String, connect: bool, retry_after: Option<Duration> },
+    Transient {
+        why: String,
+        connect: bool,
+        retry_after: Option<Duration>,
+    },
     Final(EngineError),
 }
 
@@ -129,7 +133,11 @@ impl Http {
             return Ok(Value::Null);
         }
         serde_json::from_str(&text).map_err(|e| {
-            Failure::Final(EngineError::BadJson { url, message: e.to_string(), start: text.chars().take(120).collect() })
+            Failure::Final(EngineError::BadJson {
+                url,
+                message: e.to_string(),
+                start: text.chars().take(120).collect(),
+            })
         })
     }
 
@@ -163,7 +171,8 @@ impl Http {
 /// `http://host:port/v1/` → `http://host:port`. Credentials in the URL are refused (they would
 /// end up in logs and manifests): the key belongs in `KDLLM_API_KEY`.
 pub(super) fn root_url(url: &str) -> Result<String, EngineError> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| EngineError::BadUrl { url: url.to_string(), message: e.to_string() })?;
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| EngineError::BadUrl { url: url.to_string(), message: e.to_string() })?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         let message = "a server teacher is an http:// or https:// address, e.g. http://localhost:8000/v1".into();
         return Err(EngineError::BadUrl { url: url.to_string(), message });
@@ -198,21 +207,16 @@ pub(super) fn error_message(text: &str) -> String {
         }
     };
     let Ok(v) = serde_json::from_str::<Value>(text) else { return short(text) };
-    let found = [
-        v.pointer("/error/message"),
-        v.get("message"),
-        v.get("error"),
-        v.pointer("/detail/0/msg"),
-        v.get("detail"),
-    ]
-    .into_iter()
-    .flatten()
-    .find_map(|m| match m {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other if !other.is_object() => Some(other.to_string()),
-        _ => None,
-    });
+    let found =
+        [v.pointer("/error/message"), v.get("message"), v.get("error"), v.pointer("/detail/0/msg"), v.get("detail")]
+            .into_iter()
+            .flatten()
+            .find_map(|m| match m {
+                Value::String(s) => Some(s.clone()),
+                Value::Null => None,
+                other if !other.is_object() => Some(other.to_string()),
+                _ => None,
+            });
     short(&found.unwrap_or_else(|| text.to_string()))
 }
 
@@ -235,7 +239,10 @@ mod tests {
     fn error_messages_are_found_in_every_engines_shape() {
         let cases = [
             (r#"{"error":{"code":401,"message":"Invalid API Key","type":"authentication_error"}}"#, "Invalid API Key"),
-            (r#"{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError","code":404}"#, "The model `x` does not exist."),
+            (
+                r#"{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError","code":404}"#,
+                "The model `x` does not exist.",
+            ),
             (r#"{"error":"Unauthorized"}"#, "Unauthorized"),
             (r#"{"detail":[{"loc":["body"],"msg":"field required"}]}"#, "field required"),
             ("plain text failure", "plain text failure"),

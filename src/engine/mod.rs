@@ -16,9 +16,9 @@ mod client;
 mod llama_server;
 mod openai;
 mod sglang;
-mod tokens;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::fmt;
 
@@ -274,7 +274,8 @@ impl Server {
     pub async fn check_tokenizer(&mut self, tok: &Tokenizer, name: &str) -> Result<(), EngineError> {
         const PROBE: &str = "Hello, world! The answer is 42.\n  Ünïcödé — 你好, naïve café.";
         let url = self.url().to_string();
-        let mismatch = |detail: String| EngineError::TokenizerMismatch { url: url.clone(), tokenizer: name.to_string(), detail };
+        let mismatch =
+            |detail: String| EngineError::TokenizerMismatch { url: url.clone(), tokenizer: name.to_string(), detail };
         let ours = tok.encode(PROBE, false).map_err(|e| mismatch(e.to_string()))?;
         let theirs = match self.engine {
             Engine::LlamaServer => Some(llama_server::tokenize(&self.http, PROBE).await?),
@@ -354,8 +355,10 @@ impl Server {
             reply.tokens = self.score_positions(&all, &ids, p.logprobs, prompt.len()).await?;
         }
         // An engine that leaves the end token out of its tokens: score that one position so the
-        // row still ends with it, as an in-process teacher's does.
-        if reply.stop == Stop::Eos && !reply.tokens.last().is_some_and(|t| self.eos_ids.contains(&t.id)) {
+        // row still ends with it, as an in-process teacher's does (where the engine can score;
+        // elsewhere the row is recorded as cut at the token limit).
+        let ends_with_eos = reply.tokens.last().is_some_and(|t| self.eos_ids.contains(&t.id));
+        if reply.stop == Stop::Eos && !ends_with_eos && self.engine != Engine::Openai {
             if let Some(&eos) = self.eos_ids.first() {
                 let mut context = prompt.to_vec();
                 context.extend(reply.tokens.iter().map(|t| t.id));
@@ -376,7 +379,13 @@ impl Server {
     }
 
     /// Positions `from..` of `ids` (whose tokens are `expect`), scored.
-    async fn score_positions(&self, ids: &[u32], expect: &[u32], k: usize, from: usize) -> Result<Vec<Token>, EngineError> {
+    async fn score_positions(
+        &self,
+        ids: &[u32],
+        expect: &[u32],
+        k: usize,
+        from: usize,
+    ) -> Result<Vec<Token>, EngineError> {
         let mut all = ids.to_vec();
         if all.len() == from {
             all.extend_from_slice(expect);
@@ -397,7 +406,8 @@ impl Server {
             }
             Engine::Sglang => {
                 let v = self.http.post("/generate", &sglang::score_request(&all, k, from)).await;
-                sglang::parse_score(&self.limit(v, k)?, &all, from, sglang::score_start(from)).map_err(|e| self.problem(e))?
+                sglang::parse_score(&self.limit(v, k)?, &all, from, sglang::score_start(from))
+                    .map_err(|e| self.problem(e))?
             }
             Engine::Openai => return Err(EngineError::NoScoring { url: self.url().to_string(), engine: self.engine }),
         };
@@ -432,13 +442,9 @@ impl Server {
     /// The server's tokens as a row (see [`assemble`]).
     fn completion(&self, tokens: Vec<Token>, stop: Stop, k: usize) -> Result<Completion, EngineError> {
         assemble(tokens, stop, k, &self.eos_ids, self.vocab_size).map_err(|e| match e {
-            Assembly::TooFew { position, got } => EngineError::TooFewTopk {
-                url: self.url().to_string(),
-                engine: self.engine,
-                position,
-                got,
-                asked: k,
-            },
+            Assembly::TooFew { position, got } => {
+                EngineError::TooFewTopk { url: self.url().to_string(), engine: self.engine, position, got, asked: k }
+            }
             Assembly::BeyondVocab(id) => EngineError::TokenizerMismatch {
                 url: self.url().to_string(),
                 tokenizer: "the tokenizer".into(),
@@ -468,7 +474,9 @@ pub(super) fn assemble(
     let mut c = Completion::empty();
     for (position, mut t) in tokens.into_iter().enumerate() {
         if vocab_size > 0 {
-            if let Some(bad) = std::iter::once(t.id).chain(t.top.iter().map(|e| e.0)).find(|&id| id as usize >= vocab_size) {
+            if let Some(bad) =
+                std::iter::once(t.id).chain(t.top.iter().map(|e| e.0)).find(|&id| id as usize >= vocab_size)
+            {
                 return Err(Assembly::BeyondVocab(bad));
             }
         }
@@ -541,7 +549,9 @@ async fn version(http: &Http, engine: Engine) -> Option<String> {
     let (route, key) = match engine {
         Engine::LlamaServer => ("/props", "build_info"),
         Engine::Vllm => ("/version", "version"),
-        Engine::Sglang => return sglang::server_info(http).await?.get("version").and_then(Value::as_str).map(str::to_string),
+        Engine::Sglang => {
+            return sglang::server_info(http).await?.get("version").and_then(Value::as_str).map(str::to_string)
+        }
         Engine::Openai => return None,
     };
     let v = http.get(route).await.ok()?;

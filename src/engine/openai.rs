@@ -62,7 +62,9 @@ fn id_of(text: &str, map: Option<&TokenMap>) -> Result<u32, Problem> {
     }
     match map {
         Some(m) => m.id(text),
-        None => Err(Problem::Shape(format!("token {text:?} is not `token_id:N` (was `return_tokens_as_token_ids` ignored?)"))),
+        None => Err(Problem::Shape(format!(
+            "token {text:?} is not `token_id:N` (was `return_tokens_as_token_ids` ignored?)"
+        ))),
     }
 }
 
@@ -82,11 +84,17 @@ pub(super) fn parse_sample(v: &Value, map: Option<&TokenMap>) -> Result<Reply, P
     let mut tokens = Vec::with_capacity(texts.len());
     for (i, ((t, l), top)) in texts.iter().zip(lps).zip(tops).enumerate() {
         let text = t.as_str().ok_or_else(|| Problem::Shape(format!("`logprobs.tokens[{i}]` is not a string")))?;
-        let logprob = f32_of(l).ok_or_else(|| Problem::Shape(format!("`logprobs.token_logprobs[{i}]` is not a number")))?;
+        let logprob =
+            f32_of(l).ok_or_else(|| Problem::Shape(format!("`logprobs.token_logprobs[{i}]` is not a number")))?;
         let top = match top {
             Value::Object(o) => o
                 .iter()
-                .map(|(k, v)| Ok((id_of(k, map)?, f32_of(v).ok_or_else(|| Problem::Shape(format!("`top_logprobs[{i}]` holds a non-number")))?)))
+                .map(|(k, v)| {
+                    Ok((
+                        id_of(k, map)?,
+                        f32_of(v).ok_or_else(|| Problem::Shape(format!("`top_logprobs[{i}]` holds a non-number")))?,
+                    ))
+                })
                 .collect::<Result<Vec<_>, Problem>>()?,
             Value::Null => Vec::new(),
             _ => return Err(Problem::Shape(format!("`logprobs.top_logprobs[{i}]` is not an object"))),
@@ -108,7 +116,11 @@ pub(super) fn parse_score(v: &Value, ids: &[u32], from: usize) -> Result<Vec<Tok
         _ => return Err(Problem::NoLogprobs("its answer has no `choices[0].prompt_logprobs`".into())),
     };
     if plp.len() != ids.len() {
-        return Err(Problem::Shape(format!("`prompt_logprobs` has {} entries for a prompt of {} tokens", plp.len(), ids.len())));
+        return Err(Problem::Shape(format!(
+            "`prompt_logprobs` has {} entries for a prompt of {} tokens",
+            plp.len(),
+            ids.len()
+        )));
     }
     let mut out = Vec::with_capacity(ids.len() - from);
     for (j, (entry, &id)) in plp.iter().zip(ids).enumerate().skip(from.max(1)) {
@@ -127,7 +139,8 @@ pub(super) fn parse_score(v: &Value, ids: &[u32], from: usize) -> Result<Vec<Tok
             }
             top.push((tid, lp));
         }
-        let logprob = own.ok_or_else(|| Problem::Shape(format!("`prompt_logprobs[{j}]` lacks the prompt's own token {id}")))?;
+        let logprob =
+            own.ok_or_else(|| Problem::Shape(format!("`prompt_logprobs[{j}]` lacks the prompt's own token {id}")))?;
         out.push(Token { id, logprob, top });
     }
     Ok(out)

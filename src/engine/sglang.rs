@@ -64,8 +64,14 @@ fn triple(v: &Value) -> Option<(u32, Option<f32>)> {
 fn tokens(meta: &Value, which: &str, skip: usize) -> Result<Vec<Token>, Problem> {
     let own_key = format!("{which}_token_logprobs");
     let top_key = format!("{which}_top_logprobs");
-    let own = meta.get(&own_key).and_then(Value::as_array).ok_or_else(|| Problem::NoLogprobs(format!("`meta_info.{own_key}` is missing")))?;
-    let tops = meta.get(&top_key).and_then(Value::as_array).ok_or_else(|| Problem::NoLogprobs(format!("`meta_info.{top_key}` is missing")))?;
+    let own = meta
+        .get(&own_key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| Problem::NoLogprobs(format!("`meta_info.{own_key}` is missing")))?;
+    let tops = meta
+        .get(&top_key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| Problem::NoLogprobs(format!("`meta_info.{top_key}` is missing")))?;
     if own.len() != tops.len() {
         return Err(Problem::Shape(format!("`{own_key}` and `{top_key}` differ in length")));
     }
@@ -126,7 +132,10 @@ pub(super) async fn model_path(http: &Http) -> Result<String, EngineError> {
         Ok(v) => v,
         Err(_) => http.get("/get_model_info").await?,
     };
-    v.get("model_path").and_then(Value::as_str).map(str::to_string).ok_or_else(|| EngineError::NoModel { url: http.url().to_string() })
+    v.get("model_path")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| EngineError::NoModel { url: http.url().to_string() })
 }
 
 /// `GET /server_info` (`/get_server_info` before 0.5): the engine's settings and version.
@@ -139,5 +148,8 @@ pub(super) async fn server_info(http: &Http) -> Option<Value> {
 
 pub(super) async fn context(http: &Http) -> Option<usize> {
     let v = server_info(http).await?;
-    ["context_length", "max_total_num_tokens"].iter().find_map(|k| v.get(*k).and_then(Value::as_u64)).map(|n| n as usize)
+    ["context_length", "max_total_num_tokens"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_u64))
+        .map(|n| n as usize)
 }

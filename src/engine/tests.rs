@@ -53,7 +53,17 @@ fn llama_server_sampling_keeps_the_sampled_tokens_log_prob_even_outside_the_top_
     // The request the client builds turns the server's default samplers off, as the recording did.
     let ours = llama_server::sample_request(&[1, 2], &params(5));
     let recorded = request("llama-server", "generate-sampled");
-    for key in ["min_p", "typical_p", "repeat_penalty", "repeat_last_n", "top_n_sigma", "xtc_probability", "dry_multiplier", "mirostat", "post_sampling_probs"] {
+    for key in [
+        "min_p",
+        "typical_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "top_n_sigma",
+        "xtc_probability",
+        "dry_multiplier",
+        "mirostat",
+        "post_sampling_probs",
+    ] {
         assert_eq!(ours[key], recorded[key], "`{key}`");
     }
 }
@@ -77,9 +87,18 @@ fn llama_server_forcing_the_scored_token_leaves_the_distribution_as_it_is() {
         let forced = response("llama-server", &format!("score-forced-pos-{i}"));
         let token = forced_req["logit_bias"][0][0].as_u64().unwrap() as u32;
         let t = llama_server::parse_score(&forced, token).unwrap();
-        let p = llama_server::parse_score(&plain, plain["completion_probabilities"][0]["id"].as_u64().unwrap() as u32).unwrap();
+        let p = llama_server::parse_score(&plain, plain["completion_probabilities"][0]["id"].as_u64().unwrap() as u32)
+            .unwrap();
         assert_eq!(t.top, p.top, "position {i}: the bias steers the sampler only");
-        let ours = llama_server::score_request(forced_req["prompt"].as_array().map(|a| a.iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>()).unwrap().as_slice(), token, 5);
+        let ours = llama_server::score_request(
+            forced_req["prompt"]
+                .as_array()
+                .map(|a| a.iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>())
+                .unwrap()
+                .as_slice(),
+            token,
+            5,
+        );
         assert_eq!((ours["n_predict"].clone(), ours["logit_bias"][0][0].clone()), (json!(1), json!(token)));
         assert!(llama_server::parse_score(&forced, token + 1).is_err(), "a token that did not come back is an error");
     }
@@ -112,7 +131,10 @@ fn vllm_token_ids_and_the_sampled_token_added_as_a_k_plus_first_entry() {
     let c = assemble(reply.tokens, reply.stop, 3, &[2], 49152).unwrap();
     assert_rows_sorted(&c, 3);
     assert!(!c.topk_ids[plus_one].contains(&c.ids[plus_one]), "the added sampled token is not a top-3 entry");
-    assert_eq!(c.token_logprobs[plus_one], v["choices"][0]["logprobs"]["token_logprobs"][plus_one].as_f64().unwrap() as f32);
+    assert_eq!(
+        c.token_logprobs[plus_one],
+        v["choices"][0]["logprobs"]["token_logprobs"][plus_one].as_f64().unwrap() as f32
+    );
     assert_eq!(c.finish, FinishReason::Stop, "vLLM keeps the end token in `tokens`");
 
     let reply = openai::parse_sample(&response("vllm", "generate-length"), None).unwrap();
@@ -122,7 +144,15 @@ fn vllm_token_ids_and_the_sampled_token_added_as_a_k_plus_first_entry() {
 
     let ours = openai::sample_request("HuggingFaceTB/SmolLM2-135M-Instruct", &[1], &params(3), true);
     let built = request("vllm", "generate-ids");
-    for key in ["top_k", "min_p", "repetition_penalty", "return_tokens_as_token_ids", "logprobs", "seed", "skip_special_tokens"] {
+    for key in [
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "return_tokens_as_token_ids",
+        "logprobs",
+        "seed",
+        "skip_special_tokens",
+    ] {
         assert_eq!(ours[key], built[key], "`{key}`");
     }
 }
@@ -140,7 +170,10 @@ fn vllm_prompt_logprobs_score_the_completion_positions() {
     }
     let c = assemble(tokens, Stop::Length, 3, &[2], 0).unwrap();
     assert_rows_sorted(&c, 3);
-    assert!(openai::parse_score(&response("vllm", "score-prompt-logprobs"), &ids[1..], from).is_err(), "a length mismatch is an error");
+    assert!(
+        openai::parse_score(&response("vllm", "score-prompt-logprobs"), &ids[1..], from).is_err(),
+        "a length mismatch is an error"
+    );
 }
 
 #[test]
@@ -191,7 +224,11 @@ fn sglang_requests_use_only_the_sampling_fields_it_accepts() {
             assert!(known.contains(&key.as_str()), "`{key}` is not a sampling field SGLang accepts");
         }
     }
-    assert_eq!(sglang::sample_request(&[1], &params(3))["sampling_params"]["top_k"], json!(-1), "top_k 0 is an error in SGLang");
+    assert_eq!(
+        sglang::sample_request(&[1], &params(3))["sampling_params"]["top_k"],
+        json!(-1),
+        "top_k 0 is an error in SGLang"
+    );
     let info = response("sglang", "server-info");
     assert!(info["version"].is_string());
 }

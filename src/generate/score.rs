@@ -185,7 +185,9 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
                     Ok(())
                 },
             );
-            result.map_err(|e| if e.is::<crate::interrupt::Interrupted>() { super::interrupted(&bar, &out) } else { e })?;
+            result.map_err(
+                |e| if e.is::<crate::interrupt::Interrupted>() { super::interrupted(&bar, &out) } else { e },
+            )?;
         }
     }
     bar.finish_and_clear();

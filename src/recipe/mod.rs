@@ -73,9 +73,7 @@ use crate::generate::{self, GenerateJob, GenerateReport, ScoreJob};
 use crate::task;
 use crate::tokenizer::Tokenizer;
 use crate::train::{self, DistillJob, FinetuneJob, ModelInit, Resume, TrainReport};
-pub use steps::{
-    DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep,
-};
+pub use steps::{DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep};
 pub use summary::{format_summary, model_rows, ModelRow, RecipeSummary, StepRow};
 
 /// A parsed and validated recipe: every reference names an earlier step.
@@ -231,9 +229,11 @@ impl Recipe {
                 StepConfig::Finetune(s) => train::validate(&s.train, None).map_err(|e| e.to_string()),
                 StepConfig::Distill(s) => train::validate(&s.train, Some(&s.kd)).map_err(|e| e.to_string()),
                 StepConfig::Generate(s) if s.part_size == 0 => Err("`part_size` must be >= 1".to_string()),
-                StepConfig::Generate(s) => {
-                    s.sampling.validate().map_err(|e| e.to_string()).and_then(|_| s.server.validate().map_err(|e| e.to_string()))
-                }
+                StepConfig::Generate(s) => s
+                    .sampling
+                    .validate()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| s.server.validate().map_err(|e| e.to_string())),
                 StepConfig::Score(s) if s.part_size == 0 => Err("`part_size` must be >= 1".to_string()),
                 StepConfig::Score(s) if s.batch_size == 0 => Err("`batch_size` must be >= 1".to_string()),
                 StepConfig::Score(s) => s.server.validate().map_err(|e| e.to_string()),
@@ -273,9 +273,14 @@ impl Recipe {
         }
     }
 
+    /// A model, tokenizer or server value: a reference resolved, anything else as written.
+    fn resolve_spec(&self, value: &str) -> String {
+        self.resolve(value).to_string_lossy().into_owned()
+    }
+
     fn resolve_init(&self, init: &ModelInit) -> ModelInit {
         ModelInit {
-            from: init.from.as_deref().map(|f| self.resolve(f).to_string_lossy().into_owned()),
+            from: init.from.as_deref().map(|f| self.resolve_spec(f)),
             config: init.config.clone(),
             layers: init.layers.clone(),
         }
@@ -333,9 +338,9 @@ impl Recipe {
             }
             StepConfig::Generate(s) => {
                 let job = GenerateJob {
-                    teacher: self.resolve(&s.teacher).to_string_lossy().into_owned(),
+                    teacher: self.resolve_spec(&s.teacher),
                     revision: s.revision.clone(),
-                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t).to_string_lossy().into_owned()),
+                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve_spec(t)),
                     server: s.server.clone(),
                     shard: None,
                     prompts: self.resolve(&s.prompts),
@@ -347,25 +352,14 @@ impl Recipe {
                     overwrite: !strict,
                 };
                 let r: GenerateReport = generate::generate(&job)?;
-                Outcome {
-                    line: format!(
-                        "{} samples, {} completion tokens, {:.0} tok/s, {:.1}s → {}",
-                        r.samples,
-                        r.completion_tokens,
-                        r.tokens_per_sec,
-                        r.wall_secs,
-                        r.output.display()
-                    ),
-                    tokens_per_sec: Some(r.tokens_per_sec),
-                    report: serde_json::to_value(&r)?,
-                    models: Vec::new(),
-                }
+                let what = format!("{} samples, {} completion tokens", r.samples, r.completion_tokens);
+                sampled_outcome(what, r.tokens_per_sec, r.wall_secs, &r.output, &r)?
             }
             StepConfig::Score(s) => {
                 let job = ScoreJob {
-                    teacher: self.resolve(&s.teacher).to_string_lossy().into_owned(),
+                    teacher: self.resolve_spec(&s.teacher),
                     revision: s.revision.clone(),
-                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t).to_string_lossy().into_owned()),
+                    tokenizer: s.tokenizer.as_deref().map(|t| self.resolve_spec(t)),
                     server: s.server.clone(),
                     data: self.resolve(&s.data),
                     output,
@@ -377,25 +371,14 @@ impl Recipe {
                     shard: None,
                 };
                 let r = generate::score(&job)?;
-                Outcome {
-                    line: format!(
-                        "{} rows, {} tokens scored, {:.0} tok/s, {:.1}s → {}",
-                        r.rows,
-                        r.tokens,
-                        r.tokens_per_sec,
-                        r.wall_secs,
-                        r.output.display()
-                    ),
-                    tokens_per_sec: Some(r.tokens_per_sec),
-                    report: serde_json::to_value(&r)?,
-                    models: Vec::new(),
-                }
+                let what = format!("{} rows, {} tokens scored", r.rows, r.tokens);
+                sampled_outcome(what, r.tokens_per_sec, r.wall_secs, &r.output, &r)?
             }
             StepConfig::Eval(s) => {
                 let mut reports: Vec<EvalReport> = Vec::new();
                 for model in &s.models {
                     let job = EvalJob {
-                        model: self.resolve(model).to_string_lossy().into_owned(),
+                        model: self.resolve_spec(model),
                         precision: s.dtype,
                         data: self.resolve(&s.data),
                         task: s.task.as_deref().map(|t| self.resolve(t)),
@@ -445,6 +428,22 @@ struct Outcome {
     report: serde_json::Value,
     /// Rows of the model table (eval steps only).
     models: Vec<ModelRow>,
+}
+
+/// The outcome of a generate or score step: `what` was done, at what speed, into which folder.
+fn sampled_outcome(
+    what: String,
+    tokens_per_sec: f64,
+    wall_secs: f64,
+    output: &Path,
+    report: &impl Serialize,
+) -> anyhow::Result<Outcome> {
+    Ok(Outcome {
+        line: format!("{what}, {tokens_per_sec:.0} tok/s, {wall_secs:.1}s → {}", output.display()),
+        tokens_per_sec: Some(tokens_per_sec),
+        report: serde_json::to_value(report)?,
+        models: Vec::new(),
+    })
 }
 
 fn train_outcome(r: TrainReport) -> anyhow::Result<Outcome> {

@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
-use super::*;
 use super::parse::Seen;
+use super::*;
 use crate::generate::SamplingConfig;
 use crate::model::LlamaConfig;
 use crate::task::TaskConfig;

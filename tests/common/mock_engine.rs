@@ -175,7 +175,9 @@ fn answer(s: &State, method: &str, path: &str, body: &Value, auth: Option<&str>)
     };
     let ok = |v: Value| Some((200, v.to_string()));
     match (method, path) {
-        ("GET", "/v1/models") => return ok(json!({"object": "list", "data": [{"id": model, "owned_by": owned_by, "max_model_len": 128}]})),
+        ("GET", "/v1/models") => {
+            return ok(json!({"object": "list", "data": [{"id": model, "owned_by": owned_by, "max_model_len": 128}]}))
+        }
         ("GET", "/props") if s.flavor == Flavor::LlamaServer => {
             return ok(json!({"default_generation_settings": {"n_ctx": 128}, "build_info": "mock-1"}))
         }
@@ -223,7 +225,10 @@ fn answer(s: &State, method: &str, path: &str, body: &Value, auth: Option<&str>)
 }
 
 fn ids(v: &Value, key: &str) -> Vec<u32> {
-    v.get(key).and_then(Value::as_array).map(|a| a.iter().map(|x| x.as_u64().unwrap() as u32).collect()).unwrap_or_default()
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .unwrap_or_default()
 }
 
 fn num(v: &Value, key: &str, default: f64) -> f64 {
@@ -249,7 +254,8 @@ fn mix(mut x: u64) -> u64 {
 impl Lm {
     pub fn new(tok: &Tokenizer, unambiguous_only: bool) -> Self {
         let allowed = unambiguous_only.then(|| {
-            let texts: Vec<String> = (0..tok.vocab_size() as u32).map(|i| tok.decode_with_special(&[i]).unwrap()).collect();
+            let texts: Vec<String> =
+                (0..tok.vocab_size() as u32).map(|i| tok.decode_with_special(&[i]).unwrap()).collect();
             texts.iter().map(|t| texts.iter().filter(|u| *u == t).count() == 1).collect()
         });
         Lm { vocab: tok.vocab_size(), eos: tok.eos_ids()[0], allowed }
@@ -257,7 +263,9 @@ impl Lm {
 
     pub fn logprobs(&self, prefix: &[u32]) -> Vec<f32> {
         let h = prefix.iter().fold(0x9e3779b97f4a7c15u64, |h, &t| mix(h ^ t as u64));
-        let mut logits: Vec<f64> = (0..self.vocab).map(|j| (mix(h ^ (j as u64) << 20) >> 40) as f64 / (1u64 << 24) as f64 * 6.0 - 3.0).collect();
+        let mut logits: Vec<f64> = (0..self.vocab)
+            .map(|j| (mix(h ^ (j as u64) << 20) >> 40) as f64 / (1u64 << 24) as f64 * 6.0 - 3.0)
+            .collect();
         // The end token grows likelier as the text gets longer.
         logits[self.eos as usize] += (prefix.len() % 9) as f64 * 0.6 - 1.0;
         if let Some(allowed) = &self.allowed {
@@ -318,12 +326,22 @@ fn llama_server(lm: &Lm, body: &Value, b: &Behaviour, model: &str) -> Option<(u1
     let prompt = ids(body, "prompt");
     let k = num(body, "n_probs", 0.0) as usize;
     let forced = body.pointer("/logit_bias/0/0").and_then(Value::as_u64).map(|x| x as u32);
-    let (out, eos) = lm.sample(&prompt, num(body, "temperature", 0.8), num(body, "seed", 0.0) as u64, num(body, "n_predict", 16.0) as usize, forced);
+    let (out, eos) = lm.sample(
+        &prompt,
+        num(body, "temperature", 0.8),
+        num(body, "seed", 0.0) as u64,
+        num(body, "n_predict", 16.0) as usize,
+        forced,
+    );
     let mut ctx = prompt.clone();
     let mut probs = Vec::new();
     for &id in &out {
         let lp = lm.logprobs(&ctx);
-        let top: Vec<Value> = lm.top(&lp, k.saturating_sub(b.fewer_topk)).iter().map(|&(i, l)| json!({"id": i, "token": "", "bytes": [], "logprob": l})).collect();
+        let top: Vec<Value> = lm
+            .top(&lp, k.saturating_sub(b.fewer_topk))
+            .iter()
+            .map(|&(i, l)| json!({"id": i, "token": "", "bytes": [], "logprob": l}))
+            .collect();
         probs.push(json!({"id": id, "token": "", "bytes": [], "logprob": lp[id as usize], "top_logprobs": top}));
         ctx.push(id);
     }
@@ -343,7 +361,13 @@ fn openai(lm: &Lm, body: &Value, b: &Behaviour, model: &str, flavor: Flavor, tok
             return error(400, "prompt_logprobs is not supported");
         }
         if b.max_logprobs.is_some_and(|m| k as usize > m) {
-            return error(400, &format!("Requested prompt logprobs of {k}, which is greater than max allowed: {}", b.max_logprobs.unwrap()));
+            return error(
+                400,
+                &format!(
+                    "Requested prompt logprobs of {k}, which is greater than max allowed: {}",
+                    b.max_logprobs.unwrap()
+                ),
+            );
         }
         let mut plp = vec![Value::Null];
         for j in 1..prompt.len() {
@@ -359,9 +383,21 @@ fn openai(lm: &Lm, body: &Value, b: &Behaviour, model: &str, flavor: Flavor, tok
     }
     let k = num(body, "logprobs", 0.0) as usize;
     if b.max_logprobs.is_some_and(|m| k > m) {
-        return error(400, &format!("Requested sample logprobs of {k}, which is greater than max allowed: {}", b.max_logprobs.unwrap()));
+        return error(
+            400,
+            &format!(
+                "Requested sample logprobs of {k}, which is greater than max allowed: {}",
+                b.max_logprobs.unwrap()
+            ),
+        );
     }
-    let (out, eos) = lm.sample(&prompt, num(body, "temperature", 1.0), num(body, "seed", 0.0) as u64, num(body, "max_tokens", 16.0) as usize, None);
+    let (out, eos) = lm.sample(
+        &prompt,
+        num(body, "temperature", 1.0),
+        num(body, "seed", 0.0) as u64,
+        num(body, "max_tokens", 16.0) as usize,
+        None,
+    );
     let mut ctx = prompt.clone();
     let (mut tokens, mut lps, mut tops) = (Vec::new(), Vec::new(), Vec::new());
     for &id in &out {
@@ -376,7 +412,11 @@ fn openai(lm: &Lm, body: &Value, b: &Behaviour, model: &str, flavor: Flavor, tok
         tops.push(Value::Object(top));
         ctx.push(id);
     }
-    let logprobs = if b.no_logprobs { Value::Null } else { json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops}) };
+    let logprobs = if b.no_logprobs {
+        Value::Null
+    } else {
+        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops})
+    };
     let choice = json!({"text": "", "logprobs": logprobs, "finish_reason": if eos { "stop" } else { "length" }});
     Some((200, json!({"model": model, "choices": [choice]}).to_string()))
 }
@@ -411,7 +451,8 @@ fn sglang(lm: &Lm, body: &Value, b: &Behaviour) -> Option<(u16, String)> {
         tops.push(top(&lp));
         ctx.push(id);
     }
-    let finish = if eos { json!({"type": "stop", "matched": lm.eos}) } else { json!({"type": "length", "length": max_new}) };
+    let finish =
+        if eos { json!({"type": "stop", "matched": lm.eos}) } else { json!({"type": "length", "length": max_new}) };
     let mut meta = json!({"finish_reason": finish});
     if !b.no_logprobs {
         meta["output_token_logprobs"] = Value::Array(own);

@@ -125,7 +125,6 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-
 /// A file from the user's cache (`$XDG_CACHE_HOME`, else `~/.cache`), or the one `var` names.
 fn cached(var: &str, rel: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
