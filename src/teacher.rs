@@ -157,7 +157,19 @@ impl Remote {
             });
             let mut results = futures_util::stream::iter(calls).buffered(4 * concurrency);
             let mut i = 0;
-            while let Some(result) = results.next().await {
+            loop {
+                // Ctrl-C is noticed even while no answer comes (a hung server).
+                let next = tokio::select! {
+                    r = results.next() => r,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                        if crate::interrupt::requested() {
+                            out.end_batch(true)?;
+                            return Err(crate::interrupt::Interrupted { saved: String::new() }.into());
+                        }
+                        continue;
+                    }
+                };
+                let Some(result) = next else { break };
                 on_row(out, i, result?)?;
                 i += 1;
                 let stop = crate::interrupt::requested();

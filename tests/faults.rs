@@ -293,6 +293,33 @@ fn server_generation_killed_or_cut_off_resumes_to_exactly_the_uninterrupted_rows
     check_exactly_once(&out, &reference);
 }
 
+/// SIGTERM (what a scheduler sends) while requests to a slow server are in flight: the run stops
+/// within a moment with the complete parts saved, exit code 130, and the rerun finishes.
+#[test]
+fn sigterm_during_server_generation_saves_the_parts_and_the_rerun_finishes() {
+    let g = setup();
+    let tok = kdllm::tokenizer::Tokenizer::from_folder(&g.teacher).unwrap();
+    let b = Behaviour { model: "mock/teacher".into(), delay: Duration::from_millis(150), ..Default::default() };
+    let engine = MockEngine::start(Flavor::Vllm, tok, b);
+    let extra = ["--tokenizer", g.teacher.to_str().unwrap(), "--concurrency", "2"];
+    let reference_dir = g.root.join("reference");
+    assert!(g.command_from(&engine.url, &reference_dir, &extra).output().unwrap().status.success());
+    let out = g.root.join("out");
+    let mut child = g.command_from(&engine.url, &out, &extra).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(Duration::from_secs(60), || Manifest::read(&out).ok().flatten().is_some_and(|m| !m.parts.is_empty()));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "stopped on request");
+    assert!(t.elapsed() < Duration::from_secs(5), "it took {:?} to stop", t.elapsed());
+    check_folder_invariants(&out);
+    assert!(!Manifest::read(&out).unwrap().unwrap().is_complete(), "stopped before the end");
+    let o = g.command_from(&engine.url, &out, &extra).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    check_exactly_once(&out, &read_samples(&reference_dir).unwrap().samples);
+}
+
 /// A recipe with one distill step on `samples`; `train` is the step's `train:` mapping.
 fn distill_recipe(root: &Path, name: &str, samples: &Path, teacher: &Path, train: &str) -> PathBuf {
     let recipe = root.join(format!("{name}.yaml"));
