@@ -69,16 +69,17 @@ pub struct ServerArgs {
     /// The served model to ask for, when the server serves several.
     #[arg(long)]
     pub served_model: Option<String>,
-    /// Requests in flight at once.
+    /// Requests in flight at once (default 8).
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Further tries of a request after a 429, a 5xx, a dropped connection or a timeout.
+    /// Further tries of a request after a 429, a 5xx, a dropped connection or a timeout
+    /// (default 6).
     #[arg(long)]
     pub retries: Option<u32>,
-    /// First wait before a retry, in milliseconds (doubling each try, with jitter).
+    /// First wait before a retry, in milliseconds, doubling each try, with jitter (default 500).
     #[arg(long)]
     pub backoff_ms: Option<u64>,
-    /// Seconds before a request is abandoned (and retried).
+    /// Seconds before a request is abandoned and retried (default 600).
     #[arg(long)]
     pub request_timeout: Option<u64>,
 }
@@ -327,4 +328,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn server_flags_left_out_are_the_defaults_their_help_names() {
+        let cli = Cli::parse_from(["kdllm", "generate", "--teacher", "http://h:1/v1", "--prompts", "p", "-o", "o"]);
+        let Command::Generate(args) = cli.command else { panic!("not generate") };
+        let d = ServerOptions::default();
+        assert_eq!(args.teacher.server.options(), d);
+        let help = Cli::command().find_subcommand_mut("generate").unwrap().render_long_help().to_string();
+        for (flag, value) in [
+            ("concurrency", d.concurrency.to_string()),
+            ("retries", d.retries.to_string()),
+            ("backoff-ms", d.backoff_ms.to_string()),
+            ("request-timeout", d.timeout_secs.to_string()),
+        ] {
+            let at = help.find(&format!("--{flag} ")).unwrap();
+            let text = &help[at..help[at..].find("\n      --").map_or(help.len(), |e| at + e)];
+            assert!(
+                text.contains(&format!("default {value}")),
+                "--{flag}'s help does not name its default {value}: {text}"
+            );
+        }
+    }
 }
