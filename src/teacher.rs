@@ -117,6 +117,16 @@ impl Teacher {
         }
     }
 
+    /// The unit a shard is cut in: whole batches for an in-process teacher, whose batches are
+    /// fixed slices of the work list (so a shard samples exactly an unsharded run's batches);
+    /// single rows for a server.
+    pub fn shard_unit(&self, batch_size: usize) -> u64 {
+        match self {
+            Teacher::Local(_) => batch_size as u64,
+            Teacher::Remote(_) => 1,
+        }
+    }
+
     /// The engine, version and model of a server teacher.
     pub fn server_info(&self) -> Option<Value> {
         match self {
@@ -126,19 +136,27 @@ impl Teacher {
     }
 }
 
+/// How [`Remote::for_each_in_order`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every request was answered and written.
+    All,
+    /// Ctrl-C (or SIGTERM): the parts written so far are closed.
+    Stopped,
+}
+
 impl Remote {
     /// Runs `call` for every request, at most `concurrency` at once, and hands the completions to
     /// `on_row` in request order (a window of finished ones waits behind a slow one), closing
     /// parts of `out` as they fill. Before a part is closed the server must still serve the
-    /// model the run started with. On Ctrl-C the open part is closed and
-    /// [`crate::interrupt::Interrupted`] returned.
+    /// model the run started with. On Ctrl-C the open part is closed and the loop ends early.
     pub fn for_each_in_order<'a, R, F, Fut>(
         &'a self,
         requests: impl Iterator<Item = R>,
         call: F,
         out: &mut PartsOutput,
         mut on_row: impl FnMut(&mut PartsOutput, usize, Completion) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()>
+    ) -> anyhow::Result<Ended>
     where
         F: Fn(&'a Server, R) -> Fut,
         Fut: Future<Output = Result<Completion, EngineError>> + 'a,
@@ -164,7 +182,7 @@ impl Remote {
                     _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
                         if crate::interrupt::requested() {
                             out.end_batch(true)?;
-                            return Err(crate::interrupt::Interrupted { saved: String::new() }.into());
+                            return Ok(Ended::Stopped);
                         }
                         continue;
                     }
@@ -178,10 +196,10 @@ impl Remote {
                 }
                 out.end_batch(stop)?;
                 if stop {
-                    return Err(crate::interrupt::Interrupted { saved: String::new() }.into());
+                    return Ok(Ended::Stopped);
                 }
             }
-            Ok(())
+            Ok(Ended::All)
         })
     }
 }

@@ -7,40 +7,13 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::mock_engine::{Behaviour, Flavor, MockEngine};
-use common::{
-    assert_no_samples, fails_with, has_all, kdllm, kdllm_command, one_error_line, s, tiny_teacher, walk, write_prompts,
-};
+use common::mock_engine::{Behaviour, Flavor, MockEngine, ServerSetup};
+use common::{assert_no_samples, fails_with, has_all, kdllm, kdllm_command, one_error_line, s, walk};
 use kdllm::tokenizer::Tokenizer;
 
-struct Fixture {
-    tmp: tempfile::TempDir,
-    teacher: PathBuf,
-    prompts: PathBuf,
-    tok: Tokenizer,
-}
+type Fixture = ServerSetup;
 
-impl Fixture {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let teacher = tmp.path().join("teacher");
-        tiny_teacher(&teacher);
-        let prompts = tmp.path().join("prompts.jsonl");
-        write_prompts(&prompts, 4);
-        let tok = Tokenizer::from_folder(&teacher).unwrap();
-        Fixture { tmp, teacher, prompts, tok }
-    }
-
-    fn engine(&self, flavor: Flavor, f: impl FnOnce(&mut Behaviour)) -> MockEngine {
-        let mut b = Behaviour { model: "mock/teacher".into(), ..Default::default() };
-        f(&mut b);
-        MockEngine::start(flavor, self.tok.clone(), b)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
+impl ServerSetup {
     fn out(&self) -> PathBuf {
         self.path("out")
     }
@@ -70,7 +43,7 @@ fn refused(f: &Fixture, case: &str, cmd: std::process::Command, needles: &[&str]
 
 #[test]
 fn an_unreachable_server_is_named_with_its_tries() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}/v1");
@@ -84,7 +57,7 @@ fn an_unreachable_server_is_named_with_its_tries() {
 
 #[test]
 fn a_model_the_server_does_not_serve_lists_what_it_serves() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::Vllm, |_| {});
     refused(
         &f,
@@ -96,7 +69,7 @@ fn a_model_the_server_does_not_serve_lists_what_it_serves() {
 
 #[test]
 fn a_server_without_log_probs_says_which_engines_have_them() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::Openai, |b| b.no_logprobs = true);
     refused(
         &f,
@@ -108,7 +81,7 @@ fn a_server_without_log_probs_says_which_engines_have_them() {
 
 #[test]
 fn logprobs_above_the_servers_limit_names_vllms_max_logprobs() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::Vllm, |b| b.max_logprobs = Some(20));
     refused(
         &f,
@@ -120,7 +93,7 @@ fn logprobs_above_the_servers_limit_names_vllms_max_logprobs() {
 
 #[test]
 fn a_refused_api_key_is_never_shown() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let secret = "sk-kdllm-test-SECRET-4711";
     let e = f.engine(Flavor::LlamaServer, |b| b.key = Some("the-right-key".into()));
     let mut cmd = f.generate(&e.url, &[]);
@@ -150,14 +123,14 @@ fn a_refused_api_key_is_never_shown() {
 
 #[test]
 fn malformed_json_is_one_error_with_the_start_of_the_answer() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::LlamaServer, |b| b.malformed = true);
     refused(&f, "malformed JSON", f.generate(&e.url, &[]), &["malformed JSON", "half an answ"]);
 }
 
 #[test]
 fn fewer_top_k_entries_than_asked_is_refused() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::Sglang, |b| b.fewer_topk = 1);
     refused(
         &f,
@@ -169,7 +142,7 @@ fn fewer_top_k_entries_than_asked_is_refused() {
 
 #[test]
 fn a_tokenizer_that_does_not_match_the_servers_is_refused() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let texts: Vec<String> = (0..50).map(|i| format!("other words {i} here")).collect();
     let other = Tokenizer::train_bpe(&texts, 280).unwrap();
     let e = f.engine(Flavor::LlamaServer, |b| b.other_tokenizer = Some(other));
@@ -183,7 +156,7 @@ fn a_tokenizer_that_does_not_match_the_servers_is_refused() {
 
 #[test]
 fn a_shard_beyond_the_count_is_refused() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::Vllm, |_| {});
     refused(
         &f,
@@ -195,7 +168,7 @@ fn a_shard_beyond_the_count_is_refused() {
 
 #[test]
 fn a_shard_folder_from_another_command_is_named() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::Vllm, |_| {});
     let root = f.path("shards");
     for (i, seed) in [(0, "1"), (1, "2")] {
@@ -219,7 +192,7 @@ fn a_shard_folder_from_another_command_is_named() {
 
 #[test]
 fn scoring_data_of_another_tokenizer_is_refused() {
-    let f = Fixture::new();
+    let f = Fixture::new(4);
     let e = f.engine(Flavor::Vllm, |_| {});
     let samples = f.path("samples");
     assert!(f.generate_to(&e.url, &samples, &[]).output().unwrap().status.success());

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::mock_engine::{Behaviour, Flavor, Lm, MockEngine};
-use common::{tiny_teacher, write_prompts};
+use common::mock_engine::{Flavor, Lm, ServerSetup};
 use kdllm::data::{read_samples, Manifest, Sample, SampleSet, Shard};
 use kdllm::engine::ServerOptions;
 use kdllm::generate::{generate, score, GenerateJob, SamplingConfig, ScoreJob};
@@ -18,34 +17,11 @@ use kdllm::tokenizer::Tokenizer;
 
 const PROMPTS: usize = 10;
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    teacher: PathBuf,
-    prompts: PathBuf,
-    tok: Tokenizer,
+fn setup() -> ServerSetup {
+    ServerSetup::new(PROMPTS)
 }
 
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let teacher = tmp.path().join("teacher");
-    tiny_teacher(&teacher);
-    let prompts = tmp.path().join("prompts.jsonl");
-    write_prompts(&prompts, PROMPTS);
-    let tok = Tokenizer::from_folder(&teacher).unwrap();
-    Setup { tmp, teacher, prompts, tok }
-}
-
-impl Setup {
-    fn engine(&self, flavor: Flavor, f: impl FnOnce(&mut Behaviour)) -> MockEngine {
-        let mut b = Behaviour { model: "mock/teacher".into(), ..Default::default() };
-        f(&mut b);
-        MockEngine::start(flavor, self.tok.clone(), b)
-    }
-
-    fn out(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
+impl ServerSetup {
     fn job(&self, teacher: &str, out: &Path) -> GenerateJob {
         GenerateJob {
             teacher: teacher.to_string(),
@@ -70,7 +46,7 @@ impl Setup {
     }
 }
 
-impl Setup {
+impl ServerSetup {
     fn score_job(&self, teacher: &str, data: &Path, out: &Path) -> ScoreJob {
         ScoreJob {
             teacher: teacher.to_string(),
@@ -120,7 +96,7 @@ fn every_engine_gives_the_rows_the_model_drew_in_the_same_parquet() {
     let mut all = Vec::new();
     for flavor in [Flavor::LlamaServer, Flavor::Vllm, Flavor::Sglang] {
         let engine = t.engine(flavor, |_| {});
-        let out = t.out(&format!("{flavor:?}"));
+        let out = t.path(&format!("{flavor:?}"));
         let report = generate(&t.job(&engine.url, &out)).unwrap();
         assert_eq!(report.samples, 2 * PROMPTS);
         let set = read_samples(&out).unwrap();
@@ -160,12 +136,12 @@ fn every_engine_gives_the_rows_the_model_drew_in_the_same_parquet() {
 fn scoring_through_each_engine_gives_the_sampled_log_probs_back() {
     let t = setup();
     let engine = t.engine(Flavor::Vllm, |_| {});
-    let samples = t.out("samples");
+    let samples = t.path("samples");
     generate(&t.job(&engine.url, &samples)).unwrap();
     let sampled = read_samples(&samples).unwrap();
     for flavor in [Flavor::LlamaServer, Flavor::Vllm, Flavor::Sglang] {
         let engine = t.engine(flavor, |_| {});
-        let out = t.out(&format!("scored-{flavor:?}"));
+        let out = t.path(&format!("scored-{flavor:?}"));
         let report = score(&t.score_job(&engine.url, &samples, &out)).unwrap();
         assert_eq!(report.rows, 2 * PROMPTS);
         let scored = read_samples(&out).unwrap();
@@ -173,7 +149,7 @@ fn scoring_through_each_engine_gives_the_sampled_log_probs_back() {
     }
     // A server without prompt log-probs cannot score: said at the first row, nothing written.
     let plain = t.engine(Flavor::Openai, |_| {});
-    let err = format!("{:#}", score(&t.score_job(&plain.url, &samples, &t.out("scored-openai"))).unwrap_err());
+    let err = format!("{:#}", score(&t.score_job(&plain.url, &samples, &t.path("scored-openai"))).unwrap_err());
     assert!(err.contains("cannot score given text") && err.contains("vLLM"), "{err}");
 }
 
@@ -181,7 +157,7 @@ fn scoring_through_each_engine_gives_the_sampled_log_probs_back() {
 fn at_most_concurrency_requests_are_in_flight_and_they_do_overlap() {
     let t = setup();
     let engine = t.engine(Flavor::LlamaServer, |b| b.delay = Duration::from_millis(40));
-    let mut job = t.job(&engine.url, &t.out("c"));
+    let mut job = t.job(&engine.url, &t.path("c"));
     job.server.concurrency = 3;
     generate(&job).unwrap();
     let max = engine.state.max_in_flight.load(Ordering::SeqCst);
@@ -193,26 +169,26 @@ fn transient_failures_are_retried_and_persistent_ones_say_how_many_tries() {
     let t = setup();
     // A 503, a 429, a dropped connection and a 502 before the first answer: all retried.
     let engine = t.engine(Flavor::Vllm, |b| b.failures = vec![503, 429, 0, 502]);
-    let out = t.out("flaky");
+    let out = t.path("flaky");
     generate(&t.job(&engine.url, &out)).unwrap();
     let clean = t.engine(Flavor::Vllm, |_| {});
-    let reference = t.out("clean");
+    let reference = t.path("clean");
     generate(&t.job(&clean.url, &reference)).unwrap();
     assert_eq!(rows(&read_samples(&out).unwrap()), rows(&read_samples(&reference).unwrap()));
 
     let down = t.engine(Flavor::Vllm, |b| b.always_fail = Some(503));
-    let mut job = t.job(&down.url, &t.out("down"));
+    let mut job = t.job(&down.url, &t.path("down"));
     job.server.retries = 2;
     let err = format!("{:#}", generate(&job).unwrap_err());
     assert!(err.contains("3 tries") && err.contains("HTTP 503") && err.contains(&down.url.replace("/v1", "")), "{err}");
-    assert!(Manifest::read(&t.out("down")).unwrap().unwrap().parts.is_empty(), "no part was written");
+    assert!(Manifest::read(&t.path("down")).unwrap().unwrap().parts.is_empty(), "no part was written");
 }
 
 #[test]
 fn a_model_switch_mid_run_stops_the_run_and_the_rerun_names_the_difference() {
     let t = setup();
     let engine = t.engine(Flavor::LlamaServer, |b| b.switch_after = Some((9, "mock/other".into())));
-    let out = t.out("switch");
+    let out = t.path("switch");
     let mut job = t.job(&engine.url, &out);
     job.server.concurrency = 1;
     let err = format!("{:#}", generate(&job).unwrap_err());
@@ -227,19 +203,19 @@ fn a_model_switch_mid_run_stops_the_run_and_the_rerun_names_the_difference() {
 fn shards_of_a_server_job_merge_into_the_unsharded_rows() {
     let t = setup();
     let engine = t.engine(Flavor::Sglang, |_| {});
-    let whole = t.out("whole");
+    let whole = t.path("whole");
     generate(&t.job(&engine.url, &whole)).unwrap();
-    let root = t.out("shards");
+    let root = t.path("shards");
     for i in 0..3 {
         let mut job = t.job(&engine.url, &root.join(format!("shard-{i}")));
         job.shard = Some(Shard { index: i, count: 3 });
         job.sampling.batch_size = 4;
         generate(&job).unwrap();
     }
-    let mut whole_job = t.job(&engine.url, &t.out("whole4"));
+    let mut whole_job = t.job(&engine.url, &t.path("whole4"));
     whole_job.sampling.batch_size = 4;
     generate(&whole_job).unwrap();
-    assert_eq!(read_samples(&root).unwrap().samples, read_samples(&t.out("whole4")).unwrap().samples);
+    assert_eq!(read_samples(&root).unwrap().samples, read_samples(&t.path("whole4")).unwrap().samples);
     assert_eq!(rows(&read_samples(&root).unwrap()), rows(&read_samples(&whole).unwrap()));
 }
 
@@ -248,13 +224,13 @@ fn a_tokenizer_from_the_model_id_the_server_reports() {
     let t = setup();
     // llama-server reports the model as the path it was started with: a folder here.
     let engine = t.engine(Flavor::LlamaServer, |b| b.model = t.teacher.display().to_string());
-    let mut job = t.job(&engine.url, &t.out("by-id"));
+    let mut job = t.job(&engine.url, &t.path("by-id"));
     job.tokenizer = None;
     generate(&job).unwrap();
-    assert_eq!(read_samples(&t.out("by-id")).unwrap().meta.tokenizer_hash, t.tok.vocab_hash());
+    assert_eq!(read_samples(&t.path("by-id")).unwrap().meta.tokenizer_hash, t.tok.vocab_hash());
     // An id that names nothing here needs --tokenizer.
     let unknown = t.engine(Flavor::LlamaServer, |b| b.model = "/models/elsewhere/model.gguf".into());
-    let mut job = t.job(&unknown.url, &t.out("unknown"));
+    let mut job = t.job(&unknown.url, &t.path("unknown"));
     job.tokenizer = None;
     let err = format!("{:#}", generate(&job).unwrap_err());
     assert!(err.contains("serves `/models/elsewhere/model.gguf`") && err.contains("--tokenizer"), "{err}");
@@ -265,23 +241,23 @@ fn a_server_of_token_strings_maps_them_back_or_refuses_what_is_ambiguous() {
     let t = setup();
     // Byte tokens that are not whole characters all read "�": such a token cannot be mapped.
     let engine = t.engine(Flavor::Openai, |_| {});
-    let err = format!("{:#}", generate(&t.job(&engine.url, &t.out("ambiguous"))).unwrap_err());
+    let err = format!("{:#}", generate(&t.job(&engine.url, &t.path("ambiguous"))).unwrap_err());
     assert!(err.contains("\"�\", which is the text of") && err.contains("token ids"), "{err}");
-    assert!(Manifest::read(&t.out("ambiguous")).unwrap().unwrap().parts.is_empty());
+    assert!(Manifest::read(&t.path("ambiguous")).unwrap().unwrap().parts.is_empty());
     // Where every token's text is its own, the strings map back to the ids exactly.
     let strings = t.engine(Flavor::Openai, |b| b.unambiguous_only = true);
-    generate(&t.job(&strings.url, &t.out("strings"))).unwrap();
+    generate(&t.job(&strings.url, &t.path("strings"))).unwrap();
     let ids = t.engine(Flavor::Vllm, |b| b.unambiguous_only = true);
-    generate(&t.job(&ids.url, &t.out("ids"))).unwrap();
-    assert_eq!(rows(&read_samples(&t.out("strings")).unwrap()), rows(&read_samples(&t.out("ids")).unwrap()));
+    generate(&t.job(&ids.url, &t.path("ids"))).unwrap();
+    assert_eq!(rows(&read_samples(&t.path("strings")).unwrap()), rows(&read_samples(&t.path("ids")).unwrap()));
 }
 
 #[test]
 fn a_recipe_step_samples_and_scores_through_a_server() {
     let t = setup();
     let engine = t.engine(Flavor::LlamaServer, |_| {});
-    let recipe = t.out("server.yaml");
-    let workdir = t.out("run");
+    let recipe = t.path("server.yaml");
+    let workdir = t.path("run");
     std::fs::write(
         &recipe,
         format!(

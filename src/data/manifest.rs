@@ -82,9 +82,16 @@ impl std::str::FromStr for Shard {
     }
 }
 
+impl ShardRange {
+    /// `--shard I/N` as the user wrote it.
+    pub fn shard(&self) -> Shard {
+        Shard { index: self.index, count: self.count }
+    }
+}
+
 impl Shard {
     /// The work items of this shard in a job of `total` items cut into units of `unit` (the
-    /// batch size): the units are split as evenly as they go, earlier shards taking the extra.
+    /// batch size): the units are split as evenly as they go, later shards taking the extra.
     pub fn range(self, total: u64, unit: u64) -> ShardRange {
         let unit = unit.max(1);
         let units = total.div_ceil(unit);
@@ -154,11 +161,6 @@ impl Manifest {
         let path = dir.join(MANIFEST);
         let text = serde_json::to_string_pretty(self).expect("a manifest serializes");
         write_atomic(&path, text.as_bytes()).map_err(|source| DataError::Write { path, source })
-    }
-
-    /// `--shard I/N` as the user wrote it, or `None`.
-    pub fn shard(&self) -> Option<Shard> {
-        self.shard.map(|s| Shard { index: s.index, count: s.count })
     }
 
     /// The files of the complete parts, in order.

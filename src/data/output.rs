@@ -84,13 +84,13 @@ impl PartsOutput {
     }
 
     /// Begins writing: every part gets `meta`, a part closes once it holds `part_size` rows, and
-    /// `teacher_info` (engine, version, model) is kept in the manifest.
-    pub fn start(&mut self, meta: FileMetadata, part_size: usize, teacher_info: Option<serde_json::Value>) {
+    /// a server teacher's engine, version and model (`meta.server`) are kept in the manifest.
+    pub fn start(&mut self, meta: FileMetadata, part_size: usize) {
+        if meta.server.is_some() {
+            self.manifest.teacher_info = meta.server.clone();
+        }
         self.meta = Some(meta);
         self.part_size = part_size.max(1) as u64;
-        if teacher_info.is_some() {
-            self.manifest.teacher_info = teacher_info;
-        }
     }
 
     /// Appends the row of work item [`next`](Self::next).
@@ -155,8 +155,7 @@ fn open_manifest(
         Some(m) if ours(&m) => return Ok(resume(dir, m)?),
         Some(m) if !overwrite => {
             let mut diff = crate::hash::json_diff(&m.command, &command);
-            let shard_name =
-                |s: Option<ShardRange>| s.map_or("none".to_string(), |s| format!("{}/{}", s.index, s.count));
+            let shard_name = |s: Option<ShardRange>| s.map_or("none".to_string(), |s| s.shard().to_string());
             if m.shard != shard {
                 diff.push_str(&format!("\n  --shard: {} (on disk) → {} (now)", shard_name(m.shard), shard_name(shard)));
             }

@@ -31,10 +31,8 @@ pub(crate) fn shard_set(dir: &Path) -> Result<Option<Vec<(PathBuf, Manifest)>>, 
     found.sort_by(|a, b| a.0.cmp(&b.0));
     let bad = |message: String| DataError::ShardSet { dir: dir.to_path_buf(), message };
     let (first_dir, first) = (&found[0].0, &found[0].1);
-    let count = match first.shard {
-        Some(s) => s.count,
-        None => return Err(bad(unsharded(first_dir))),
-    };
+    let Some(first_shard) = first.shard else { return Err(bad(unsharded(first_dir))) };
+    let count = first_shard.count;
     let mut by_index: Vec<Option<usize>> = vec![None; count as usize];
     for (i, (sub, m)) in found.iter().enumerate() {
         if m.command != first.command || m.total != first.total {
@@ -49,12 +47,11 @@ pub(crate) fn shard_set(dir: &Path) -> Result<Option<Vec<(PathBuf, Manifest)>>, 
         let Some(s) = m.shard else { return Err(bad(unsharded(sub))) };
         if s.count != count {
             return Err(bad(format!(
-                "{} was made with --shard {}/{} but {} with --shard {}/{count}; every shard of a job needs the same N",
+                "{} was made with --shard {} but {} with --shard {}; every shard of a job needs the same N",
                 sub.display(),
-                s.index,
-                s.count,
+                s.shard(),
                 first_dir.display(),
-                first.shard.map_or(0, |s| s.index)
+                first_shard.shard()
             )));
         }
         match by_index[s.index as usize] {

@@ -155,12 +155,6 @@ pub(super) async fn tokenize(http: &Http, text: &str) -> Result<Vec<u32>, Engine
     })
 }
 
-/// The context of one slot (`n_ctx` of the default generation settings).
-pub(super) async fn context(http: &Http) -> Option<usize> {
-    let v = http.get("/props").await.ok()?;
-    v.pointer("/default_generation_settings/n_ctx").and_then(Value::as_u64).map(|n| n as usize)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,7 +236,9 @@ impl Server {
             Some(e) => e,
             None => detect(&http, &owned_by).await,
         };
-        let version = version(&http, engine).await;
+        // The engine's own description of itself: its version, and for some its context.
+        let about = about(&http, engine).await;
+        let version = about.as_ref().and_then(|a| version(engine, a));
         let served = served_models(listed.as_ref());
         let model = match (&opts.model, served.as_slice()) {
             (Some(m), served) if served.is_empty() || served.contains(m) => m.clone(),
@@ -256,7 +258,7 @@ impl Server {
                 return Err(EngineError::SeveralModels { url: http.url().to_string(), served: several.to_vec() })
             }
         };
-        let max_context = max_context(&http, engine, listed.as_ref(), &model).await;
+        let max_context = max_context(engine, listed.as_ref(), about.as_ref(), &model);
         Ok(Self { http, engine, version, model, max_context, eos_ids: Vec::new(), vocab_size: 0, token_map: None })
     }
 
@@ -349,10 +351,9 @@ impl Server {
         }
         let mut reply = reply;
         if self.engine == Engine::Sglang && p.temperature != 0.0 && p.temperature != 1.0 {
-            let ids: Vec<u32> = reply.tokens.iter().map(|t| t.id).collect();
             let mut all = prompt.to_vec();
-            all.extend(&ids);
-            reply.tokens = self.score_positions(&all, &ids, p.logprobs, prompt.len()).await?;
+            all.extend(reply.tokens.iter().map(|t| t.id));
+            reply.tokens = self.score_positions(&all, prompt.len(), p.logprobs).await?;
         }
         // An engine that leaves the end token out of its tokens: score that one position so the
         // row still ends with it, as an in-process teacher's does (where the engine can score;
@@ -360,9 +361,10 @@ impl Server {
         let ends_with_eos = reply.tokens.last().is_some_and(|t| self.eos_ids.contains(&t.id));
         if reply.stop == Stop::Eos && !ends_with_eos && self.engine != Engine::Openai {
             if let Some(&eos) = self.eos_ids.first() {
-                let mut context = prompt.to_vec();
-                context.extend(reply.tokens.iter().map(|t| t.id));
-                let last = self.score_positions(&context, &[eos], p.logprobs, context.len()).await?;
+                let mut all = prompt.to_vec();
+                all.extend(reply.tokens.iter().map(|t| t.id));
+                all.push(eos);
+                let last = self.score_positions(&all, all.len() - 1, p.logprobs).await?;
                 reply.tokens.extend(last);
             }
         }
@@ -374,22 +376,14 @@ impl Server {
     pub async fn score(&self, prompt: &[u32], completion: &[u32], k: usize) -> Result<Completion, EngineError> {
         let mut all = prompt.to_vec();
         all.extend_from_slice(completion);
-        let tokens = self.score_positions(&all, completion, k, prompt.len()).await?;
+        let tokens = self.score_positions(&all, prompt.len(), k).await?;
         self.completion(tokens, Stop::Length, k)
     }
 
-    /// Positions `from..` of `ids` (whose tokens are `expect`), scored.
-    async fn score_positions(
-        &self,
-        ids: &[u32],
-        expect: &[u32],
-        k: usize,
-        from: usize,
-    ) -> Result<Vec<Token>, EngineError> {
-        let mut all = ids.to_vec();
-        if all.len() == from {
-            all.extend_from_slice(expect);
-        }
+    /// Positions `from..` of `all` scored: each token's log-prob after those before it, and the
+    /// top-`k` there.
+    async fn score_positions(&self, all: &[u32], from: usize, k: usize) -> Result<Vec<Token>, EngineError> {
+        let expect = &all[from..];
         let tokens = match self.engine {
             Engine::LlamaServer => {
                 let mut out = Vec::with_capacity(expect.len());
@@ -401,12 +395,12 @@ impl Server {
                 out
             }
             Engine::Vllm => {
-                let v = self.http.post("/v1/completions", &openai::score_request(&self.model, &all, k)).await;
-                openai::parse_score(&self.limit(v, k)?, &all, from).map_err(|e| self.problem(e))?
+                let v = self.http.post("/v1/completions", &openai::score_request(&self.model, all, k)).await;
+                openai::parse_score(&self.limit(v, k)?, all, from).map_err(|e| self.problem(e))?
             }
             Engine::Sglang => {
-                let v = self.http.post("/generate", &sglang::score_request(&all, k, from)).await;
-                sglang::parse_score(&self.limit(v, k)?, &all, from, sglang::score_start(from))
+                let v = self.http.post("/generate", &sglang::score_request(all, k, from)).await;
+                sglang::parse_score(&self.limit(v, k)?, all, from, sglang::score_start(from))
                     .map_err(|e| self.problem(e))?
             }
             Engine::Openai => return Err(EngineError::NoScoring { url: self.url().to_string(), engine: self.engine }),
@@ -545,32 +539,42 @@ async fn detect(http: &Http, owned_by: &[&str]) -> Engine {
     Engine::Openai
 }
 
-async fn version(http: &Http, engine: Engine) -> Option<String> {
-    let (route, key) = match engine {
-        Engine::LlamaServer => ("/props", "build_info"),
-        Engine::Vllm => ("/version", "version"),
-        Engine::Sglang => {
-            return sglang::server_info(http).await?.get("version").and_then(Value::as_str).map(str::to_string)
-        }
-        Engine::Openai => return None,
-    };
-    let v = http.get(route).await.ok()?;
-    v.get(key).and_then(Value::as_str).map(str::to_string)
+/// What the engine says of itself: llama-server's `/props`, SGLang's `/server_info`, vLLM's
+/// `/version`.
+async fn about(http: &Http, engine: Engine) -> Option<Value> {
+    match engine {
+        Engine::LlamaServer => http.get("/props").await.ok(),
+        Engine::Sglang => sglang::server_info(http).await,
+        Engine::Vllm => http.get("/version").await.ok(),
+        Engine::Openai => None,
+    }
 }
 
-async fn max_context(http: &Http, engine: Engine, listed: Option<&Value>, model: &str) -> Option<usize> {
+fn version(engine: Engine, about: &Value) -> Option<String> {
+    let key = match engine {
+        Engine::LlamaServer => "build_info",
+        _ => "version",
+    };
+    about.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+/// The context window: `max_model_len` of the model in `/v1/models` (vLLM, SGLang), else what
+/// the engine says of itself (llama-server: one slot's `n_ctx`).
+fn max_context(engine: Engine, listed: Option<&Value>, about: Option<&Value>, model: &str) -> Option<usize> {
     let entry = listed
         .and_then(|v| v.get("data"))
         .and_then(Value::as_array)
         .and_then(|a| a.iter().find(|m| m.get("id").and_then(Value::as_str) == Some(model)));
-    if let Some(n) = entry.and_then(|m| m.get("max_model_len")).and_then(Value::as_u64) {
-        return Some(n as usize);
-    }
-    match engine {
-        Engine::LlamaServer => llama_server::context(http).await,
-        Engine::Sglang => sglang::context(http).await,
-        _ => None,
-    }
+    let from_about = |keys: &[&str]| keys.iter().find_map(|k| about?.pointer(k).and_then(Value::as_u64));
+    let n = match entry.and_then(|m| m.get("max_model_len")).and_then(Value::as_u64) {
+        Some(n) => Some(n),
+        None => match engine {
+            Engine::LlamaServer => from_about(&["/default_generation_settings/n_ctx"]),
+            Engine::Sglang => from_about(&["/context_length", "/max_total_num_tokens"]),
+            _ => None,
+        },
+    };
+    n.map(|n| n as usize)
 }
 
 /// The seed a request carries: 31 bits, which every engine takes (llama.cpp reads 2^32 − 1 as

@@ -145,11 +145,3 @@ pub(super) async fn server_info(http: &Http) -> Option<Value> {
         Err(_) => http.get("/get_server_info").await.ok(),
     }
 }
-
-pub(super) async fn context(http: &Http) -> Option<usize> {
-    let v = server_info(http).await?;
-    ["context_length", "max_total_num_tokens"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(Value::as_u64))
-        .map(|n| n as usize)
-}

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{self, Completion, FileMetadata, PartsOutput, PromptInput, Sample, Shard};
 use crate::engine::{self, SampleParams, ServerOptions};
 use crate::model::Precision;
-use crate::teacher::Teacher;
+use crate::teacher::{Ended, Teacher};
 
 /// Sampling settings; the CLI flags and recipe keys of the same names. Defaults only in `Default`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,9 +200,7 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let work: Vec<(usize, u32)> =
         (0..prompts.len()).flat_map(|p| (0..cfg.samples_per_prompt as u32).map(move |s| (p, s))).collect();
     let total = work.len() as u64;
-    // In-process batches are fixed slices of the work list: shards cut between them.
-    let unit = if matches!(teacher, Teacher::Local(_)) { cfg.batch_size } else { 1 };
-    let shard = job.shard.map(|s| s.range(total, unit as u64));
+    let shard = job.shard.map(|s| s.range(total, teacher.shard_unit(cfg.batch_size)));
     let dir = &job.output;
     let mut out = PartsOutput::open(dir, command, total, shard, job.overwrite)?;
     let end = out.manifest().range().1;
@@ -226,7 +224,7 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
 
     let mut meta = FileMetadata::new(tokenizer.vocab_hash(), cfg.logprobs, serde_json::to_value(cfg)?);
     meta.server = teacher.server_info();
-    out.start(meta, job.part_size, teacher.server_info());
+    out.start(meta, job.part_size);
     let (name, revision) = teacher.name();
     let row = |p: usize, s: u32, c: Completion| -> anyhow::Result<Sample> {
         Ok(Sample {
@@ -285,7 +283,7 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
             };
             let requests = todo.iter().map(|w| (rendered[w.0].1.as_slice(), sample(w)));
             let mut tokens = 0;
-            let result = remote.for_each_in_order(
+            let ended = remote.for_each_in_order(
                 requests,
                 |server, (ids, params)| async move { server.sample(ids, &params).await },
                 &mut out,
@@ -297,8 +295,10 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
                     crate::fault::point("generate-batch");
                     Ok(())
                 },
-            );
-            result.map_err(|e| if e.is::<crate::interrupt::Interrupted>() { interrupted(&bar, &out) } else { e })?;
+            )?;
+            if ended == Ended::Stopped {
+                return Err(interrupted(&bar, &out));
+            }
             tokens
         }
     };

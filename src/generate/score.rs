@@ -15,11 +15,11 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use super::sampler;
+use super::{sampler, GenerateError};
 use crate::data::{self, Completion, FileMetadata, FinishReason, PartsOutput, Sample, Shard};
 use crate::engine::ServerOptions;
 use crate::model::{Llama, Precision};
-use crate::teacher::Teacher;
+use crate::teacher::{Ended, Teacher};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone)]
@@ -79,12 +79,7 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
     let teacher = Teacher::open(&job.teacher, job.revision.as_deref(), job.tokenizer.as_deref(), &job.server)?;
     let tokenizer = teacher.tokenizer();
     if job.logprobs > teacher.vocab_size() {
-        anyhow::bail!(
-            "`--logprobs {}` is larger than the teacher's vocabulary ({}); use at most {}",
-            job.logprobs,
-            teacher.vocab_size(),
-            teacher.vocab_size()
-        );
+        return Err(GenerateError::LogprobsTooLarge { k: job.logprobs, vocab: teacher.vocab_size() }.into());
     }
     let (rows, sampling) = read_rows(&job.data, tokenizer)?;
     if let Some(max) = teacher.max_context() {
@@ -101,7 +96,7 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
     let command = serde_json::json!({
         "score": {
             "teacher": teacher.identity()?,
-            "data": crate::hash::sha256_path(&job.data, &|rel| rel.starts_with("checkpoints"))
+            "data": crate::hash::sha256_path(&job.data, &|_| false)
                 .with_context(|| format!("reading {}", job.data.display()))?,
             "logprobs": job.logprobs,
             "dtype": job.precision,
@@ -109,8 +104,7 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
         }
     });
     let total = rows.len() as u64;
-    let unit = if matches!(teacher, Teacher::Local(_)) { job.batch_size } else { 1 };
-    let shard = job.shard.map(|s| s.range(total, unit as u64));
+    let shard = job.shard.map(|s| s.range(total, teacher.shard_unit(job.batch_size)));
     let dir = &job.output;
     let mut out = PartsOutput::open(dir, command, total, shard, job.overwrite)?;
     let end = out.manifest().range().1 as usize;
@@ -133,7 +127,7 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
     }
     let mut meta = FileMetadata::new(tokenizer.vocab_hash(), job.logprobs, sampling);
     meta.server = teacher.server_info();
-    out.start(meta, job.part_size, teacher.server_info());
+    out.start(meta, job.part_size);
     let (name, revision) = teacher.name();
     let sample = |r: &Row, c: Completion| Sample {
         prompt_id: r.prompt_id.clone(),
@@ -173,7 +167,7 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
         }
         Teacher::Remote(remote) => {
             let k = job.logprobs;
-            let result = remote.for_each_in_order(
+            let ended = remote.for_each_in_order(
                 todo.iter(),
                 |server, r| async move { server.score(&r.prompt_ids, &r.completion_ids, k).await },
                 &mut out,
@@ -184,10 +178,10 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
                     crate::fault::point("generate-batch");
                     Ok(())
                 },
-            );
-            result.map_err(
-                |e| if e.is::<crate::interrupt::Interrupted>() { super::interrupted(&bar, &out) } else { e },
             )?;
+            if ended == Ended::Stopped {
+                return Err(super::interrupted(&bar, &out));
+            }
         }
     }
     bar.finish_and_clear();

@@ -8,12 +8,46 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kdllm::tokenizer::Tokenizer;
 use serde_json::{json, Value};
+
+/// A temporary folder holding a tiny teacher (`teacher/`, its tokenizer loaded) and prompts
+/// (`prompts.jsonl`), and stand-in engines that serve that tokenizer.
+pub struct ServerSetup {
+    pub tmp: tempfile::TempDir,
+    pub teacher: PathBuf,
+    pub prompts: PathBuf,
+    pub tok: Tokenizer,
+}
+
+impl ServerSetup {
+    /// With `prompts` prompts `p0..`.
+    pub fn new(prompts: usize) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let teacher = tmp.path().join("teacher");
+        super::tiny_teacher(&teacher);
+        let prompts_path = tmp.path().join("prompts.jsonl");
+        super::write_prompts(&prompts_path, prompts);
+        let tok = Tokenizer::from_folder(&teacher).unwrap();
+        Self { tmp, teacher, prompts: prompts_path, tok }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// An engine serving `mock/teacher` with this tokenizer, behaving as `f` sets.
+    pub fn engine(&self, flavor: Flavor, f: impl FnOnce(&mut Behaviour)) -> MockEngine {
+        let mut b = Behaviour { model: "mock/teacher".into(), ..Default::default() };
+        f(&mut b);
+        MockEngine::start(flavor, self.tok.clone(), b)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
