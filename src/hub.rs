@@ -202,40 +202,24 @@ pub enum HubError {
 /// Resolves `spec` — a folder, an alias from [`ALIASES`], or a Hub repo id `owner/name` — to
 /// files on disk, downloading what is missing unless `opts.offline`.
 pub fn resolve(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<ModelFiles, HubError> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        if let Some(rev) = revision {
-            return Err(HubError::RevisionForFolder { dir: path.into(), revision: rev.into() });
-        }
-        return resolve_folder(spec, path);
+    if let Some(dir) = local_folder(spec, revision)? {
+        return resolve_folder(spec, dir);
     }
+    let path = Path::new(spec);
     if path.is_file() && is_pickle_file(path) {
         return Err(HubError::PickleFile { path: path.into() });
     }
-    let repo_id = match opts.alias(spec) {
-        Some(id) => id,
-        None if is_repo_id(spec) => spec,
-        None => return Err(HubError::UnknownModel { spec: spec.into(), known: opts.alias_names() }),
-    };
-    resolve_hub(repo_id, revision.unwrap_or("main"), opts)
+    resolve_hub(repo_id(spec, opts)?, revision.unwrap_or("main"), opts)
 }
 
 /// Like [`resolve`], but for the tokenizer alone (a server teacher's): a folder needs only
 /// `tokenizer.json`, and from the Hub only the tokenizer files (and `config.json`, for BOS and
 /// EOS) are fetched, never the weights.
 pub fn resolve_tokenizer(spec: &str, revision: Option<&str>, opts: &HubOptions) -> Result<ModelFiles, HubError> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        if let Some(rev) = revision {
-            return Err(HubError::RevisionForFolder { dir: path.into(), revision: rev.into() });
-        }
-        return Ok(ModelFiles { dir: path.into(), id: spec.into(), revision: None });
+    if let Some(dir) = local_folder(spec, revision)? {
+        return Ok(ModelFiles { dir: dir.into(), id: spec.into(), revision: None });
     }
-    let repo_id = match opts.alias(spec) {
-        Some(id) => id,
-        None if is_repo_id(spec) => spec,
-        None => return Err(HubError::UnknownModel { spec: spec.into(), known: opts.alias_names() }),
-    };
+    let repo_id = repo_id(spec, opts)?;
     let mut f = Fetcher::new(repo_id, revision.unwrap_or("main"), opts)?;
     let tokenizer = f.require(REQUIRED[1])?;
     let dir = tokenizer.parent().expect("a cached file lies in a snapshot folder").to_path_buf();
@@ -243,6 +227,27 @@ pub fn resolve_tokenizer(spec: &str, revision: Option<&str>, opts: &HubOptions) 
         f.fetch(file)?;
     }
     Ok(ModelFiles { dir, id: repo_id.into(), revision: f.commit })
+}
+
+/// `spec` as a local folder, when it is one (a revision applies to Hub repos only).
+fn local_folder<'a>(spec: &'a str, revision: Option<&str>) -> Result<Option<&'a Path>, HubError> {
+    let path = Path::new(spec);
+    if !path.is_dir() {
+        return Ok(None);
+    }
+    match revision {
+        Some(rev) => Err(HubError::RevisionForFolder { dir: path.into(), revision: rev.into() }),
+        None => Ok(Some(path)),
+    }
+}
+
+/// The Hub repo an alias or repo id names.
+fn repo_id<'a>(spec: &'a str, opts: &'a HubOptions) -> Result<&'a str, HubError> {
+    match opts.alias(spec) {
+        Some(id) => Ok(id),
+        None if is_repo_id(spec) => Ok(spec),
+        None => Err(HubError::UnknownModel { spec: spec.into(), known: opts.alias_names() }),
+    }
 }
 
 fn resolve_folder(spec: &str, dir: &Path) -> Result<ModelFiles, HubError> {

@@ -60,14 +60,7 @@ impl Checkpoint {
     /// Opens `spec`: a folder in the HF layout, an alias, a Hub repo id, or a llama GGUF file
     /// (dequantized to f32 in memory, its tokenizer and chat template from its metadata).
     pub fn open(spec: &str, revision: Option<&str>) -> anyhow::Result<Self> {
-        let path = Path::new(spec);
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-            if !path.is_file() {
-                anyhow::bail!("GGUF file {spec} not found");
-            }
-            if let Some(rev) = revision {
-                anyhow::bail!("`revision` ({rev}) applies to Hub models, not to the GGUF file {spec}");
-            }
+        if let Some(path) = gguf_file(spec, revision)? {
             let g = gguf::read(path)?;
             let weights = Weights::Tensors(g.tensors);
             return Ok(Self { config: g.config, weights, tokenizer: g.tokenizer, id: spec.into(), revision: None });
@@ -135,14 +128,26 @@ impl Checkpoint {
     }
 }
 
+/// `spec` as a GGUF file, when it names one (by its extension): it must exist, and takes no
+/// Hub revision.
+fn gguf_file<'a>(spec: &'a str, revision: Option<&str>) -> anyhow::Result<Option<&'a Path>> {
+    let path = Path::new(spec);
+    if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return Ok(None);
+    }
+    if !path.is_file() {
+        anyhow::bail!("GGUF file {spec} not found");
+    }
+    if let Some(rev) = revision {
+        anyhow::bail!("`revision` ({rev}) applies to Hub models, not to the GGUF file {spec}");
+    }
+    Ok(Some(path))
+}
+
 /// The tokenizer named by `spec` (a folder with `tokenizer.json`, a GGUF file, an alias or a Hub
 /// repo id) without the model's weights; with the id it resolved to.
 pub fn open_tokenizer(spec: &str, revision: Option<&str>) -> anyhow::Result<(Tokenizer, String)> {
-    let path = Path::new(spec);
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        if !path.is_file() {
-            anyhow::bail!("GGUF file {spec} not found");
-        }
+    if let Some(path) = gguf_file(spec, revision)? {
         return Ok((gguf::read_tokenizer(path)?, spec.to_string()));
     }
     let files = hub::resolve_tokenizer(spec, revision, &HubOptions::from_env()?)?;
