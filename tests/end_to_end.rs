@@ -72,10 +72,12 @@ fn teacher_samples_then_a_student_learns_from_them() {
     .unwrap();
     let out = tmp.path().join("student");
     let report = distill(&DistillJob {
+        teacher: None,
+        teachers: Vec::new(),
         data: a.output.clone(),
         student: ModelInit { from: None, config: Some(student_cfg), layers: None },
         tokenizer: Some(teacher.clone()),
-        kd: KdConfig { alpha: 0.5, temperature: 2.0 },
+        kd: KdConfig { alpha: 0.5, temperature: 2.0, ..Default::default() },
         train: TrainConfig {
             steps: 40,
             batch_size: 8,
@@ -180,6 +182,8 @@ fn another_tokenizer_is_refused_for_kl_and_retokenized_for_sequence_level() {
     Tokenizer::train_bpe(&texts, 300).unwrap().save(&other).unwrap();
     let out = tmp.path().join("student");
     let job = |alpha: f64| DistillJob {
+        teacher: None,
+        teachers: Vec::new(),
         data: samples.output.clone(),
         student: ModelInit {
             from: None,

@@ -212,3 +212,115 @@ fn shipped_recipes_load() {
         }
     }
 }
+
+/// A distill step after task → teacher → samples; its `kd:` block is `kd`, plus `extra` keys.
+fn distill_recipe(extra: &str, kd: &str) -> String {
+    format!(
+        "{HEAD}{TASK}{TEACHER}{}{}{extra}    kd:\n{kd}",
+        concat!(
+            "  - name: samples\n",
+            "    kind: generate\n",
+            "    teacher: steps.teacher.output\n",
+            "    prompts: steps.task.output/prompts.jsonl\n",
+        ),
+        concat!(
+            "  - name: student\n",
+            "    kind: distill\n",
+            "    data: steps.samples.output\n",
+            "    tokenizer: steps.teacher.output\n",
+            "    student:\n",
+            "      config: {hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2}\n",
+        ),
+    )
+}
+
+/// The error starts with `recipe.yaml:line:` and holds every needle.
+fn assert_line(text: &str, line: usize, needles: &[&str]) {
+    let (err, path) = error_of(text);
+    let prefix = format!("{}:{line}:", path.display());
+    assert!(err.starts_with(&prefix), "expected `{prefix}...`, got:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in:\n{err}");
+    }
+}
+
+#[test]
+fn a_distill_step_with_every_method_key_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("recipe.yaml");
+    let text = distill_recipe(
+        "    teacher: steps.teacher.output\n    teachers: [{data: steps.samples.output, weight: 2}]\n",
+        "      divergence: jsd\n      beta: 0.3\n      skew: 0.2\n      hidden: {weight: 0.5, layers: [[2, 1], [0, 0]], loss: cosine}\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    recipe::load(&path).unwrap();
+}
+
+#[test]
+fn unknown_divergence() {
+    assert_line(&distill_recipe("", "      divergence: kl\n"), 23, &["`kl`", "forward_kl", "reverse_kl", "jsd", "akl"]);
+}
+
+#[test]
+fn beta_and_skew_outside_zero_one() {
+    assert_line(
+        &distill_recipe("", "      divergence: jsd\n      beta: 1.5\n"),
+        24,
+        &["`kd.beta`", "[0, 1]", "got 1.5"],
+    );
+    assert_line(&distill_recipe("", "      skew: -0.1\n"), 23, &["`kd.skew`", "[0, 1]", "got -0.1"]);
+}
+
+#[test]
+fn hidden_alignment_without_a_teacher_in_memory() {
+    assert_line(&distill_recipe("", "      hidden: {layers: [[1, 1]]}\n"), 23, &["`kd.hidden`", "`teacher:`"]);
+}
+
+#[test]
+fn a_hidden_layer_beyond_either_model() {
+    let teacher = "    teacher: steps.teacher.output\n";
+    // The teacher has 1 decoder layer (layers 0..=1), the student 2 (0..=2).
+    assert_line(
+        &distill_recipe(teacher, "      hidden: {layers: [[1, 1], [2, 5]]}\n"),
+        24,
+        &["`kd.hidden.layers[1]`", "teacher layer 5", "0 (embeddings) to 1"],
+    );
+    assert_line(
+        &distill_recipe(teacher, "      hidden: {layers: [[3, 1]]}\n"),
+        24,
+        &["`kd.hidden.layers[0]`", "student layer 3", "0 (embeddings) to 2"],
+    );
+}
+
+#[test]
+fn teachers_with_different_tokenizers() {
+    let other = concat!(
+        "  - name: task2\n    kind: task\n    task: {seed: 1}\n",
+        "  - name: teacher2\n    kind: finetune\n    data: steps.task2.output/train.jsonl\n    tokenizer: steps.task2.output\n",
+        "    model:\n      config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2}\n",
+        "  - name: samples2\n    kind: generate\n    teacher: steps.teacher2.output\n    prompts: steps.task2.output/prompts.jsonl\n",
+    );
+    let text = distill_recipe(
+        "    teachers:\n      - {data: steps.samples.output}\n      - {data: steps.samples2.output}\n",
+        "      alpha: 0.5\n",
+    )
+    .replacen("  - name: student\n", &format!("{other}  - name: student\n"), 1);
+    assert_line(&text, 35, &["`teachers`", "different tokenizers", "steps.task.output", "steps.task2.output"]);
+}
+
+#[test]
+fn teacher_weights_negative_or_summing_to_zero() {
+    let two = |a: &str, b: &str| {
+        format!("    teachers:\n      - {{data: steps.samples.output, weight: {a}}}\n      - {{data: steps.samples.output, weight: {b}}}\n")
+    };
+    assert_line(
+        &distill_recipe(&two("1", "-0.5"), "      alpha: 0.5\n"),
+        23,
+        &["`teachers[1].weight`", "≥ 0", "got -0.5"],
+    );
+    assert_line(
+        &distill_recipe(&two("0", "0"), "      alpha: 0.5\n"),
+        22,
+        &["`teachers`", "sum to more than 0", "got 0"],
+    );
+}

@@ -686,7 +686,7 @@ impl Llama {
     /// continue the cached sequence and the cache grows by T.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x = self.hidden(ids, cache)?;
+        let (x, _) = self.hidden(ids, cache, &[])?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
@@ -695,20 +695,41 @@ impl Llama {
     /// `ids` (B, T): what training needs. Positions that do not count (prompts, padding) never
     /// reach the vocabulary projection, and no (B·T, V) tensor is built.
     pub fn forward_at(&self, ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
-        let x = self.hidden(ids, None)?.index_select(rows, 0)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        self.head(&self.states_at(ids, rows, &[])?.0)
+    }
+
+    /// The final-norm hidden states (N, C) at the flat positions `rows` of `ids` (B, T), and the
+    /// hidden states of the layers `taps` at the same positions: layer 0 is the embeddings,
+    /// layer i the output of decoder layer i, layer `num_hidden_layers` the final-norm output
+    /// (HF's `output_hidden_states`).
+    pub fn states_at(&self, ids: &Tensor, rows: &Tensor, taps: &[usize]) -> Result<(Tensor, Vec<Tensor>)> {
+        let (x, tapped) = self.hidden(ids, None, taps)?;
+        let tapped = tapped.iter().map(|h| h.index_select(rows, 0)).collect::<candle_core::Result<_>>()?;
+        Ok((x.index_select(rows, 0)?, tapped))
+    }
+
+    /// Logits (N, V), in f32, of final-norm hidden states (N, C).
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(x)?.to_dtype(DType::F32)?)
     }
 
     /// Logits (B, V), in f32, of the last position of each row only: what decoding needs,
     /// without the (B, T, V) tensor of a long prefill.
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x = self.hidden(ids, cache)?.reshape((b, t, self.cfg.hidden_size))?.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let x =
+            self.hidden(ids, cache, &[])?.0.reshape((b, t, self.cfg.hidden_size))?.narrow(1, t - 1, 1)?.squeeze(1)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    /// Final-norm hidden states (B*T, C).
-    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Final-norm hidden states (B*T, C), and those of the layers `taps` (see [`Self::states_at`]).
+    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, taps: &[usize]) -> Result<(Tensor, Vec<Tensor>)> {
+        if let Some(&bad) = taps.iter().find(|&&l| l > self.layers.len()) {
+            return Err(ModelError::Invalid(format!(
+                "layer {bad} does not exist: the model has layers 0 (embeddings) to {}",
+                self.layers.len()
+            )));
+        }
         let (b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len);
         let pads = match cache.as_ref() {
@@ -738,17 +759,30 @@ impl Llama {
         }
 
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let mut states: Vec<Option<Tensor>> = vec![None; self.layers.len() + 1];
+        let mut keep = |i: usize, x: &Tensor| {
+            if taps.contains(&i) {
+                states[i] = Some(x.clone());
+            }
+        };
+        keep(0, &x);
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let mask = masks.iter().find(|(w, _)| *w == layer.window).and_then(|(_, m)| m.as_ref());
             let h = layer.attn.forward(&layer.input_norm.forward(&x)?, (b, t), (&self.rope, &cos, &sin), mask, kv)?;
             x = (x + h)?;
             x = (&x + layer.mlp.forward(&layer.post_attn_norm.forward(&x)?)?)?;
+            if i + 1 < self.layers.len() {
+                keep(i + 1, &x);
+            }
         }
         if let Some(c) = cache {
             c.len += t;
         }
-        self.norm.forward(&x)
+        let x = self.norm.forward(&x)?;
+        keep(self.layers.len(), &x);
+        let tapped = taps.iter().map(|&l| states[l].clone().expect("kept above")).collect();
+        Ok((x, tapped))
     }
 
     /// Loads a model from a folder in the HF layout for inference, computing in `dtype`.

@@ -73,7 +73,9 @@ use crate::generate::{self, GenerateJob, GenerateReport, ScoreJob};
 use crate::task;
 use crate::tokenizer::Tokenizer;
 use crate::train::{self, DistillJob, FinetuneJob, ModelInit, Resume, TrainReport};
-pub use steps::{DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep};
+pub use steps::{
+    DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep, TeacherSet,
+};
 pub use summary::{format_summary, model_rows, ModelRow, RecipeSummary, StepRow};
 
 /// A parsed and validated recipe: every reference names an earlier step.
@@ -111,6 +113,21 @@ pub enum RecipeError {
     /// A problem with the recipe as a whole (no steps, no name).
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
+}
+
+/// Two tokenizer origins (see [`Recipe::tokenizer_origin`]) name the same tokenizer: the same
+/// step, or folders whose tokenizers have the same vocabulary.
+fn same_tokenizer(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    if a.starts_with("steps.") || b.starts_with("steps.") {
+        return false;
+    }
+    match (Tokenizer::from_folder(Path::new(a)), Tokenizer::from_folder(Path::new(b))) {
+        (Ok(x), Ok(y)) => x.vocab_hash() == y.vocab_hash(),
+        _ => true,
+    }
 }
 
 /// `steps.NAME.output[/sub/path]` → `(NAME, sub/path)`; `None` for a plain path.
@@ -227,7 +244,9 @@ impl Recipe {
             // Bounds, checked now rather than when the step runs after hours of earlier steps.
             let bounds = match &step.config {
                 StepConfig::Finetune(s) => train::validate(&s.train, None).map_err(|e| e.to_string()),
-                StepConfig::Distill(s) => train::validate(&s.train, Some(&s.kd)).map_err(|e| e.to_string()),
+                StepConfig::Distill(s) => train::validate(&s.train, Some(&s.kd))
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| self.check_distill(s)),
                 StepConfig::Generate(s) if s.part_size == 0 => Err("`part_size` must be >= 1".to_string()),
                 StepConfig::Generate(s) => s
                     .sampling
@@ -241,7 +260,8 @@ impl Recipe {
             };
             if let Err(message) = bounds {
                 // The first key the message names, e.g. `train.lr` → the line with `lr:`.
-                let key = message.split('`').nth(1).and_then(|k| k.rsplit('.').next());
+                let key =
+                    message.split('`').nth(1).and_then(|k| k.rsplit('.').next()).and_then(|k| k.split('[').next());
                 return Err(match key {
                     Some(k) => err_at(&format!("{k}:"), message),
                     None => err(message),
@@ -249,6 +269,103 @@ impl Recipe {
             }
         }
         Ok(())
+    }
+
+    /// What a distill step's teachers must agree on, checked before any step runs: hidden-state
+    /// alignment needs a teacher in memory and layers both models have; the mixture's weights;
+    /// one tokenizer for every teacher.
+    fn check_distill(&self, s: &DistillStep) -> Result<(), String> {
+        if let Some(h) = &s.kd.hidden {
+            let Some(teacher) = &s.teacher else {
+                return Err("`kd.hidden` aligns hidden states with a teacher held in memory: set the step's \
+                     `teacher:` to the teacher model (e.g. `steps.teacher.output`)"
+                    .into());
+            };
+            if h.layers.is_empty() {
+                return Err(
+                    "`kd.hidden.layers` is empty; list [student_layer, teacher_layer] pairs, e.g. [[3, 4]]".into()
+                );
+            }
+            let models = [("student", self.layers_of_init(&s.student)), ("teacher", self.layers_of(teacher))];
+            for (i, pair) in h.layers.iter().enumerate() {
+                for ((who, layers), index) in models.iter().zip(pair) {
+                    if let Some(n) = layers.filter(|n| index > n) {
+                        return Err(format!(
+                            "`kd.hidden.layers[{i}]`: {who} layer {index} is out of range: the {who} has layers 0 \
+                             (embeddings) to {n} (the last decoder layer, after the final norm)"
+                        ));
+                    }
+                }
+            }
+        }
+        if !s.teachers.is_empty() {
+            train::mixture::check_weights(&s.teachers.iter().map(|t| t.weight).collect::<Vec<_>>())?;
+        }
+        // Every teacher's tokenizer, where it is known now: the samples' and each mixture member's.
+        let mut sources = vec![("data", s.data.as_str())];
+        sources.extend(s.teacher.as_deref().map(|t| ("teacher", t)));
+        sources.extend(s.teachers.iter().map(|t| ("teachers.data", t.data.as_str())));
+        let origins: Vec<(&str, &str, String)> =
+            sources.iter().filter_map(|(k, v)| self.tokenizer_origin(v).map(|o| (*k, *v, o))).collect();
+        for pair in origins.windows(2) {
+            let ((ka, va, a), (kb, vb, b)) = (&pair[0], &pair[1]);
+            if !same_tokenizer(a, b) {
+                return Err(format!(
+                    "`teachers`: the teachers have different tokenizers: {ka} `{va}` uses {a}, {kb} `{vb}` uses \
+                     {b}; distillation needs one vocabulary (train or score every teacher with the same tokenizer)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the tokenizer behind a model or a sample set comes from: a task step's output or a
+    /// folder; None where it cannot be known before running (servers, Hub ids, aliases).
+    fn tokenizer_origin(&self, value: &str) -> Option<String> {
+        match parse_ref(value) {
+            Some(Ok((name, _))) => {
+                let step = self.steps.iter().find(|s| s.name == name)?;
+                let via = |tokenizer: &Option<String>, model: Option<&str>| {
+                    tokenizer.as_deref().or(model).and_then(|v| self.tokenizer_origin(v))
+                };
+                match &step.config {
+                    StepConfig::Task(_) => Some(format!("steps.{name}.output")),
+                    StepConfig::Finetune(s) => via(&s.tokenizer, s.model.from.as_deref()),
+                    StepConfig::Distill(s) => via(&s.tokenizer, s.student.from.as_deref()),
+                    StepConfig::Generate(s) => via(&s.tokenizer, Some(&s.teacher)),
+                    StepConfig::Score(s) => via(&s.tokenizer, Some(&s.teacher)),
+                    StepConfig::Eval(_) => None,
+                }
+            }
+            Some(Err(_)) => None,
+            None => Path::new(value).join("tokenizer.json").is_file().then(|| value.to_string()),
+        }
+    }
+
+    /// The number of decoder layers of a model value, where it is known before running.
+    fn layers_of(&self, value: &str) -> Option<usize> {
+        match parse_ref(value) {
+            Some(Ok((name, _))) => match &self.steps.iter().find(|s| s.name == name)?.config {
+                StepConfig::Finetune(s) => self.layers_of_init(&s.model),
+                StepConfig::Distill(s) => self.layers_of_init(&s.student),
+                _ => None,
+            },
+            Some(Err(_)) => None,
+            None => crate::model::LlamaConfig::from_file(&Path::new(value).join("config.json"))
+                .ok()
+                .map(|c| c.num_hidden_layers),
+        }
+    }
+
+    fn layers_of_init(&self, init: &ModelInit) -> Option<usize> {
+        if let Some(layers) = &init.layers {
+            return Some(layers.len());
+        }
+        match (&init.config, &init.from) {
+            (Some(c), _) => Some(c.num_hidden_layers),
+            (None, Some(from)) => self.layers_of(from),
+            _ => None,
+        }
     }
 
     /// The output of a step: the folder `<workdir>/<name>`.
@@ -327,6 +444,8 @@ impl Recipe {
             StepConfig::Distill(s) => {
                 let job = DistillJob {
                     data: self.resolve(&s.data),
+                    teacher: s.teacher.as_deref().map(|t| self.resolve_spec(t)),
+                    teachers: s.teachers.iter().map(|t| (self.resolve(&t.data), t.weight)).collect(),
                     student: self.resolve_init(&s.student),
                     tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t)),
                     kd: s.kd.clone(),

@@ -97,13 +97,14 @@ fn key_before(text: &str, line: usize, column: usize) -> Option<&str> {
     (!key.is_empty()).then_some(key)
 }
 
-/// The first `needle` on lines `from..to` (1-based, `to` excluded), as `(line, column)`.
+/// The first `needle` on lines `from..to` (1-based, `to` excluded), as `(line, column)`. A key
+/// (`name:`) matches only as a whole word: `layers:` is not found in `num_hidden_layers:`.
 pub(super) fn find(text: &str, from: usize, to: usize, needle: &str) -> Option<(usize, usize)> {
-    text.lines()
-        .enumerate()
-        .skip(from.saturating_sub(1))
-        .take_while(|(i, _)| i + 1 < to)
-        .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, l[..c].chars().count() + 1)))
+    let is_key = needle.ends_with(':');
+    let whole = |l: &str, c: usize| !is_key || !l[..c].ends_with(|ch: char| ch.is_alphanumeric() || ch == '_');
+    text.lines().enumerate().skip(from.saturating_sub(1)).take_while(|(i, _)| i + 1 < to).find_map(|(i, l)| {
+        l.match_indices(needle).map(|(c, _)| c).find(|&c| whole(l, c)).map(|c| (i + 1, l[..c].chars().count() + 1))
+    })
 }
 
 /// An error at `line:column` of the recipe, with that line quoted under it.

@@ -155,6 +155,13 @@ pub struct DistillStep {
     #[serde(default, rename = "kind", skip_serializing)]
     pub(super) _kind: Seen,
     pub data: String,
+    /// A teacher model held in memory: its full-vocabulary logits at every step (an exact
+    /// divergence instead of the stored top-k) and the hidden states `kd.hidden` aligns with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
+    /// Several teachers' top-k over `data`'s completions, with weights: the target is their mixture.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teachers: Vec<TeacherSet>,
     pub student: ModelInit,
     #[serde(default)]
     pub tokenizer: Option<String>,
@@ -162,6 +169,19 @@ pub struct DistillStep {
     pub kd: KdConfig,
     #[serde(default)]
     pub train: TrainConfig,
+}
+
+/// One teacher of a mixture: samples or scores over the distill step's completions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSet {
+    pub data: String,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn default_weight() -> f64 {
+    1.0
 }
 
 /// `kind: eval`: `eval::evaluate` once per model; writes `<workdir>/<name>/reports.json`.
@@ -235,6 +255,8 @@ impl Step {
             }
             StepConfig::Distill(s) => {
                 out.push(("data", s.data.as_str()));
+                out.extend(s.teacher.as_deref().map(|t| ("teacher", t)));
+                out.extend(s.teachers.iter().map(|t| ("teachers.data", t.data.as_str())));
                 out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
                 out.extend(s.student.from.as_deref().map(|f| ("student.from", f)));
             }

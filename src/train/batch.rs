@@ -60,7 +60,8 @@ pub struct Batch {
     pub positions: Tensor,
     /// (N) the token each counted position must predict.
     pub targets: Tensor,
-    /// (N, K) teacher top-k ids and log-probs, when every sequence has them.
+    /// (N, K) teacher top-k ids and log-probs, when every sequence has them. Rows shorter than
+    /// the longest (a teacher mixture) are padded with id 0 at log-prob −∞: no bucket.
     pub teacher: Option<(Tensor, Tensor)>,
     /// Tokens in `inputs` that are not padding.
     pub tokens: usize,
@@ -73,7 +74,11 @@ impl Batch {
         let (mut positions, mut targets) = (Vec::new(), Vec::new());
         let with_teacher = !seqs.is_empty() && seqs.iter().all(|s| s.teacher.is_some());
         let (mut t_ids, mut t_lp) = (Vec::new(), Vec::new());
-        let mut k = 0;
+        let k = if with_teacher {
+            seqs.iter().flat_map(|s| s.teacher.iter().flat_map(|t| t.ids.iter().map(Vec::len))).max().unwrap_or(0)
+        } else {
+            0
+        };
         let mut tokens = 0;
         for (b, s) in seqs.iter().enumerate() {
             let n_in = s.ids.len().saturating_sub(1);
@@ -86,9 +91,11 @@ impl Batch {
                 if with_teacher {
                     let t = s.teacher.as_ref().expect("checked above");
                     let row = j + first - s.loss_from;
-                    k = t.ids[row].len();
                     t_ids.extend_from_slice(&t.ids[row]);
                     t_lp.extend_from_slice(&t.logprobs[row]);
+                    let pad = k - t.ids[row].len();
+                    t_ids.extend(std::iter::repeat_n(0, pad));
+                    t_lp.extend(std::iter::repeat_n(f32::NEG_INFINITY, pad));
                 }
             }
         }
@@ -141,5 +148,22 @@ mod tests {
         assert_eq!(ids.to_vec2::<u32>().unwrap(), vec![vec![10, 3], vec![11, 3]]);
         assert_eq!(lp.dims(), &[2, 2]);
         assert_eq!(batch.targets.to_vec1::<u32>().unwrap(), vec![10, 11]);
+    }
+
+    #[test]
+    fn ragged_teacher_rows_are_padded_with_no_bucket() {
+        let s = Sequence {
+            ids: vec![1, 4, 10, 11],
+            loss_from: 2,
+            teacher: Some(TeacherTopK {
+                ids: vec![vec![10, 3, 5], vec![11]],
+                logprobs: vec![vec![-0.1, -3.0, -4.0], vec![-0.2]],
+            }),
+        };
+        let (ids, lp) = Batch::new(&[&s], &Device::Cpu).unwrap().teacher.unwrap();
+        assert_eq!(ids.to_vec2::<u32>().unwrap(), vec![vec![10, 3, 5], vec![11, 0, 0]]);
+        let lp = lp.to_vec2::<f32>().unwrap();
+        assert_eq!(lp[1][0], -0.2);
+        assert!(lp[1][1] == f32::NEG_INFINITY && lp[1][2] == f32::NEG_INFINITY);
     }
 }

@@ -1,16 +1,14 @@
-//! Distillation losses over the N positions that count (completion tokens; prompts and padding
+//! The loss terms over the N positions that count (completion tokens; prompts and padding
 //! are never gathered, so masking happens before these functions see anything).
 //!
-//! Shapes: N positions, V vocab, K stored teacher top-k.
-//! Normalisation lives here and only here: every term is a mean over the N positions,
-//! and an empty selection (N = 0) gives 0.
+//! Every term is a mean over the N positions, and an empty selection (N = 0) gives 0. The
+//! divergences to the teacher live in [`super::divergence`].
 
 use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
 
-use crate::model::ops::{log_softmax, nll_rows};
-
-/// A teacher tail bucket below this mass is treated as this mass (keeps log finite).
-const MIN_TAIL: f64 = 1e-10;
+use super::divergence::{self, Measure};
+use crate::model::ops::nll_rows;
 
 /// A scalar loss tensor as a number (for logs and reports).
 pub fn scalar(t: &Tensor) -> Result<f64> {
@@ -28,82 +26,72 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     nll_rows(logits, targets)?.sum_all()?.affine(1.0 / n as f64, 0.0)
 }
 
-/// `T² · (1/N) Σ_n KL(p_T ‖ q_T)` over K + 1 buckets: the teacher's top-k ids and one tail.
-///
-/// - Teacher: stored log-probs `l` (N, K) at temperature 1 of ids (N, K); the tail holds
-///   `1 − Σ exp(l)`. At temperature T every bucket, the tail included, is tempered as one
-///   token: `p_T ∝ exp(l / T)` (exact at T = 1; the tail's inner shape is unknown).
-/// - Student: `q_T = softmax(z / T)` over the full vocabulary, its top-k buckets gathered at
-///   the teacher's ids and its tail the mass outside them, `1 − Σ_k q_T,k`.
-///
-/// The T² factor keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015).
+/// `T² · (1/N) Σ_n KL(p_T ‖ q_T)` over the teacher's stored top-k and one tail bucket
+/// (see [`divergence::topk_buckets`]).
 pub fn topk_kl(logits: &Tensor, teacher_ids: &Tensor, teacher_logprobs: &Tensor, temperature: f64) -> Result<Tensor> {
-    let n = logits.dim(0)?;
-    if n == 0 {
-        return Tensor::zeros((), DType::F32, logits.device());
+    divergence::topk(Measure::forward_kl(), logits, teacher_ids, teacher_logprobs, temperature)
+}
+
+/// How hidden states are compared (`kd.hidden.loss`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HiddenLoss {
+    /// `(1/(N·C_t)) Σ (h_s Wᵀ − h_t)²`
+    #[default]
+    Mse,
+    /// `(1/N) Σ_n (1 − cos(h_s,n Wᵀ, h_t,n))`
+    Cosine,
+}
+
+/// FitNets-style alignment of a student layer's hidden states `hs` (N, C_s) with a teacher
+/// layer's `ht` (N, C_t) through the learned projection `w` (C_t, C_s). The teacher side
+/// carries no gradient; an empty selection gives 0.
+pub fn hidden_alignment(hs: &Tensor, w: &Tensor, ht: &Tensor, kind: HiddenLoss) -> Result<Tensor> {
+    if hs.dim(0)? == 0 {
+        return Tensor::zeros((), DType::F32, hs.device());
     }
-    let t = temperature;
-    let student = student_buckets(logits, teacher_ids, t)?;
-    let teacher = teacher_buckets(teacher_logprobs, t)?;
-    let p = teacher.exp()?;
-    let kl = (p * (teacher - student)?)?.sum_all()?;
-    kl.affine(t * t / n as f64, 0.0)
+    let projected = hs.matmul(&w.t()?)?;
+    let ht = ht.detach();
+    match kind {
+        HiddenLoss::Mse => (projected - ht)?.sqr()?.mean_all(),
+        HiddenLoss::Cosine => {
+            let dot = (&projected * &ht)?.sum(1)?;
+            let norms = (projected.sqr()?.sum(1)?.sqrt()? * ht.sqr()?.sum(1)?.sqrt()?)?.maximum(1e-8)?;
+            (dot / norms)?.affine(-1.0, 1.0)?.mean_all()
+        }
+    }
 }
 
-/// log q_T over [top-k ids..., tail], (N, K + 1).
-fn student_buckets(logits: &Tensor, ids: &Tensor, t: f64) -> Result<Tensor> {
-    let logq = log_softmax(logits, 1.0 / t)?;
-    let top = logq.gather(ids, 1)?;
-    let inside = top.exp()?.sum_keepdim(1)?;
-    let tail = inside.affine(-1.0, 1.0)?.maximum(MIN_TAIL)?.log()?;
-    Tensor::cat(&[&top, &tail], 1)
-}
-
-/// log p_T over [top-k..., tail], (N, K + 1), from log-probs at temperature 1. No gradient.
-fn teacher_buckets(logprobs: &Tensor, t: f64) -> Result<Tensor> {
-    let logprobs = logprobs.detach();
-    let inside = logprobs.exp()?.sum_keepdim(1)?;
-    let tail = inside.affine(-1.0, 1.0)?.maximum(MIN_TAIL)?.log()?;
-    let buckets = Tensor::cat(&[&logprobs, &tail], 1)?;
-    log_softmax(&buckets, 1.0 / t)
-}
-
-/// Each term of the loss for one batch; `kl` is None when there is no teacher top-k or alpha = 0.
+/// Each term of the loss for one batch; `kd` is None when there is no teacher or alpha = 0,
+/// `hidden` when there is no hidden-state alignment.
 pub struct LossTerms {
     pub total: Tensor,
     pub ce: Tensor,
-    pub kl: Option<Tensor>,
+    pub kd: Option<Tensor>,
+    pub hidden: Option<Tensor>,
 }
 
-/// `alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE(teacher-sampled token)`.
-pub fn distill_loss(
-    logits: &Tensor,
-    targets: &Tensor,
-    teacher: Option<(&Tensor, &Tensor)>,
-    alpha: f64,
-    temperature: f64,
-) -> Result<LossTerms> {
-    let ce = cross_entropy(logits, targets)?;
-    let kl = match teacher {
-        Some((ids, logprobs)) if alpha > 0.0 => Some(topk_kl(logits, ids, logprobs, temperature)?),
-        _ => None,
-    };
-    let total = match &kl {
-        Some(kl) => ((kl * alpha)? + (&ce * (1.0 - alpha))?)?,
+/// `alpha · D + (1 − alpha) · CE + weight · H`: D the (temperature-scaled) divergence to the
+/// teacher, CE the imitation of its sampled tokens, H the hidden-state alignment.
+pub fn combine(ce: Tensor, kd: Option<Tensor>, alpha: f64, hidden: Option<(Tensor, f64)>) -> Result<LossTerms> {
+    let mut total = match &kd {
+        Some(kd) => ((kd * alpha)? + (&ce * (1.0 - alpha))?)?,
         None => ce.clone(),
     };
-    Ok(LossTerms { total, ce, kl })
+    if let Some((h, weight)) = &hidden {
+        total = (total + (h * *weight)?)?;
+    }
+    Ok(LossTerms { total, ce, kd, hidden: hidden.map(|(h, _)| h) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
 
     fn t2(v: &[&[f32]]) -> Tensor {
-        let rows = v.len();
         let flat: Vec<f32> = v.iter().flat_map(|r| r.iter().copied()).collect();
-        Tensor::from_vec(flat, (rows, v[0].len()), &Device::Cpu).unwrap()
+        Tensor::from_vec(flat, (v.len(), v[0].len()), &Device::Cpu).unwrap()
     }
 
     fn ids(v: &[&[u32]]) -> Tensor {
@@ -111,22 +99,8 @@ mod tests {
         Tensor::from_vec(flat, (v.len(), v[0].len()), &Device::Cpu).unwrap()
     }
 
-    fn scalar(t: &Tensor) -> f64 {
-        super::scalar(t).unwrap()
-    }
-
-    /// Straight-line f64 reference of `topk_kl` for one row.
-    fn reference_kl(z: &[f64], ids: &[usize], l: &[f64], t: f64) -> f64 {
-        let m = z.iter().map(|x| x / t).fold(f64::MIN, f64::max);
-        let zsum: f64 = z.iter().map(|x| (x / t - m).exp()).sum();
-        let q: Vec<f64> = z.iter().map(|x| (x / t - m).exp() / zsum).collect();
-        let mut qb: Vec<f64> = ids.iter().map(|&i| q[i]).collect();
-        qb.push((1.0 - qb.iter().sum::<f64>()).max(MIN_TAIL));
-        let mut pl: Vec<f64> = l.to_vec();
-        pl.push((1.0 - l.iter().map(|x| x.exp()).sum::<f64>()).max(MIN_TAIL).ln());
-        let psum: f64 = pl.iter().map(|x| (x / t).exp()).sum();
-        let p: Vec<f64> = pl.iter().map(|x| (x / t).exp() / psum).collect();
-        t * t * p.iter().zip(&qb).map(|(p, q)| p * (p.ln() - q.ln())).sum::<f64>()
+    fn num(t: &Tensor) -> f64 {
+        scalar(t).unwrap()
     }
 
     #[test]
@@ -135,7 +109,7 @@ mod tests {
         // Row 2: uniform over 2 → −ln(1/2).
         let logits = t2(&[&[0.0, 3f32.ln()], &[1.0, 1.0]]);
         let targets = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
-        let ce = scalar(&cross_entropy(&logits, &targets).unwrap());
+        let ce = num(&cross_entropy(&logits, &targets).unwrap());
         let expected = (-(0.75f64).ln() - (0.5f64).ln()) / 2.0;
         assert!((ce - expected).abs() < 1e-6, "{ce} vs {expected}");
     }
@@ -145,7 +119,7 @@ mod tests {
         // Student softmax([ln .5, ln .3, ln .2]) = [.5, .3, .2]; teacher stores top-2 [.5, .3], tail .2.
         let logits = t2(&[&[0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()]]);
         let kl = topk_kl(&logits, &ids(&[&[0, 1]]), &t2(&[&[0.5f32.ln(), 0.3f32.ln()]]), 1.0).unwrap();
-        assert!(scalar(&kl).abs() < 1e-6);
+        assert!(num(&kl).abs() < 1e-6);
     }
 
     #[test]
@@ -155,58 +129,58 @@ mod tests {
         let logits = t2(&[&[0.0, 0.0, 0.0, 0.0]]);
         let kl = topk_kl(&logits, &ids(&[&[2, 0]]), &t2(&[&[0.6f32.ln(), 0.3f32.ln()]]), 1.0).unwrap();
         let expected = 0.6 * (0.6f64 / 0.25).ln() + 0.3 * (0.3f64 / 0.25).ln() + 0.1 * (0.1f64 / 0.5).ln();
-        assert!((scalar(&kl) - expected).abs() < 1e-6, "{} vs {expected}", scalar(&kl));
+        assert!((num(&kl) - expected).abs() < 1e-6, "{} vs {expected}", num(&kl));
     }
 
     #[test]
-    fn kl_with_temperature_matches_reference_and_scales_by_t_squared() {
-        let z = [[1.0, -0.5, 2.0, 0.3, -1.2], [0.1, 0.2, -0.3, 1.5, 0.0]];
-        let id = [[2usize, 0, 3], [3, 1, 4]];
-        let l = [[-0.4, -1.6, -2.1], [-0.2, -2.5, -3.0]];
-        for t in [1.0, 2.0, 4.0] {
-            let got = scalar(
-                &topk_kl(
-                    &t2(&[&z[0].map(|x| x as f32), &z[1].map(|x| x as f32)]),
-                    &ids(&[&id[0].map(|x| x as u32), &id[1].map(|x| x as u32)]),
-                    &t2(&[&l[0].map(|x| x as f32), &l[1].map(|x| x as f32)]),
-                    t,
-                )
-                .unwrap(),
-            );
-            let expected = (reference_kl(&z[0], &id[0], &l[0], t) + reference_kl(&z[1], &id[1], &l[1], t)) / 2.0;
-            assert!((got - expected).abs() < 1e-5, "T={t}: {got} vs {expected}");
+    fn combine_mixes_the_terms() {
+        let (ce, kd, h) = (
+            Tensor::new(2.0f32, &Device::Cpu).unwrap(),
+            Tensor::new(0.5f32, &Device::Cpu).unwrap(),
+            Tensor::new(3.0f32, &Device::Cpu).unwrap(),
+        );
+        let terms = combine(ce.clone(), Some(kd), 0.25, Some((h, 0.1))).unwrap();
+        assert!((num(&terms.total) - (0.25 * 0.5 + 0.75 * 2.0 + 0.1 * 3.0)).abs() < 1e-6);
+        let seq_only = combine(ce, None, 0.0, None).unwrap();
+        assert!(seq_only.kd.is_none() && (num(&seq_only.total) - 2.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn hidden_alignment_matches_hand_computed_values() {
+        // hs = [1, 2], W = [[1, 0], [0, 1], [1, 1]] → hs Wᵀ = [1, 2, 3]; ht = [1, 0, 3].
+        let (hs, w, ht) = (t2(&[&[1.0, 2.0]]), t2(&[&[1.0, 0.0], &[0.0, 1.0], &[1.0, 1.0]]), t2(&[&[1.0, 0.0, 3.0]]));
+        let mse = num(&hidden_alignment(&hs, &w, &ht, HiddenLoss::Mse).unwrap());
+        assert!((mse - 4.0 / 3.0).abs() < 1e-6, "{mse}");
+        let cos = num(&hidden_alignment(&hs, &w, &ht, HiddenLoss::Cosine).unwrap());
+        let want = 1.0 - 10.0 / (14f64.sqrt() * 10f64.sqrt());
+        assert!((cos - want).abs() < 1e-6, "{cos} vs {want}");
+        let empty = Tensor::zeros((0, 2), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            num(&hidden_alignment(
+                &empty,
+                &w,
+                &Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap(),
+                HiddenLoss::Mse
+            )
+            .unwrap()),
+            0.0
+        );
+    }
+
+    #[test]
+    fn the_projection_gets_the_hand_computed_gradient_and_the_teacher_none() {
+        // MSE = (1/3) Σ_j (Σ_i W_ji hs_i − ht_j)²  →  ∂/∂W_ji = (2/3)(r_j) hs_i, r = [0, 2, 0].
+        let w = Var::from_tensor(&t2(&[&[1.0, 0.0], &[0.0, 1.0], &[1.0, 1.0]])).unwrap();
+        let ht = Var::from_tensor(&t2(&[&[1.0, 0.0, 3.0]])).unwrap();
+        let loss = hidden_alignment(&t2(&[&[1.0, 2.0]]), w.as_tensor(), ht.as_tensor(), HiddenLoss::Mse).unwrap();
+        let g = loss.backward().unwrap();
+        let gw = g.get(&w).unwrap().to_vec2::<f32>().unwrap();
+        let want = [[0.0, 0.0], [4.0 / 3.0, 8.0 / 3.0], [0.0, 0.0]];
+        for (r, wr) in gw.iter().zip(want) {
+            for (a, b) in r.iter().zip(wr) {
+                assert!((*a as f64 - b).abs() < 1e-6, "{gw:?}");
+            }
         }
-    }
-
-    #[test]
-    fn empty_selection_gives_zero() {
-        let logits = Tensor::zeros((0, 5), DType::F32, &Device::Cpu).unwrap();
-        let targets = Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap();
-        let tid = Tensor::zeros((0, 2), DType::U32, &Device::Cpu).unwrap();
-        let tlp = Tensor::zeros((0, 2), DType::F32, &Device::Cpu).unwrap();
-        let terms = distill_loss(&logits, &targets, Some((&tid, &tlp)), 0.5, 2.0).unwrap();
-        assert_eq!(scalar(&terms.total), 0.0);
-    }
-
-    #[test]
-    fn alpha_mixes_the_terms() {
-        let logits = t2(&[&[0.0, 1.0, 2.0]]);
-        let targets = Tensor::new(&[1u32], &Device::Cpu).unwrap();
-        let (tid, tlp) = (ids(&[&[2]]), t2(&[&[0.9f32.ln()]]));
-        let terms = distill_loss(&logits, &targets, Some((&tid, &tlp)), 0.25, 2.0).unwrap();
-        let (ce, kl) = (scalar(&terms.ce), scalar(terms.kl.as_ref().unwrap()));
-        assert!((scalar(&terms.total) - (0.25 * kl + 0.75 * ce)).abs() < 1e-6);
-        let seq_only = distill_loss(&logits, &targets, Some((&tid, &tlp)), 0.0, 2.0).unwrap();
-        assert!(seq_only.kl.is_none());
-        assert!((scalar(&seq_only.total) - ce).abs() < 1e-7);
-    }
-
-    #[test]
-    fn kl_gradient_reaches_the_logits() {
-        let z = candle_core::Var::from_tensor(&t2(&[&[0.0, 0.5, -0.5, 1.0]])).unwrap();
-        let kl = topk_kl(z.as_tensor(), &ids(&[&[3, 1]]), &t2(&[&[0.2f32.ln(), 0.7f32.ln()]]), 2.0).unwrap();
-        let g = kl.backward().unwrap();
-        let grad = g.get(&z).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(grad > 0.0);
+        assert!(g.get(&ht).is_none(), "the teacher's hidden states must get no gradient");
     }
 }

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 pub mod batch;
 pub mod checkpoint;
+pub mod divergence;
 pub mod loss;
+pub mod mixture;
 pub mod optim;
 pub mod schedule;
 mod trainer;
@@ -14,6 +16,8 @@ pub use trainer::{distill, encode_example, finetune, validate};
 use serde::{Deserialize, Serialize};
 
 use crate::model::LlamaConfig;
+pub use divergence::{Divergence, Measure};
+pub use loss::HiddenLoss;
 
 /// Optimisation settings shared by `finetune` and `distill`. Defaults live only in `Default`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,18 +83,81 @@ impl Default for TrainConfig {
     }
 }
 
-/// The distillation objective: `alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE`.
+/// The distillation objective: `alpha · D(teacher_T ‖ student_T) + (1 − alpha) · CE`, plus
+/// `hidden.weight · H` with hidden-state alignment. D is `divergence` (T²-scaled, see
+/// [`divergence`]); `beta` is JSD's β and `skew` the skew variants' α.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KdConfig {
     pub alpha: f64,
     pub temperature: f64,
+    // Left out of the run identity at their defaults, so that runs made before they existed resume.
+    #[serde(skip_serializing_if = "is_default")]
+    pub divergence: Divergence,
+    #[serde(skip_serializing_if = "is_default_beta")]
+    pub beta: f64,
+    #[serde(skip_serializing_if = "is_default_skew")]
+    pub skew: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<HiddenConfig>,
+}
+
+const DEFAULT_BETA: f64 = 0.5;
+/// DistiLLM's default α.
+const DEFAULT_SKEW: f64 = 0.1;
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn is_default_beta(v: &f64) -> bool {
+    *v == DEFAULT_BETA
+}
+
+fn is_default_skew(v: &f64) -> bool {
+    *v == DEFAULT_SKEW
 }
 
 impl Default for KdConfig {
     fn default() -> Self {
-        Self { alpha: 0.5, temperature: 2.0 }
+        Self {
+            alpha: 0.5,
+            temperature: 2.0,
+            divergence: Divergence::ForwardKl,
+            beta: DEFAULT_BETA,
+            skew: DEFAULT_SKEW,
+            hidden: None,
+        }
     }
+}
+
+impl KdConfig {
+    /// No teacher: cross-entropy only (what `finetune` trains with).
+    pub fn none() -> Self {
+        Self { alpha: 0.0, temperature: 1.0, ..Self::default() }
+    }
+
+    pub fn measure(&self) -> Measure {
+        Measure { divergence: self.divergence, beta: self.beta, skew: self.skew }
+    }
+}
+
+/// `kd.hidden`: align student layers with teacher layers through learned projections
+/// (FitNets, Romero et al. 2015). Layer 0 is the embeddings, layer i the output of decoder
+/// layer i, the last the final-norm output (HF's `output_hidden_states` numbering).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HiddenConfig {
+    #[serde(default = "default_hidden_weight")]
+    pub weight: f64,
+    /// `[student_layer, teacher_layer]` pairs.
+    pub layers: Vec<[usize; 2]>,
+    #[serde(default)]
+    pub loss: HiddenLoss,
+}
+
+fn default_hidden_weight() -> f64 {
+    1.0
 }
 
 /// Where the weights of the model being trained come from: exactly one of the two.
@@ -135,6 +202,11 @@ pub struct FinetuneJob {
 #[derive(Debug, Clone)]
 pub struct DistillJob {
     pub data: PathBuf,
+    /// A teacher held in memory: its full-vocabulary logits replace the stored top-k.
+    pub teacher: Option<String>,
+    /// Stored top-k of several teachers over `data`'s completions, with weights: the target is
+    /// their mixture. Empty: `data`'s own top-k.
+    pub teachers: Vec<(PathBuf, f64)>,
     pub student: ModelInit,
     /// Folder with the teacher's tokenizer; required when the student is built from a config.
     pub tokenizer: Option<PathBuf>,

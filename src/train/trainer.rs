@@ -7,19 +7,21 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 use super::batch::{Batch, Sequence};
 use super::checkpoint::{self, State};
-use super::loss::{distill_loss, scalar, LossTerms};
+use super::divergence;
+use super::loss::{combine, cross_entropy, hidden_alignment, scalar, LossTerms};
+use super::mixture;
 use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
 use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, Resume, TrainConfig, TrainError, TrainReport};
 use crate::data;
 use crate::model::llama::{self, Llama, LlamaConfig};
-use crate::model::Checkpoint;
+use crate::model::{Checkpoint, Weights};
 use crate::tokenizer::Tokenizer;
 
 pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
@@ -30,12 +32,12 @@ pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
         .iter()
         .map(|e| encode_example(&tokenizer, &e.prompt, &e.completion))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let kd = KdConfig { alpha: 0.0, temperature: 1.0 };
+    let kd = KdConfig::none();
     let keys: Vec<String> = examples.iter().map(|e| format!("{}\u{0}{}", e.prompt, e.completion)).collect();
     let sampling = serde_json::json!({"do_sample": true, "temperature": 1.0, "top_p": 1.0, "top_k": 0});
     let run_id = identity("finetune", &job.data, &job.model, source.as_ref(), &tokenizer, &kd, &job.train)?;
     let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
-    run(&job.model, source, tokenizer, seqs, keys, &kd, &job.train, out)
+    run(&job.model, source, tokenizer, seqs, keys, Guide { kd: &kd, teacher: None }, &job.train, out)
 }
 
 pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
@@ -43,17 +45,29 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     let (tokenizer, source) = tokenizer_for(&job.student, job.tokenizer.as_deref())?;
     let set = data::read_samples(&job.data)?;
     let same_vocab = tokenizer.vocab_hash() == set.meta.tokenizer_hash;
-    if !same_vocab && job.kd.alpha > 0.0 {
+    let teacher = job.teacher.as_deref().map(|spec| load_teacher(spec, &tokenizer, &job.train)).transpose()?;
+    if job.kd.hidden.is_some() && teacher.is_none() {
+        bail!(TrainError::Config(
+            "`kd.hidden` aligns hidden states with a teacher in memory: set `teacher:` to the teacher model".into()
+        ));
+    }
+    let wants_teacher = job.kd.alpha > 0.0 || teacher.is_some() || !job.teachers.is_empty();
+    if !same_vocab && wants_teacher {
         return Err(TrainError::TokenizerMismatch { data: job.data.clone() }.into());
     }
-    let with_teacher = same_vocab && set.meta.logprobs_k > 0;
-    if !with_teacher && job.kd.alpha > 0.0 {
+    let stored = same_vocab && set.meta.logprobs_k > 0 && teacher.is_none() && job.teachers.is_empty();
+    if job.kd.alpha > 0.0 && !stored && teacher.is_none() && job.teachers.is_empty() {
         return Err(TrainError::Config(format!(
-            "{} holds no teacher top-k (written with --logprobs 0); set `kd.alpha: 0` or regenerate with --logprobs K",
+            "{} holds no teacher top-k (written with --logprobs 0); set `kd.alpha: 0`, regenerate with --logprobs K, \
+             or set `teacher:` to hold the teacher in memory",
             job.data.display()
         ))
         .into());
     }
+    let mixture = match job.teachers.is_empty() {
+        true => None,
+        false => Some(mixture::targets(&job.data, &set, &job.teachers)?),
+    };
     let keys = set.samples.iter().map(|s| s.prompt_id.clone()).collect();
     // The student's generation defaults are the ones its teacher data was sampled with.
     let setting = |key: &str, default: f64| set.meta.sampling.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
@@ -61,7 +75,11 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     let sampling = serde_json::json!({"do_sample": temperature > 0.0, "temperature": temperature,
         "top_p": setting("top_p", 1.0), "top_k": setting("top_k", 0.0) as u64});
     let seqs = if same_vocab {
-        set.samples.into_iter().map(|s| Sequence::from_sample(s, with_teacher)).collect()
+        let mut seqs: Vec<Sequence> = set.samples.into_iter().map(|s| Sequence::from_sample(s, stored)).collect();
+        if let Some(rows) = mixture {
+            seqs.iter_mut().zip(rows).for_each(|(s, t)| s.teacher = Some(t));
+        }
+        seqs
     } else {
         eprintln!(
             "note: the student's tokenizer differs from the teacher's that wrote {}; training sequence-level only \
@@ -70,9 +88,42 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         );
         set.samples.iter().map(|s| retokenize(&tokenizer, s)).collect::<anyhow::Result<_>>()?
     };
-    let run_id = identity("distill", &job.data, &job.student, source.as_ref(), &tokenizer, &job.kd, &job.train)?;
+    let mut run_id = identity("distill", &job.data, &job.student, source.as_ref(), &tokenizer, &job.kd, &job.train)?;
+    if let Some((_, fingerprint)) = &teacher {
+        run_id["teacher"] = fingerprint.clone().into();
+    }
+    if !job.teachers.is_empty() {
+        let mut teachers = Vec::new();
+        for (path, weight) in &job.teachers {
+            let hash =
+                crate::hash::sha256_path(path, &|_| false).with_context(|| format!("reading {}", path.display()))?;
+            teachers.push(serde_json::json!([hash, weight]));
+        }
+        run_id["teachers"] = teachers.into();
+    }
     let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
-    run(&job.student, source, tokenizer, seqs, keys, &job.kd, &job.train, out)
+    let guide = Guide { kd: &job.kd, teacher: teacher.map(|(t, _)| t) };
+    run(&job.student, source, tokenizer, seqs, keys, guide, &job.train, out)
+}
+
+/// The teacher held in memory during distillation, and its fingerprint (for the run identity).
+fn load_teacher(spec: &str, tokenizer: &Tokenizer, cfg: &TrainConfig) -> anyhow::Result<(Llama, String)> {
+    let ckpt = Checkpoint::open(spec, None).with_context(|| format!("opening the teacher `{spec}`"))?;
+    if ckpt.tokenizer.vocab_hash() != tokenizer.vocab_hash() {
+        bail!(TrainError::Config(format!(
+            "the teacher `{spec}` has a different tokenizer than the student; a teacher in memory must share the \
+             student's vocabulary (set the distill step's `tokenizer:` to the teacher's folder)"
+        )));
+    }
+    let context = ckpt.config.max_position_embeddings;
+    if context < cfg.max_seq_len {
+        bail!(TrainError::Config(format!(
+            "the teacher `{spec}` reads at most {context} positions but `train.max_seq_len` is {}; lower it to {context}",
+            cfg.max_seq_len
+        )));
+    }
+    let fingerprint = ckpt.fingerprint()?;
+    Ok((ckpt.model(&Device::Cpu, crate::model::Precision::F32)?, fingerprint))
 }
 
 /// Prompt tokens (with BOS) followed by completion tokens and EOS; only the completion counts.
@@ -155,6 +206,17 @@ pub fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainErr
         if !(kd.temperature > 0.0 && kd.temperature.is_finite()) {
             return bad("`kd.temperature` must be > 0");
         }
+        if !(0.0..=1.0).contains(&kd.beta) {
+            return bad(&format!("`kd.beta` must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {}", kd.beta));
+        }
+        if !(0.0..=1.0).contains(&kd.skew) {
+            return bad(&format!("`kd.skew` must be in [0, 1] (0 = plain KL, 1 = no loss), got {}", kd.skew));
+        }
+        if let Some(h) = &kd.hidden {
+            if !(h.weight >= 0.0 && h.weight.is_finite()) {
+                return bad(&format!("`kd.hidden.weight` must be ≥ 0, got {}", h.weight));
+            }
+        }
     }
     Ok(())
 }
@@ -223,32 +285,128 @@ fn split(seqs: Vec<Sequence>, keys: &[String], fraction: f64) -> (Vec<Sequence>,
     (train, valid)
 }
 
-/// Mean loss terms over a set of sequences, token-weighted. Returns (total, ce, kl).
+/// Mean loss terms over a set of sequences, token-weighted. Returns (total, ce, kd).
 fn mean_loss(
     model: &Llama,
     seqs: &[Sequence],
-    kd: &KdConfig,
+    guide: &Guide,
+    projections: &[Var],
     batch_size: usize,
 ) -> anyhow::Result<(f64, f64, Option<f64>)> {
-    let (mut total, mut ce, mut kl, mut n) = (0.0, 0.0, 0.0, 0usize);
+    let (mut total, mut ce, mut kd, mut n) = (0.0, 0.0, 0.0, 0usize);
     for chunk in seqs.chunks(batch_size.max(1)) {
         let refs: Vec<&Sequence> = chunk.iter().collect();
         let batch = Batch::new(&refs, model.device())?;
         let count = batch.targets.dim(0)?;
-        let terms = batch_loss(model, &batch, kd)?;
+        let terms = batch_loss(model, &batch, guide, projections)?;
         total += scalar(&terms.total)? * count as f64;
         ce += scalar(&terms.ce)? * count as f64;
-        kl += terms.kl.as_ref().map(scalar).transpose()?.unwrap_or(0.0) * count as f64;
+        kd += terms.kd.as_ref().map(scalar).transpose()?.unwrap_or(0.0) * count as f64;
         n += count;
     }
     let n = n.max(1) as f64;
-    Ok((total / n, ce / n, (kd.alpha > 0.0).then_some(kl / n)))
+    Ok((total / n, ce / n, (guide.kd.alpha > 0.0).then_some(kd / n)))
 }
 
-fn batch_loss(model: &Llama, batch: &Batch, kd: &KdConfig) -> anyhow::Result<LossTerms> {
-    let logits = model.forward_at(&batch.inputs, &batch.positions)?;
-    let teacher = batch.teacher.as_ref().map(|(i, l)| (i, l));
-    Ok(distill_loss(&logits, &batch.targets, teacher, kd.alpha, kd.temperature)?)
+/// Rows of teacher logits made at once from its hidden states (bounds the (rows, V) tensor).
+const TEACHER_CHUNK: usize = 1024;
+
+/// The loss of one batch: the student's forward at the counted positions, the teacher's
+/// (stored top-k, or a forward of the teacher in memory), the divergence, the hidden-state
+/// alignment through `projections` (one per `kd.hidden.layers` pair).
+fn batch_loss(model: &Llama, batch: &Batch, guide: &Guide, projections: &[Var]) -> anyhow::Result<LossTerms> {
+    let kd = guide.kd;
+    let pairs = kd.hidden.as_ref().map(|h| h.layers.as_slice()).unwrap_or_default();
+    let student_taps: Vec<usize> = pairs.iter().map(|p| p[0]).collect();
+    let (x, student_states) = model.states_at(&batch.inputs, &batch.positions, &student_taps)?;
+    let logits = model.head(&x)?;
+    let ce = cross_entropy(&logits, &batch.targets)?;
+    let (mut divergence, mut hidden) = (None, None);
+    match (&guide.teacher, &batch.teacher) {
+        (Some(teacher), _) => {
+            let teacher_taps: Vec<usize> = pairs.iter().map(|p| p[1]).collect();
+            let (tx, teacher_states) = teacher.states_at(&batch.inputs, &batch.positions, &teacher_taps)?;
+            // Compare over the vocabulary both models have (a config may pad it past the tokenizer's).
+            let v = logits.dim(1)?.min(teacher.config().vocab_size);
+            let head = |h: &Tensor| teacher.head(h).map_err(candle_core::Error::wrap)?.narrow(1, 0, v);
+            if kd.alpha > 0.0 {
+                let student = logits.narrow(1, 0, v)?;
+                let d = divergence::full_chunked(kd.measure(), &student, &tx, &head, kd.temperature, TEACHER_CHUNK)?;
+                divergence = Some(d);
+            }
+            if let Some(h) = &kd.hidden {
+                let mut sum: Option<Tensor> = None;
+                for ((s, t), w) in student_states.iter().zip(&teacher_states).zip(projections) {
+                    let term = hidden_alignment(s, w.as_tensor(), t, h.loss)?;
+                    sum = Some(match sum {
+                        Some(acc) => (acc + term)?,
+                        None => term,
+                    });
+                }
+                let mean = sum.map(|t| t.affine(1.0 / pairs.len().max(1) as f64, 0.0)).transpose()?;
+                hidden = mean.map(|m| (m, h.weight));
+            }
+        }
+        (None, Some((ids, logprobs))) if kd.alpha > 0.0 => {
+            divergence = Some(divergence::topk(kd.measure(), &logits, ids, logprobs, kd.temperature)?);
+        }
+        (None, _) => {}
+    }
+    Ok(combine(ce, divergence, kd.alpha, hidden)?)
+}
+
+/// What the student learns from besides its targets: the objective, and the teacher when it
+/// is held in memory.
+struct Guide<'a> {
+    kd: &'a KdConfig,
+    teacher: Option<Llama>,
+}
+
+/// One learned projection (teacher width × student width) per `kd.hidden` layer pair,
+/// seeded; trained with the student, saved in checkpoints, left out of the exported model.
+fn projections(guide: &Guide, student: &LlamaConfig, seed: u64) -> anyhow::Result<(VarMap, Vec<Var>)> {
+    let varmap = VarMap::new();
+    let (Some(h), Some(teacher)) = (&guide.kd.hidden, &guide.teacher) else {
+        return Ok((varmap, Vec::new()));
+    };
+    let (cs, ct) = (student.hidden_size, teacher.config().hidden_size);
+    let (ls, lt) = (student.num_hidden_layers, teacher.config().num_hidden_layers);
+    for (i, [s, t]) in h.layers.iter().enumerate() {
+        if *s > ls || *t > lt {
+            bail!(TrainError::Config(format!(
+                "`kd.hidden.layers[{i}]` is [{s}, {t}], but the student has layers 0..={ls} and the teacher 0..={lt}"
+            )));
+        }
+        varmap.get(
+            (ct, cs),
+            &format!("{PROJECTION}.{i}.weight"),
+            candle_nn::Init::Const(0.0),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+    }
+    // N(0, 1/C_s): the projected states start at about the size of the student's.
+    let std = 1.0 / (cs as f64).sqrt();
+    let mut rng = StdRng::seed_from_u64(crate::hash::fnv1a(&[b"projections", &seed.to_le_bytes()]));
+    let data = varmap.data().lock().expect("varmap lock");
+    for i in 0..h.layers.len() {
+        let var = &data[&format!("{PROJECTION}.{i}.weight")];
+        let values: Vec<f32> = (0..var.elem_count()).map(|_| (std * normal(&mut rng)) as f32).collect();
+        var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
+    }
+    let vars = h.layers.iter().enumerate().map(|(i, _)| data[&format!("{PROJECTION}.{i}.weight")].clone()).collect();
+    drop(data);
+    Ok((varmap, vars))
+}
+
+/// Name prefix of the hidden-state projections, and their file in a checkpoint.
+const PROJECTION: &str = "hidden_projection";
+const PROJECTIONS_FILE: &str = "projections.safetensors";
+
+fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 /// Where a run writes, and how it treats checkpoints already there.
@@ -277,7 +435,7 @@ fn resume(
     run_id: &serde_json::Value,
     mode: Resume,
     steps: usize,
-    varmap: &VarMap,
+    (varmap, projections): (&VarMap, &VarMap),
     opt: &mut AdamW,
 ) -> anyhow::Result<Option<State>> {
     checkpoint::remove_partials(output);
@@ -296,6 +454,11 @@ fn resume(
         return Ok(None);
     }
     llama::load_weights(varmap, &weights).with_context(|| format!("restoring the weights from {}", path.display()))?;
+    if !projections.data().lock().expect("varmap lock").is_empty() {
+        let file = path.join(PROJECTIONS_FILE);
+        llama::load_weights(projections, &Weights::Files(vec![file]))
+            .with_context(|| format!("restoring the hidden-state projections from {}", path.display()))?;
+    }
     opt.restore(&moments, state.optimizer_steps)
         .with_context(|| format!("restoring the optimizer from {}", path.display()))?;
     eprintln!("resuming from {} (step {} of {steps})", path.display(), state.step);
@@ -309,7 +472,7 @@ fn run(
     tokenizer: Tokenizer,
     seqs: Vec<Sequence>,
     keys: Vec<String>,
-    kd: &KdConfig,
+    guide: Guide,
     cfg: &TrainConfig,
     out: Output,
 ) -> anyhow::Result<TrainReport> {
@@ -325,18 +488,26 @@ fn run(
     }
     let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
     let (model_cfg, varmap, model) = build_model(init, source.as_ref(), &tokenizer, cfg.seed)?;
-    let vars: Vec<(String, Var)> =
-        varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let (projection_map, projections) = projections(&guide, &model_cfg, cfg.seed)?;
+    let vars: Vec<(String, Var)> = [&varmap, &projection_map]
+        .iter()
+        .flat_map(|m| {
+            m.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>()
+        })
+        .collect();
     let mut opt = AdamW::new(vars, cfg)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating output folder {}", output.display()))?;
 
-    let resumed = resume(output, &out.run_id, out.resume, cfg.steps, &varmap, &mut opt)?;
+    let resumed = resume(output, &out.run_id, out.resume, cfg.steps, (&varmap, &projection_map), &mut opt)?;
     let resumed_from = resumed.as_ref().map(|st| st.step);
     let mut st = resumed.unwrap_or_else(|| State::new(out.run_id.clone()));
     let save = |st: &State, opt: &AdamW| {
         checkpoint::save(output, st, &opt.moments(), cfg.keep_checkpoints, |dir| {
             llama::save(&model_cfg, &varmap, dir)?;
             tokenizer.save(dir)?;
+            if !projections.is_empty() {
+                candle_core::safetensors::save(&llama::tensors(&projection_map), dir.join(PROJECTIONS_FILE))?;
+            }
             Ok(())
         })
     };
@@ -367,7 +538,7 @@ fn run(
         let lr = lr_at(step, cfg);
         let before = (st.epoch, st.cursor);
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().count()];
-        let (mut loss, mut ce, mut kl, mut step_tokens) = (0.0, 0.0, None, 0);
+        let (mut loss, mut ce, mut kl, mut hid, mut step_tokens) = (0.0, 0.0, None, None, 0);
         for _ in 0..cfg.grad_accum {
             let mut picked = Vec::with_capacity(cfg.batch_size);
             for _ in 0..cfg.batch_size {
@@ -381,12 +552,15 @@ fn run(
             }
             let batch = Batch::new(&picked, model.device())?;
             step_tokens += batch.tokens;
-            let terms = batch_loss(&model, &batch, kd)?;
+            let terms = batch_loss(&model, &batch, &guide, &projections)?;
             let scale = 1.0 / cfg.grad_accum as f64;
             loss += scalar(&terms.total)? * scale;
             ce += scalar(&terms.ce)? * scale;
-            if let Some(k) = &terms.kl {
+            if let Some(k) = &terms.kd {
                 kl = Some(kl.unwrap_or(0.0) + scalar(k)? * scale);
+            }
+            if let Some(h) = &terms.hidden {
+                hid = Some(hid.unwrap_or(0.0) + scalar(h)? * scale);
             }
             let g = (terms.total * scale)?.backward()?;
             for (slot, (name, var)) in grads.iter_mut().zip(opt.vars()) {
@@ -402,8 +576,10 @@ fn run(
         // A NaN or Inf stops the run with the last good weights saved (or skips the batch).
         let bad = if !ce.is_finite() {
             Some(("cross-entropy loss (ce)", ce))
-        } else if let Some(k) = kl.filter(|k| !k.is_finite()) {
-            Some(("KL loss (kl)", k))
+        } else if let Some(k) = kl.filter(|k: &f64| !k.is_finite()) {
+            Some(("divergence to the teacher (kl)", k))
+        } else if let Some(h) = hid.filter(|h: &f64| !h.is_finite()) {
+            Some(("hidden-state loss (hidden)", h))
         } else if !norm.is_finite() {
             Some(("gradient norm", norm))
         } else {
@@ -434,12 +610,12 @@ fn run(
         let last = st.step == cfg.steps;
         let validate = !valid.is_empty() && (last || (cfg.eval_every > 0 && st.step % cfg.eval_every == 0));
         if validate {
-            st.valid_loss = Some(mean_loss(&model, &valid, kd, cfg.batch_size)?.0);
+            st.valid_loss = Some(mean_loss(&model, &valid, &guide, &projections, cfg.batch_size)?.0);
         }
         if validate || step % cfg.log_every.max(1) == 0 || last {
             let tok_s = st.tokens as f64 / st.train_secs.max(1e-9);
             let line = serde_json::json!({
-                "step": st.step, "loss": loss, "ce": ce, "kl": kl, "lr": lr, "grad_norm": norm,
+                "step": st.step, "loss": loss, "ce": ce, "kl": kl, "hidden": hid, "lr": lr, "grad_norm": norm,
                 "tokens_per_sec": tok_s, "valid_loss": if validate { st.valid_loss } else { None },
             });
             writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
