@@ -322,11 +322,16 @@ fn sigterm_during_server_generation_saves_the_parts_and_the_rerun_finishes() {
 
 /// A recipe with one distill step on `samples`; `train` is the step's `train:` mapping.
 fn distill_recipe(root: &Path, name: &str, samples: &Path, teacher: &Path, train: &str) -> PathBuf {
+    distill_recipe_with(root, name, samples, teacher, train, "", "{alpha: 0.5, temperature: 2.0}")
+}
+
+/// [`distill_recipe`] with `extra` keys in the step (e.g. `teacher: ...`) and the `kd:` mapping.
+fn distill_recipe_with(root: &Path, name: &str, samples: &Path, teacher: &Path, train: &str, extra: &str, kd: &str) -> PathBuf {
     let recipe = root.join(format!("{name}.yaml"));
     let text = format!(
         "name: {name}\nworkdir: {}\nsteps:\n  - name: student\n    kind: distill\n    data: {}\n    tokenizer: {}\n    \
          student: {{config: {{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, \
-         max_position_embeddings: 128, tie_word_embeddings: true}}}}\n    kd: {{alpha: 0.5, temperature: 2.0}}\n    train: {train}\n",
+         max_position_embeddings: 128, tie_word_embeddings: true}}}}\n{extra}    kd: {kd}\n    train: {train}\n",
         root.join(name).display(),
         samples.display(),
         teacher.display()
@@ -413,6 +418,37 @@ fn training_killed_at_any_point_resumes_to_bit_identical_weights() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && out.contains("up to date") && out.contains("nothing to do"), "{out}");
     eprintln!("training: {kills} kills, {} weight bytes compared", model_bytes(&student).len());
+}
+
+#[test]
+fn a_teacher_in_memory_with_hidden_alignment_resumes_to_bit_identical_weights() {
+    let g = setup();
+    let samples = samples_for_training(&g);
+    let extra = format!("    teacher: {}\n", g.teacher.display());
+    let kd = "{alpha: 0.5, divergence: jsd, beta: 0.3, hidden: {weight: 0.5, layers: [[1, 2], [0, 1]]}}";
+    let recipe = |name: &str| distill_recipe_with(&g.root, name, &samples, &g.teacher, TRAIN, &extra, kd);
+    let reference = recipe("reference");
+    let o = train(&reference, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let killed_run = recipe("killed");
+    let o = train(&killed_run, Some("train-step:6"));
+    assert!(killed(&o), "expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
+    let student = g.root.join("killed/student");
+    assert!(student.join("checkpoints/step-000004/projections.safetensors").is_file(), "the projections are checkpointed");
+    let o = train(&killed_run, None);
+    assert!(o.status.success() && stderr(&o).contains("step 4 of 24"), "{}", stderr(&o));
+    let reference_student = g.root.join("reference/student");
+    assert!(model_bytes(&student) == model_bytes(&reference_student), "resumed weights differ");
+    assert_eq!(losses(&student), losses(&reference_student));
+    let hidden: Vec<f64> = std::fs::read_to_string(student.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["hidden"].as_f64())
+        .collect();
+    assert_eq!(hidden.len(), 24, "the hidden-state loss is logged every step");
+    // The exported model is the student alone: no projection in its weights.
+    let weights = std::fs::read(student.join("model.safetensors")).unwrap();
+    assert!(!String::from_utf8_lossy(&weights[..4096.min(weights.len())]).contains("hidden_projection"));
 }
 
 #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ops::log_softmax;
 
-/// A teacher tail bucket below this mass is treated as this mass (keeps log finite).
+/// A tail bucket below this mass is treated as this mass (keeps log finite).
 pub const MIN_TAIL: f64 = 1e-10;
 
 /// What a padding slot holds on both sides: exp of it is 0 in f32, and it is finite, so every
@@ -100,21 +100,23 @@ impl Measure {
 ///
 /// - Teacher: stored log-probs `l` (N, K) at T = 1 of `ids` (N, K); the tail holds `1 − Σ exp(l)`.
 ///   At temperature T every bucket, the tail included, is tempered as one token: `p_T ∝ exp(l / T)`
-///   (exact at T = 1; the tail's inner shape is unknown). No gradient.
+///   (exact at T = 1; the tail's inner shape is unknown); then the tail is floored at
+///   [`MIN_TAIL`] so that log p stays finite. No gradient.
 /// - Student: `q_T = softmax(z / T)` over the full vocabulary (N, V), gathered at the teacher's
 ///   ids; its tail is the mass outside them, `1 − Σ_k q_T,k`.
 pub fn topk_buckets(logits: &Tensor, ids: &Tensor, logprobs: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
+    let k = ids.dim(1)?;
     let l = logprobs.detach().to_dtype(DType::F32)?;
-    let inside = l.exp()?.sum_keepdim(1)?;
-    let tail = inside.affine(-1.0, 1.0)?.maximum(MIN_TAIL)?.log()?;
+    // The tail is tempered as it is (0 stays 0), then floored: a teacher with all its mass in
+    // the top-k keeps a negligible tail at every T.
+    let tail = l.exp()?.sum_keepdim(1)?.affine(-1.0, 1.0)?.relu()?.log()?;
     let lp = log_softmax(&Tensor::cat(&[&l, &tail], 1)?, 1.0 / t)?;
-    let real = lp.ge(PAD)?;
-    let pad = lp.ones_like()?.affine(0.0, PAD)?;
-    let lp = real.where_cond(&lp, &pad)?;
+    let real = lp.narrow(1, 0, k)?.ge(PAD)?;
+    let pad = real.to_dtype(DType::F32)?.affine(0.0, PAD)?;
+    let lp = Tensor::cat(&[&real.where_cond(&lp.narrow(1, 0, k)?, &pad)?, &lp.narrow(1, k, 1)?.maximum(MIN_TAIL.ln())?], 1)?;
 
     let logq = log_softmax(&logits.to_dtype(DType::F32)?, 1.0 / t)?;
-    let k = ids.dim(1)?;
-    let top = real.narrow(1, 0, k)?.where_cond(&logq.gather(ids, 1)?, &pad.narrow(1, 0, k)?)?;
+    let top = real.where_cond(&logq.gather(ids, 1)?, &pad)?;
     let inside = top.exp()?.sum_keepdim(1)?;
     let tail = inside.affine(-1.0, 1.0)?.maximum(MIN_TAIL)?.log()?;
     Ok((lp, Tensor::cat(&[&top, &tail], 1)?))

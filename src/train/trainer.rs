@@ -45,7 +45,7 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     let (tokenizer, source) = tokenizer_for(&job.student, job.tokenizer.as_deref())?;
     let set = data::read_samples(&job.data)?;
     let same_vocab = tokenizer.vocab_hash() == set.meta.tokenizer_hash;
-    let teacher = job.teacher.as_deref().map(|spec| load_teacher(spec, &tokenizer, &job.train)).transpose()?;
+    let teacher = job.teacher.as_deref().map(|spec| load_teacher(spec, &tokenizer)).transpose()?;
     if job.kd.hidden.is_some() && teacher.is_none() {
         bail!(TrainError::Config(
             "`kd.hidden` aligns hidden states with a teacher in memory: set `teacher:` to the teacher model".into()
@@ -88,6 +88,16 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         );
         set.samples.iter().map(|s| retokenize(&tokenizer, s)).collect::<anyhow::Result<_>>()?
     };
+    if let (Some((t, _)), Some(spec)) = (&teacher, &job.teacher) {
+        let context = t.config().max_position_embeddings;
+        let longest = seqs.iter().map(|s| s.ids.len().min(job.train.max_seq_len) - 1).max().unwrap_or(0);
+        if longest > context {
+            bail!(TrainError::Config(format!(
+                "the longest training sequence has {longest} positions but the teacher `{spec}` reads at most \
+                 {context}; set `train.max_seq_len` to {context} or less"
+            )));
+        }
+    }
     let mut run_id = identity("distill", &job.data, &job.student, source.as_ref(), &tokenizer, &job.kd, &job.train)?;
     if let Some((_, fingerprint)) = &teacher {
         run_id["teacher"] = fingerprint.clone().into();
@@ -107,19 +117,12 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
 }
 
 /// The teacher held in memory during distillation, and its fingerprint (for the run identity).
-fn load_teacher(spec: &str, tokenizer: &Tokenizer, cfg: &TrainConfig) -> anyhow::Result<(Llama, String)> {
+fn load_teacher(spec: &str, tokenizer: &Tokenizer) -> anyhow::Result<(Llama, String)> {
     let ckpt = Checkpoint::open(spec, None).with_context(|| format!("opening the teacher `{spec}`"))?;
     if ckpt.tokenizer.vocab_hash() != tokenizer.vocab_hash() {
         bail!(TrainError::Config(format!(
             "the teacher `{spec}` has a different tokenizer than the student; a teacher in memory must share the \
              student's vocabulary (set the distill step's `tokenizer:` to the teacher's folder)"
-        )));
-    }
-    let context = ckpt.config.max_position_embeddings;
-    if context < cfg.max_seq_len {
-        bail!(TrainError::Config(format!(
-            "the teacher `{spec}` reads at most {context} positions but `train.max_seq_len` is {}; lower it to {context}",
-            cfg.max_seq_len
         )));
     }
     let fingerprint = ckpt.fingerprint()?;

@@ -22,6 +22,12 @@ pub fn corpus() -> Vec<String> {
 
 /// Writes a 2-layer llama with random (sharpened) weights and a trained tokenizer into `dir`.
 pub fn tiny_teacher(dir: &Path) -> LlamaConfig {
+    tiny_teacher_seeded(dir, 3)
+}
+
+/// [`tiny_teacher`] with the weights drawn from `seed` (the same tokenizer).
+#[allow(dead_code)]
+pub fn tiny_teacher_seeded(dir: &Path, seed: u64) -> LlamaConfig {
     let tok = Tokenizer::train_bpe(&corpus(), 300).unwrap();
     tok.save(dir).unwrap();
     let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
@@ -32,7 +38,7 @@ pub fn tiny_teacher(dir: &Path) -> LlamaConfig {
     }))
     .unwrap();
     let (vm, _) = Llama::trainable(&cfg, &Device::Cpu).unwrap();
-    llama::init_weights(&vm, 3).unwrap();
+    llama::init_weights(&vm, seed).unwrap();
     // Sharper than HF's init so the teacher's distributions are far from uniform.
     for v in vm.all_vars() {
         v.set(&(v.as_tensor() * 8.0).unwrap()).unwrap();

@@ -37,8 +37,11 @@ fn ref_topk(z: &[f64], id: &[u32], l: &[f64], t: f64) -> (Vec<f64>, Vec<f64>) {
     let mut qb: Vec<f64> = real.iter().map(|&k| q[id[k] as usize]).collect();
     qb.push((1.0 - qb.iter().sum::<f64>()).max(MIN_TAIL));
     let mut pl: Vec<f64> = real.iter().map(|&k| l[k]).collect();
-    pl.push((1.0 - pl.iter().map(|x| x.exp()).sum::<f64>()).max(MIN_TAIL).ln());
-    (softmax(&pl, t), qb)
+    pl.push((1.0 - pl.iter().map(|x| x.exp()).sum::<f64>()).max(0.0).ln());
+    let mut p = softmax(&pl, t);
+    let tail = p.len() - 1;
+    p[tail] = p[tail].max(MIN_TAIL);
+    (p, qb)
 }
 
 fn kl(a: &[f64], b: &[f64]) -> f64 {
