@@ -415,3 +415,29 @@ fn an_in_process_teacher_scores_its_own_samples_as_it_sampled_them() {
     assert_eq!(set.samples[1].prompt_token_ids.len(), 1, "a bare text: its first token is the context");
     assert!(set.samples.iter().all(|s| s.topk_token_ids.iter().all(|r| r.len() == 8)));
 }
+
+/// A step with `seeds` trains once per seed into `seed-N`; eval reports one row with the mean
+/// and the spread, and the seeds' runs differ.
+#[test]
+fn a_step_over_seeds_is_one_row_with_mean_and_spread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("tiny.yaml");
+    let workdir = tmp.path().join("run");
+    write_tiny_recipe(&recipe, &workdir, 0.5);
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let text = text.replace("kind: distill,", "kind: distill, seeds: [3, 4],");
+    std::fs::write(&recipe, text).unwrap();
+    let (ok, stdout, stderr) = run_recipe(&recipe, &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let student = workdir.join("student");
+    let weights = |seed: u32| std::fs::read(student.join(format!("seed-{seed}/model.safetensors"))).unwrap();
+    assert_ne!(weights(3), weights(4), "each seed is its own run");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(workdir.join("summary.json")).unwrap()).unwrap();
+    let row = &summary["models"][1];
+    assert_eq!(row["name"], "student");
+    assert_eq!(row["seeds"], 2, "{row}");
+    assert!(row["kl_to_teacher_std"].as_f64().is_some_and(|s| s > 0.0), "{row}");
+    assert!(row["train_secs"].as_f64().is_some_and(|s| s > 0.0), "{row}");
+    assert!(stdout.contains(" ±"), "the table shows the spread:\n{stdout}");
+}

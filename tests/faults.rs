@@ -326,7 +326,15 @@ fn distill_recipe(root: &Path, name: &str, samples: &Path, teacher: &Path, train
 }
 
 /// [`distill_recipe`] with `extra` keys in the step (e.g. `teacher: ...`) and the `kd:` mapping.
-fn distill_recipe_with(root: &Path, name: &str, samples: &Path, teacher: &Path, train: &str, extra: &str, kd: &str) -> PathBuf {
+fn distill_recipe_with(
+    root: &Path,
+    name: &str,
+    samples: &Path,
+    teacher: &Path,
+    train: &str,
+    extra: &str,
+    kd: &str,
+) -> PathBuf {
     let recipe = root.join(format!("{name}.yaml"));
     let text = format!(
         "name: {name}\nworkdir: {}\nsteps:\n  - name: student\n    kind: distill\n    data: {}\n    tokenizer: {}\n    \
@@ -434,7 +442,10 @@ fn a_teacher_in_memory_with_hidden_alignment_resumes_to_bit_identical_weights() 
     let o = train(&killed_run, Some("train-step:6"));
     assert!(killed(&o), "expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
     let student = g.root.join("killed/student");
-    assert!(student.join("checkpoints/step-000004/projections.safetensors").is_file(), "the projections are checkpointed");
+    assert!(
+        student.join("checkpoints/step-000004/projections.safetensors").is_file(),
+        "the projections are checkpointed"
+    );
     let o = train(&killed_run, None);
     assert!(o.status.success() && stderr(&o).contains("step 4 of 24"), "{}", stderr(&o));
     let reference_student = g.root.join("reference/student");

@@ -87,7 +87,14 @@ impl Setup {
             student: ModelInit { from: None, config: Some(config), layers: None },
             tokenizer: Some(self.teacher.clone()),
             kd,
-            train: TrainConfig { steps, batch_size: 4, lr: 1e-2, warmup_steps: 1, valid_fraction: 0.0, ..Default::default() },
+            train: TrainConfig {
+                steps,
+                batch_size: 4,
+                lr: 1e-2,
+                warmup_steps: 1,
+                valid_fraction: 0.0,
+                ..Default::default()
+            },
             output: self.root.join(name),
             resume: Resume::Auto,
         }
@@ -143,7 +150,12 @@ fn every_divergence_trains_the_student_towards_the_teacher() {
     let samples = s.samples("samples", 8);
     for d in Divergence::ALL {
         let r = distill(&s.job(&format!("s-{}", d.name()), &samples, kd(d, 1.0), 30)).unwrap();
-        assert!(r.final_loss.is_finite() && r.final_loss < r.first_loss * 0.98, "{d:?}: {} → {}", r.first_loss, r.final_loss);
+        assert!(
+            r.final_loss.is_finite() && r.final_loss < r.first_loss * 0.98,
+            "{d:?}: {} → {}",
+            r.first_loss,
+            r.final_loss
+        );
     }
 }
 

@@ -324,3 +324,11 @@ fn teacher_weights_negative_or_summing_to_zero() {
         &["`teachers`", "sum to more than 0", "got 0"],
     );
 }
+
+#[test]
+fn a_bare_reference_to_a_step_over_seeds() {
+    let text = format!(
+        "{HEAD}{TASK}{TEACHER}    seeds: [0, 1]\n  - name: samples\n    kind: generate\n    teacher: steps.teacher.output\n    prompts: steps.task.output/prompts.jsonl\n"
+    );
+    assert_line(&text, 15, &["`teacher: steps.teacher.output`", "once per seed", "steps.teacher.output/seed-0"]);
+}

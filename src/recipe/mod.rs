@@ -76,7 +76,7 @@ use crate::train::{self, DistillJob, FinetuneJob, ModelInit, Resume, TrainReport
 pub use steps::{
     DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep, TeacherSet,
 };
-pub use summary::{format_summary, model_rows, ModelRow, RecipeSummary, StepRow};
+pub use summary::{format_summary, model_rows, ModelGroup, ModelRow, RecipeSummary, StepRow};
 
 /// A parsed and validated recipe: every reference names an earlier step.
 #[derive(Debug, Clone)]
@@ -203,7 +203,14 @@ impl Recipe {
                     ),
                     None => err_at(value, message),
                 };
-                let (target, _) = reference.map_err(|m| at_value(format!("`{key}`: {m}")))?;
+                let (target, sub) = reference.map_err(|m| at_value(format!("`{key}`: {m}")))?;
+                let seeded = self.steps[..i].iter().find(|s| s.name == target).map_or(&[][..], |s| s.seeds());
+                if let (Some(seed), "", false) = (seeded.first(), sub, key == "models") {
+                    return Err(at_value(format!(
+                        "`{key}: {value}`: step `{target}` trains once per seed (`seeds`), one folder each; \
+                         name one, e.g. `steps.{target}.output/seed-{seed}`"
+                    )));
+                }
                 if target == step.name {
                     return Err(at_value(format!(
                         "`{key}: {value}` refers to the step itself; use an earlier step's output"
@@ -439,7 +446,9 @@ impl Recipe {
                     output,
                     resume,
                 };
-                train_outcome(train::finetune(&job)?)?
+                train_outcome(over_seeds(&s.seeds, &job.train, &job.output, |train, output| {
+                    train::finetune(&FinetuneJob { train, output, ..job.clone() })
+                })?)?
             }
             StepConfig::Distill(s) => {
                 let job = DistillJob {
@@ -453,7 +462,9 @@ impl Recipe {
                     output,
                     resume,
                 };
-                train_outcome(train::distill(&job)?)?
+                train_outcome(over_seeds(&s.seeds, &job.train, &job.output, |train, output| {
+                    train::distill(&DistillJob { train, output, ..job.clone() })
+                })?)?
             }
             StepConfig::Generate(s) => {
                 let job = GenerateJob {
@@ -494,28 +505,31 @@ impl Recipe {
                 sampled_outcome(what, r.tokens_per_sec, r.wall_secs, &r.output, &r)?
             }
             StepConfig::Eval(s) => {
+                let mut groups = Vec::new();
                 let mut reports: Vec<EvalReport> = Vec::new();
                 for model in &s.models {
-                    let job = EvalJob {
-                        model: self.resolve_spec(model),
-                        precision: s.dtype,
-                        data: self.resolve(&s.data),
-                        task: s.task.as_deref().map(|t| self.resolve(t)),
-                        batch_size: s.batch_size,
-                    };
-                    let report = eval::evaluate(&job).with_context(|| format!("evaluating `{model}`"))?;
-                    reports.push(report);
-                }
-                // A model's row is named after the step that made it.
-                let names: Vec<String> = s
-                    .models
-                    .iter()
-                    .map(|m| match parse_ref(m) {
+                    // A model's row is named after the step that made it.
+                    let name = match parse_ref(model) {
                         Some(Ok((name, _))) => name.to_string(),
-                        _ => m.clone(),
-                    })
-                    .collect();
-                let rows = model_rows(&step.name, &names, &reports);
+                        _ => model.clone(),
+                    };
+                    let mut group = ModelGroup { name, reports: Vec::new(), train_secs: Vec::new() };
+                    for folder in self.seed_folders(model) {
+                        let job = EvalJob {
+                            model: folder.to_string_lossy().into_owned(),
+                            precision: s.dtype,
+                            data: self.resolve(&s.data),
+                            task: s.task.as_deref().map(|t| self.resolve(t)),
+                            batch_size: s.batch_size,
+                        };
+                        let report = eval::evaluate(&job).with_context(|| format!("evaluating `{model}`"))?;
+                        group.train_secs.extend(train_secs(&folder));
+                        reports.push(report.clone());
+                        group.reports.push(report);
+                    }
+                    groups.push(group);
+                }
+                let rows = model_rows(&step.name, &groups);
                 let path = output.join("reports.json");
                 std::fs::write(&path, serde_json::to_string_pretty(&reports)?)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -535,6 +549,52 @@ impl Recipe {
             }
         })
     }
+
+    /// The model folders behind an eval step's `models` entry: one per seed for a step that
+    /// trains over several seeds, else the one folder.
+    fn seed_folders(&self, value: &str) -> Vec<PathBuf> {
+        let seeded = match parse_ref(value) {
+            Some(Ok((name, ""))) => self.steps.iter().find(|s| s.name == name).map(Step::seeds).unwrap_or_default(),
+            _ => &[],
+        };
+        let path = self.resolve(value);
+        if seeded.is_empty() {
+            return vec![path];
+        }
+        seeded.iter().map(|seed| path.join(seed_folder(*seed))).collect()
+    }
+}
+
+/// The folder of one seed's run inside a step's output.
+fn seed_folder(seed: u64) -> String {
+    format!("seed-{seed}")
+}
+
+/// The training wall time a model folder records (its train_report.json), if any.
+fn train_secs(folder: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(folder.join("train_report.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["wall_secs"].as_f64()
+}
+
+/// Runs a training job once (`seeds` empty) or once per seed, with `train.seed` replaced and
+/// the output in `<output>/seed-N`.
+fn over_seeds(
+    seeds: &[u64],
+    train: &train::TrainConfig,
+    output: &Path,
+    run: impl Fn(train::TrainConfig, PathBuf) -> anyhow::Result<TrainReport>,
+) -> anyhow::Result<Vec<TrainReport>> {
+    if seeds.is_empty() {
+        return Ok(vec![run(train.clone(), output.to_path_buf())?]);
+    }
+    seeds
+        .iter()
+        .map(|&seed| {
+            println!("    seed {seed}");
+            let out = output.join(seed_folder(seed));
+            run(train::TrainConfig { seed, ..train.clone() }, out).with_context(|| format!("seed {seed}"))
+        })
+        .collect()
 }
 
 /// What one step did.
@@ -565,10 +625,10 @@ fn sampled_outcome(
     })
 }
 
-fn train_outcome(r: TrainReport) -> anyhow::Result<Outcome> {
-    let valid = r.valid_loss.map(|v| format!(" (valid {v:.3})")).unwrap_or_default();
-    Ok(Outcome {
-        line: format!(
+fn train_outcome(reports: Vec<TrainReport>) -> anyhow::Result<Outcome> {
+    let line = |r: &TrainReport| {
+        let valid = r.valid_loss.map(|v| format!(" (valid {v:.3})")).unwrap_or_default();
+        format!(
             "loss {:.3} → {:.3}{valid}, {} steps, {} params, {:.0} tok/s, {:.1}s → {}",
             r.first_loss,
             r.final_loss,
@@ -577,11 +637,17 @@ fn train_outcome(r: TrainReport) -> anyhow::Result<Outcome> {
             r.tokens_per_sec,
             r.wall_secs,
             r.output.display()
+        )
+    };
+    let speed = reports.iter().map(|r| r.tokens_per_sec).sum::<f64>() / reports.len().max(1) as f64;
+    let (line, report) = match reports.as_slice() {
+        [one] => (line(one), serde_json::to_value(one)?),
+        many => (
+            format!("{} seeds:\n      {}", many.len(), many.iter().map(line).collect::<Vec<_>>().join("\n      ")),
+            serde_json::to_value(many)?,
         ),
-        tokens_per_sec: Some(r.tokens_per_sec),
-        report: serde_json::to_value(&r)?,
-        models: Vec::new(),
-    })
+    };
+    Ok(Outcome { line, tokens_per_sec: Some(speed), report, models: Vec::new() })
 }
 
 /// Runs a recipe's steps in order, skipping those already done with the same configuration and

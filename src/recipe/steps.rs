@@ -72,6 +72,10 @@ pub struct FinetuneStep {
     pub tokenizer: Option<String>,
     #[serde(default)]
     pub train: TrainConfig,
+    /// Train once per seed (`train.seed` replaced), into `<output>/seed-N`; an eval step then
+    /// reports the mean and spread over them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
 }
 
 /// `kind: generate`: `generate::generate`; writes Parquet parts and a manifest to `<workdir>/<name>`.
@@ -169,6 +173,9 @@ pub struct DistillStep {
     pub kd: KdConfig,
     #[serde(default)]
     pub train: TrainConfig,
+    /// As for `finetune`: one run per seed, into `<output>/seed-N`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
 }
 
 /// One teacher of a mixture: samples or scores over the distill step's completions.
@@ -210,6 +217,15 @@ fn default_eval_batch_size() -> usize {
 }
 
 impl Step {
+    /// The seeds a training step runs over (empty: one run with `train.seed`).
+    pub fn seeds(&self) -> &[u64] {
+        match &self.config {
+            StepConfig::Finetune(s) => &s.seeds,
+            StepConfig::Distill(s) => &s.seeds,
+            _ => &[],
+        }
+    }
+
     pub fn kind(&self) -> StepKind {
         match self.config {
             StepConfig::Task(_) => StepKind::Task,

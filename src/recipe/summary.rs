@@ -17,7 +17,8 @@ pub struct RecipeSummary {
     pub total_wall_secs: f64,
 }
 
-/// One evaluated model.
+/// One evaluated model, or one model trained over several seeds (then every number is the
+/// mean over the seeds, and the `*_std` fields their sample standard deviation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRow {
     /// The eval step that scored it.
@@ -32,6 +33,31 @@ pub struct ModelRow {
     pub nll_per_token: f64,
     pub kl_to_teacher: Option<f64>,
     pub top1_agreement: Option<f64>,
+    /// Training wall time, from the model's train_report.json.
+    #[serde(default)]
+    pub train_secs: Option<f64>,
+    #[serde(default = "one")]
+    pub seeds: usize,
+    #[serde(default)]
+    pub task_accuracy_std: Option<f64>,
+    #[serde(default)]
+    pub kl_to_teacher_std: Option<f64>,
+    #[serde(default)]
+    pub top1_agreement_std: Option<f64>,
+    #[serde(default)]
+    pub train_secs_std: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// What an eval step measured for one `models` entry: one report per seed (one for a model
+/// trained once), and the training time each folder records.
+pub struct ModelGroup {
+    pub name: String,
+    pub reports: Vec<EvalReport>,
+    pub train_secs: Vec<f64>,
 }
 
 /// One step of the run.
@@ -47,27 +73,56 @@ pub struct StepRow {
     pub report: serde_json::Value,
 }
 
-/// The model rows of one eval step: `names[i]` for `reports[i]`; accuracy relative to the first.
-pub fn model_rows(eval_step: &str, names: &[String], reports: &[EvalReport]) -> Vec<ModelRow> {
-    let first = reports.first().and_then(|r| r.task_accuracy);
-    names
-        .iter()
-        .zip(reports)
-        .map(|(name, r)| ModelRow {
-            eval_step: eval_step.to_string(),
-            name: name.clone(),
-            model: r.model.clone(),
-            params: r.params,
-            task_accuracy: r.task_accuracy,
+/// The model rows of one eval step, one per group; accuracy relative to the first group's.
+pub fn model_rows(eval_step: &str, groups: &[ModelGroup]) -> Vec<ModelRow> {
+    let rows: Vec<ModelRow> = groups.iter().map(|g| row(eval_step, g)).collect();
+    let first = rows.first().and_then(|r| r.task_accuracy);
+    rows.into_iter()
+        .map(|r| ModelRow {
             accuracy_vs_first: match (r.task_accuracy, first) {
                 (Some(a), Some(f)) if f > 0.0 => Some(a / f),
                 _ => None,
             },
-            nll_per_token: r.nll_per_token,
-            kl_to_teacher: r.kl_to_teacher,
-            top1_agreement: r.top1_agreement,
+            ..r
         })
         .collect()
+}
+
+fn row(eval_step: &str, g: &ModelGroup) -> ModelRow {
+    let all = |f: &dyn Fn(&EvalReport) -> Option<f64>| -> Option<Vec<f64>> { g.reports.iter().map(f).collect() };
+    let acc = all(&|r| r.task_accuracy);
+    let kl = all(&|r| r.kl_to_teacher);
+    let top1 = all(&|r| r.top1_agreement);
+    let nll = all(&|r| Some(r.nll_per_token)).unwrap_or_default();
+    let secs = (g.train_secs.len() == g.reports.len()).then(|| g.train_secs.clone());
+    let first = g.reports.first();
+    ModelRow {
+        eval_step: eval_step.to_string(),
+        name: g.name.clone(),
+        model: first.map(|r| r.model.clone()).unwrap_or_default(),
+        params: first.map_or(0, |r| r.params),
+        task_accuracy: acc.as_deref().and_then(mean),
+        accuracy_vs_first: None,
+        nll_per_token: mean(&nll).unwrap_or(f64::NAN),
+        kl_to_teacher: kl.as_deref().and_then(mean),
+        top1_agreement: top1.as_deref().and_then(mean),
+        train_secs: secs.as_deref().and_then(mean),
+        seeds: g.reports.len(),
+        task_accuracy_std: acc.as_deref().and_then(std),
+        kl_to_teacher_std: kl.as_deref().and_then(std),
+        top1_agreement_std: top1.as_deref().and_then(std),
+        train_secs_std: secs.as_deref().and_then(std),
+    }
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// The sample standard deviation; None for fewer than two values.
+fn std(v: &[f64]) -> Option<f64> {
+    let m = mean(v)?;
+    (v.len() > 1).then(|| (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt())
 }
 
 /// The summary as plain text: the model table (when something was evaluated), the step table
@@ -75,22 +130,48 @@ pub fn model_rows(eval_step: &str, names: &[String], reports: &[EvalReport]) -> 
 pub fn format_summary(s: &RecipeSummary) -> String {
     let mut out = String::new();
     if !s.models.is_empty() {
-        let header = ["model", "params", "task acc", "acc vs first", "nll/token", "kl to teacher", "top-1 agree"];
+        let seeded = s.models.iter().any(|m| m.seeds > 1);
+        let header = [
+            "model",
+            "seeds",
+            "params",
+            "task acc",
+            "acc vs first",
+            "nll/token",
+            "kl to teacher",
+            "top-1 agree",
+            "train s",
+        ];
         let rows: Vec<Vec<String>> = s
             .models
             .iter()
             .map(|m| {
-                vec![
+                // With seeds: mean ± sample standard deviation (in the column's unit).
+                let pm = |v: Option<f64>, sd: Option<f64>, f: &dyn Fn(f64) -> String| match (v, sd) {
+                    (Some(v), Some(sd)) => format!("{} ±{}", f(v), f(sd).trim_end_matches('%')),
+                    (v, _) => opt(v, f),
+                };
+                let mut row = vec![
                     m.name.clone(),
+                    m.seeds.to_string(),
                     human(m.params as f64),
-                    opt(m.task_accuracy, percent),
+                    pm(m.task_accuracy, m.task_accuracy_std, &percent),
                     opt(m.accuracy_vs_first, percent),
                     format!("{:.3}", m.nll_per_token),
-                    opt(m.kl_to_teacher, |v| format!("{v:.3}")),
-                    opt(m.top1_agreement, percent),
-                ]
+                    pm(m.kl_to_teacher, m.kl_to_teacher_std, &|v| format!("{v:.3}")),
+                    pm(m.top1_agreement, m.top1_agreement_std, &percent),
+                    pm(m.train_secs, m.train_secs_std, &|v| format!("{v:.1}")),
+                ];
+                if !seeded {
+                    row.remove(1);
+                }
+                row
             })
             .collect();
+        let mut header = header.to_vec();
+        if !seeded {
+            header.remove(1);
+        }
         out.push_str(&table(&header, &rows, 1));
         out.push('\n');
     }
@@ -167,16 +248,19 @@ mod tests {
         }
     }
 
+    fn group(name: &str, reports: Vec<EvalReport>, secs: &[f64]) -> ModelGroup {
+        ModelGroup { name: name.into(), reports, train_secs: secs.to_vec() }
+    }
+
     fn summary() -> RecipeSummary {
-        let names = vec!["teacher".to_string(), "student".to_string()];
-        let reports = [
-            report("runs/q/teacher", 812_345, Some(0.96), Some(0.0)),
-            report("runs/q/student", 150_000, Some(0.72), None),
+        let groups = [
+            group("teacher", vec![report("runs/q/teacher", 812_345, Some(0.96), Some(0.0))], &[95.04]),
+            group("student", vec![report("runs/q/student", 150_000, Some(0.72), None)], &[]),
         ];
         RecipeSummary {
             name: "q".into(),
             workdir: "runs/q".into(),
-            models: model_rows("eval", &names, &reports),
+            models: model_rows("eval", &groups),
             steps: vec![
                 StepRow {
                     name: "task".into(),
@@ -210,8 +294,13 @@ mod tests {
 
     #[test]
     fn no_relative_accuracy_without_task_accuracy() {
-        let names = vec!["a".to_string(), "b".to_string()];
-        let rows = model_rows("eval", &names, &[report("a", 1, None, None), report("b", 1, Some(0.5), None)]);
+        let rows = model_rows(
+            "eval",
+            &[
+                group("a", vec![report("a", 1, None, None)], &[]),
+                group("b", vec![report("b", 1, Some(0.5), None)], &[]),
+            ],
+        );
         assert_eq!(rows[1].accuracy_vs_first, None);
     }
 
@@ -219,9 +308,9 @@ mod tests {
     fn summary_table_is_aligned() {
         let text = format_summary(&summary());
         let expected = "\
-model    params  task acc  acc vs first  nll/token  kl to teacher  top-1 agree
-teacher  812.3k     96.0%        100.0%      0.250          0.000        90.0%
-student  150.0k     72.0%         75.0%      0.250              -            -
+model    params  task acc  acc vs first  nll/token  kl to teacher  top-1 agree  train s
+teacher  812.3k     96.0%        100.0%      0.250          0.000        90.0%     95.0
+student  150.0k     72.0%         75.0%      0.250              -            -        -
 
 step     kind      wall s  tokens/s
 task     task         1.2         -
@@ -230,6 +319,29 @@ teacher  finetune    95.0    123.5k
 total wall time: 96.3 s
 ";
         assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn seeds_give_the_mean_and_the_spread() {
+        let reports = vec![
+            report("s/seed-0", 10, Some(0.70), Some(0.30)),
+            report("s/seed-1", 10, Some(0.80), Some(0.20)),
+            report("s/seed-2", 10, Some(0.90), Some(0.10)),
+        ];
+        let rows = model_rows(
+            "eval",
+            &[group("teacher", vec![report("t", 20, Some(1.0), None)], &[]), group("s", reports, &[1.0, 2.0, 3.0])],
+        );
+        let s = &rows[1];
+        assert_eq!(s.seeds, 3);
+        assert!((s.task_accuracy.unwrap() - 0.8).abs() < 1e-12 && (s.task_accuracy_std.unwrap() - 0.1).abs() < 1e-12);
+        assert!((s.kl_to_teacher.unwrap() - 0.2).abs() < 1e-12 && (s.kl_to_teacher_std.unwrap() - 0.1).abs() < 1e-12);
+        assert!((s.train_secs.unwrap() - 2.0).abs() < 1e-12 && (s.train_secs_std.unwrap() - 1.0).abs() < 1e-12);
+        assert!((s.accuracy_vs_first.unwrap() - 0.8).abs() < 1e-12);
+        let text = format_summary(&RecipeSummary { models: rows, ..summary() });
+        let line = text.lines().find(|l| l.starts_with("s ")).unwrap();
+        assert!(line.contains("80.0% ±10.0") && line.contains("0.200 ±0.100") && line.contains("2.0 ±1.0"), "{text}");
+        assert!(text.lines().next().unwrap().contains("seeds"), "{text}");
     }
 
     #[test]

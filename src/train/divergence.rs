@@ -113,7 +113,8 @@ pub fn topk_buckets(logits: &Tensor, ids: &Tensor, logprobs: &Tensor, t: f64) ->
     let lp = log_softmax(&Tensor::cat(&[&l, &tail], 1)?, 1.0 / t)?;
     let real = lp.narrow(1, 0, k)?.ge(PAD)?;
     let pad = real.to_dtype(DType::F32)?.affine(0.0, PAD)?;
-    let lp = Tensor::cat(&[&real.where_cond(&lp.narrow(1, 0, k)?, &pad)?, &lp.narrow(1, k, 1)?.maximum(MIN_TAIL.ln())?], 1)?;
+    let lp =
+        Tensor::cat(&[&real.where_cond(&lp.narrow(1, 0, k)?, &pad)?, &lp.narrow(1, k, 1)?.maximum(MIN_TAIL.ln())?], 1)?;
 
     let logq = log_softmax(&logits.to_dtype(DType::F32)?, 1.0 / t)?;
     let top = real.where_cond(&logq.gather(ids, 1)?, &pad)?;
