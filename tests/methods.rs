@@ -185,5 +185,6 @@ fn two_teachers_are_one_mixture_target() {
     let mut job = s.job("mismatch", &samples, kd(Divergence::ForwardKl, 1.0), 1);
     job.teachers = vec![(samples.clone(), 1.0), (s.scored(&other, &reseeded, "scored-other", 8), 1.0)];
     let err = format!("{:#}", distill(&job).unwrap_err());
+    eprintln!("{err}");
     assert!(err.contains("does not hold the completion of prompt") && err.contains("kdllm score"), "{err}");
 }

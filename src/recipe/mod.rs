@@ -266,12 +266,18 @@ impl Recipe {
                 _ => Ok(()),
             };
             if let Err(message) = bounds {
-                // The first key the message names, e.g. `train.lr` → the line with `lr:`.
+                // The first key the message names, e.g. `train.lr` → the line with `lr:`, or with
+                // `lr: VALUE` when the message says `got VALUE` (one of several keys of that name).
                 let key =
                     message.split('`').nth(1).and_then(|k| k.rsplit('.').next()).and_then(|k| k.split('[').next());
-                return Err(match key {
-                    Some(k) => err_at(&format!("{k}:"), message),
-                    None => err(message),
+                let got = message.rsplit_once(", got ").map(|(_, v)| v.trim_end_matches(|c: char| !c.is_ascii_digit()));
+                let end = self.steps.get(i + 1).map_or(usize::MAX, |s| s.line);
+                return Err(match (key, got) {
+                    (Some(k), Some(v)) if parse::find(text, step.line, end, &format!("{k}: {v}")).is_some() => {
+                        err_at(&format!("{k}: {v}"), message)
+                    }
+                    (Some(k), _) => err_at(&format!("{k}:"), message),
+                    (None, _) => err(message),
                 });
             }
         }

@@ -74,7 +74,9 @@ fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> RecipeError {
             // Type errors ("invalid u64", "expected sequence start") do not say which key; the
             // source does.
             let message = match key_before(text, line, column) {
-                Some(key) if !message.contains('`') => format!("`{key}`: {message}"),
+                Some(key) if !message.contains('`') || message.starts_with("unknown variant") => {
+                    format!("`{key}`: {message}")
+                }
                 _ => message,
             };
             // "invalid u64" is serde's word for a count that is negative or not a whole number.
