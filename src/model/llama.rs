@@ -1189,6 +1189,27 @@ mod tests {
     }
 
     #[test]
+    fn hidden_states_are_numbered_as_transformers_numbers_them() {
+        // 0: the embeddings; 1: the output of decoder layer 1; 2 = num_hidden_layers: the
+        // final-norm output the head reads.
+        let (vm, m) = tiny_model(&tiny_config());
+        let ids = Tensor::from_vec((1..13u32).collect::<Vec<_>>(), (2, 6), &Device::Cpu).unwrap();
+        let rows = Tensor::new(&[1u32, 4, 7, 11], &Device::Cpu).unwrap();
+        let (x, taps) = m.states_at(&ids, &rows, &[2, 0, 1]).unwrap();
+        assert_eq!(max_abs_diff(&taps[0], &x), 0.0, "the last layer is the final-norm output");
+        let embed = vm.data().lock().unwrap()["model.embed_tokens.weight"].as_tensor().clone();
+        let want = embed.index_select(&ids.flatten_all().unwrap().index_select(&rows, 0).unwrap(), 0).unwrap();
+        assert_eq!(max_abs_diff(&taps[1], &want), 0.0, "layer 0 is the embeddings");
+        assert!(max_abs_diff(&taps[2], &taps[1]) > 1e-3 && max_abs_diff(&taps[2], &x) > 1e-3);
+        assert_eq!(max_abs_diff(&m.head(&x).unwrap(), &m.forward_at(&ids, &rows).unwrap()), 0.0);
+        let err = m.states_at(&ids, &rows, &[3]).unwrap_err().to_string();
+        assert!(err.contains("layer 3 does not exist") && err.contains("0 (embeddings) to 2"), "{err}");
+        // A tapped layer carries the gradient back to the layers below it.
+        let g = taps[2].sum_all().unwrap().backward().unwrap();
+        assert!(g.get(vm.data().lock().unwrap()["model.layers.0.mlp.down_proj.weight"].as_tensor()).is_some());
+    }
+
+    #[test]
     fn every_parameter_gets_a_gradient() {
         for tie in [false, true] {
             let cfg = LlamaConfig { tie_word_embeddings: tie, ..tiny_config() };
