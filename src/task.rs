@@ -25,12 +25,40 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-/// Which task to generate. Only addition exists for now.
+/// Which task to generate.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
+    /// `a+b=` → the sum, `max_digits + 1` digits wide.
     #[default]
     Addition,
+    /// `a*b=` → the product, `2 · max_digits` digits wide: every digit of the product depends on
+    /// many digit pairs, which makes it much harder than addition for a small model.
+    Multiplication,
+}
+
+impl TaskKind {
+    fn symbol(self) -> char {
+        match self {
+            TaskKind::Addition => '+',
+            TaskKind::Multiplication => '*',
+        }
+    }
+
+    fn apply(self, a: u64, b: u64) -> u64 {
+        match self {
+            TaskKind::Addition => a + b,
+            TaskKind::Multiplication => a * b,
+        }
+    }
+
+    /// Digits of the widest result of two `width`-digit operands.
+    fn result_width(self, width: usize) -> usize {
+        match self {
+            TaskKind::Addition => width + 1,
+            TaskKind::Multiplication => 2 * width,
+        }
+    }
 }
 
 /// The `task:` section of a recipe's `task` step. Defaults live only in `Default`.
@@ -92,7 +120,9 @@ pub struct TaskFiles {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
-    #[error("task: `max_digits` must be between 1 and 18, got {0}")]
+    #[error(
+        "task: `max_digits` must be between 1 and 18 (9 for multiplication, so that products fit in a u64), got {0}"
+    )]
     MaxDigits(usize),
     #[error(
         "task: {requested} problems requested (train_examples + test_examples + prompts) but only \
@@ -120,14 +150,14 @@ fn number(n: u64, width: usize, reverse: bool) -> String {
     }
 }
 
-/// The prompt of the problem `a + b`, operands `width` digits wide.
-fn prompt(a: u64, b: u64, width: usize, reverse: bool) -> String {
-    format!("{}+{}=", number(a, width, reverse), number(b, width, reverse))
+/// The prompt of the problem `a + b` (or `a * b`), operands `width` digits wide.
+fn prompt(kind: TaskKind, a: u64, b: u64, width: usize, reverse: bool) -> String {
+    format!("{}{}{}=", number(a, width, reverse), kind.symbol(), number(b, width, reverse))
 }
 
-/// The expected completion: the sum, `width + 1` digits wide (the most two operands need).
-fn answer(a: u64, b: u64, width: usize, reverse: bool) -> String {
-    number(a + b, width + 1, reverse)
+/// The expected completion: the result, as wide as the widest result of such operands.
+fn answer(kind: TaskKind, a: u64, b: u64, width: usize, reverse: bool) -> String {
+    number(kind.apply(a, b), kind.result_width(width), reverse)
 }
 
 /// Draws one operand: a digit count uniform in 1..=max_digits, then a value uniform among the
@@ -143,9 +173,7 @@ fn operand(rng: &mut StdRng, max_digits: usize) -> u64 {
 /// give the same files. The test problems are drawn first, so the test set does not change when
 /// only `train_examples` or `prompts` do.
 pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskError> {
-    // Addition is the only kind; a new one must be handled here (this stops compiling).
-    let TaskKind::Addition = cfg.kind;
-    if !(1..=18).contains(&cfg.max_digits) {
+    if !(1..=18).contains(&cfg.max_digits) || (cfg.kind == TaskKind::Multiplication && cfg.max_digits > 9) {
         return Err(TaskError::MaxDigits(cfg.max_digits));
     }
     let available = 10u128.pow(cfg.max_digits as u32).pow(2);
@@ -179,13 +207,13 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
         test_prompts: dir.join("test_prompts.jsonl"),
     };
     let example = |&(a, b): &(u64, u64)| ExampleRow {
-        prompt: prompt(a, b, cfg.max_digits, cfg.reverse_digits),
-        completion: answer(a, b, cfg.max_digits, cfg.reverse_digits),
+        prompt: prompt(cfg.kind, a, b, cfg.max_digits, cfg.reverse_digits),
+        completion: answer(cfg.kind, a, b, cfg.max_digits, cfg.reverse_digits),
     };
     let prompt_rows = |prefix: &'static str, pairs: &[(u64, u64)]| -> Vec<PromptRow> {
         let row = |(i, &(a, b)): (usize, &(u64, u64))| PromptRow {
             id: format!("{prefix}-{i}"),
-            prompt: prompt(a, b, cfg.max_digits, cfg.reverse_digits),
+            prompt: prompt(cfg.kind, a, b, cfg.max_digits, cfg.reverse_digits),
         };
         pairs.iter().enumerate().map(row).collect()
     };
@@ -240,13 +268,16 @@ mod tests {
 
     #[test]
     fn answers_are_sums_reversed_or_plain() {
-        assert_eq!(prompt(57, 68, 3, true), "750+860=");
-        assert_eq!(prompt(57, 68, 3, false), "057+068=");
-        assert_eq!(answer(57, 68, 3, true), "5210");
-        assert_eq!(answer(57, 68, 3, false), "0125");
-        assert_eq!(answer(0, 0, 3, true), "0000");
-        assert_eq!(answer(999, 1, 3, true), "0001");
-        assert_eq!(answer(100, 20, 2, true), "021");
+        assert_eq!(prompt(TaskKind::Addition, 57, 68, 3, true), "750+860=");
+        assert_eq!(prompt(TaskKind::Addition, 57, 68, 3, false), "057+068=");
+        assert_eq!(answer(TaskKind::Addition, 57, 68, 3, true), "5210");
+        assert_eq!(prompt(TaskKind::Multiplication, 57, 68, 2, false), "57*68=");
+        assert_eq!(answer(TaskKind::Multiplication, 57, 68, 2, false), "3876");
+        assert_eq!(answer(TaskKind::Multiplication, 7, 8, 2, true), "6500");
+        assert_eq!(answer(TaskKind::Addition, 57, 68, 3, false), "0125");
+        assert_eq!(answer(TaskKind::Addition, 0, 0, 3, true), "0000");
+        assert_eq!(answer(TaskKind::Addition, 999, 1, 3, true), "0001");
+        assert_eq!(answer(TaskKind::Addition, 100, 20, 2, true), "021");
     }
 
     #[test]
