@@ -74,6 +74,9 @@ pub struct TaskConfig {
     pub test_examples: usize,
     /// Problems the teacher will answer for distillation.
     pub prompts: usize,
+    /// The first N train problems are also written to `student_train.jsonl`: the labels a
+    /// student has without the teacher, when the teacher was trained on more (0: no file).
+    pub student_examples: usize,
     pub seed: u64,
     /// Vocabulary size of the BPE tokenizer the recipe trains on `train.jsonl`.
     pub tokenizer_vocab_size: usize,
@@ -88,6 +91,7 @@ impl Default for TaskConfig {
             train_examples: 20_000,
             test_examples: 500,
             prompts: 2000,
+            student_examples: 0,
             seed: 0,
             tokenizer_vocab_size: 300,
         }
@@ -116,6 +120,8 @@ pub struct TaskFiles {
     pub test: PathBuf,
     pub prompts: PathBuf,
     pub test_prompts: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub student_train: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +136,8 @@ pub enum TaskError {
          lower the counts or raise `max_digits`"
     )]
     TooManyProblems { requested: u128, available: u128, max_digits: usize },
+    #[error("task: `student_examples` ({student}) is more than `train_examples` ({train}); it counts the first train problems a student may also use")]
+    StudentExamples { student: usize, train: usize },
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -176,6 +184,9 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
     if !(1..=18).contains(&cfg.max_digits) || (cfg.kind == TaskKind::Multiplication && cfg.max_digits > 9) {
         return Err(TaskError::MaxDigits(cfg.max_digits));
     }
+    if cfg.student_examples > cfg.train_examples {
+        return Err(TaskError::StudentExamples { student: cfg.student_examples, train: cfg.train_examples });
+    }
     let available = 10u128.pow(cfg.max_digits as u32).pow(2);
     let requested = (cfg.train_examples + cfg.test_examples + cfg.prompts) as u128;
     if requested > available {
@@ -205,6 +216,7 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
         test: dir.join("test.jsonl"),
         prompts: dir.join("prompts.jsonl"),
         test_prompts: dir.join("test_prompts.jsonl"),
+        student_train: (cfg.student_examples > 0).then(|| dir.join("student_train.jsonl")),
     };
     let example = |&(a, b): &(u64, u64)| ExampleRow {
         prompt: prompt(cfg.kind, a, b, cfg.max_digits, cfg.reverse_digits),
@@ -221,6 +233,9 @@ pub fn write_task_data(cfg: &TaskConfig, dir: &Path) -> Result<TaskFiles, TaskEr
     write_jsonl(&files.test, test.iter().map(example))?;
     write_jsonl(&files.prompts, prompt_rows("prompt", &prompts).into_iter())?;
     write_jsonl(&files.test_prompts, prompt_rows("test", &test).into_iter())?;
+    if let Some(path) = &files.student_train {
+        write_jsonl(path, train.iter().take(cfg.student_examples).map(example))?;
+    }
     Ok(files)
 }
 
@@ -354,5 +369,19 @@ mod tests {
         assert!(!is_correct("521", "52"));
         assert!(!is_correct("521", "5210"));
         assert!(!is_correct("521", "125"));
+    }
+
+    #[test]
+    fn student_examples_are_the_first_train_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_task_data(&TaskConfig { student_examples: 20, ..small() }, dir.path()).unwrap();
+        let student = std::fs::read_to_string(files.student_train.unwrap()).unwrap();
+        let train = std::fs::read_to_string(&files.train).unwrap();
+        assert_eq!(student.lines().count(), 20);
+        assert!(train.starts_with(&student));
+        let err = write_task_data(&TaskConfig { student_examples: 301, ..small() }, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("`student_examples` (301) is more than `train_examples` (300)"), "{err}");
+        let none = write_task_data(&small(), dir.path()).unwrap();
+        assert!(none.student_train.is_none());
     }
 }

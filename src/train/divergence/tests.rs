@@ -91,9 +91,12 @@ fn ref_scale(d: Divergence, t: f64) -> f64 {
     }
 }
 
+/// Rows of student logits, teacher top-k ids and teacher log-probs.
+type TopkRows = (Vec<Vec<f64>>, Vec<Vec<u32>>, Vec<Vec<f64>>);
+
 /// Student logits over 6 tokens and the teacher's stored top-3 (the second row padded: a
 /// mixture row with two real buckets).
-fn rows_topk() -> (Vec<Vec<f64>>, Vec<Vec<u32>>, Vec<Vec<f64>>) {
+fn rows_topk() -> TopkRows {
     let z = vec![vec![1.0, -0.5, 2.0, 0.3, -1.2, 0.0], vec![0.1, 0.2, -0.3, 1.5, 0.0, -2.0], vec![0.0; 6]];
     let id = vec![vec![2, 0, 3], vec![3, 1, 0], vec![5, 4, 1]];
     let l = vec![vec![-0.4, -1.6, -2.1], vec![-0.2, -2.5, f64::NEG_INFINITY], vec![-0.1, -3.0, -4.0]];
