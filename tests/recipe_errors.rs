@@ -315,7 +315,7 @@ fn teacher_weights_negative_or_summing_to_zero() {
     };
     assert_line(
         &distill_recipe(&two("1", "-0.5"), "      alpha: 0.5\n"),
-        23,
+        24,
         &["`teachers[1].weight`", "≥ 0", "got -0.5"],
     );
     assert_line(

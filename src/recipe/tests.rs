@@ -23,13 +23,13 @@ fn quickstart_resolves_references_to_step_outputs() {
     assert_eq!(r.workdir, PathBuf::from("runs/quickstart"));
     let kinds: Vec<StepKind> = r.steps.iter().map(Step::kind).collect();
     use StepKind::*;
-    assert_eq!(kinds, [Task, Finetune, Generate, Generate, Distill, Distill, Eval]);
+    assert_eq!(kinds, [Task, Finetune, Generate, Generate, Distill, Distill, Finetune, Eval]);
     assert_eq!(r.resolve("steps.task.output/train.jsonl"), PathBuf::from("runs/quickstart/task/train.jsonl"));
     assert_eq!(r.resolve("steps.teacher.output"), PathBuf::from("runs/quickstart/teacher"));
     assert_eq!(r.resolve("steps.samples.output"), PathBuf::from("runs/quickstart/samples"));
     assert_eq!(r.resolve("prompts/x.jsonl"), PathBuf::from("prompts/x.jsonl"));
-    let StepConfig::Eval(eval) = &r.steps[6].config else { panic!("last step is not eval") };
-    assert_eq!(eval.models.len(), 3);
+    let StepConfig::Eval(eval) = &r.steps[7].config else { panic!("last step is not eval") };
+    assert_eq!(eval.models.len(), 4);
     assert_eq!(eval.task.as_deref(), Some("steps.task.output/test.jsonl"));
 }
 
@@ -60,6 +60,50 @@ fn quickstart_students_are_at_least_4x_smaller_than_the_teacher() {
     let (StepConfig::Distill(a), StepConfig::Distill(b)) = (&r.steps[4].config, &r.steps[5].config) else { panic!() };
     assert_eq!((a.kd.alpha, b.kd.alpha), (0.5, 0.0));
     assert_eq!((&a.student, &a.train, &a.data), (&b.student, &b.train, &b.data));
+    // The no-teacher row: the same student and budget, on the student's own labels.
+    let StepConfig::Finetune(scratch) = &r.steps[6].config else { panic!() };
+    assert_eq!((&scratch.model, &scratch.train), (&a.student, &a.train));
+    assert_eq!(scratch.data, "steps.task.output/student_train.jsonl");
+}
+
+#[test]
+fn methods_rows_differ_only_in_the_method() {
+    let r = load(Path::new("recipes/methods.yaml")).unwrap();
+    let step = |name: &str| r.steps.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no step {name}"));
+    let StepConfig::Finetune(scratch) = &step("student-scratch").config else { panic!() };
+    assert_eq!(scratch.seeds, [0, 1, 2]);
+    let rows = [
+        "student-seq",
+        "student-fkl",
+        "student-rkl",
+        "student-jsd",
+        "student-skl",
+        "student-exact",
+        "student-hidden",
+        "student-2t",
+    ];
+    let distill = |name: &str| match &step(name).config {
+        StepConfig::Distill(d) => d.clone(),
+        _ => panic!("{name} is not distill"),
+    };
+    for name in rows {
+        let d = distill(name);
+        assert_eq!(
+            (&d.student, &d.train, &d.seeds, d.data.as_str()),
+            (&scratch.model, &scratch.train, &scratch.seeds, "steps.samples.output"),
+            "{name}"
+        );
+    }
+    use crate::train::Divergence::*;
+    assert_eq!(distill("student-seq").kd.alpha, 0.0);
+    assert_eq!(distill("student-rkl").kd.divergence, ReverseKl);
+    assert_eq!((distill("student-jsd").kd.divergence, distill("student-jsd").kd.beta), (Jsd, 0.5));
+    assert_eq!(distill("student-skl").kd.divergence, SkewKl);
+    assert!(distill("student-exact").teacher.is_some() && distill("student-exact").kd.hidden.is_none());
+    assert!(distill("student-hidden").kd.hidden.is_some());
+    assert_eq!(distill("student-2t").teachers.len(), 2);
+    let StepConfig::Eval(eval) = &r.steps.last().unwrap().config else { panic!() };
+    assert_eq!(eval.models.len(), 2 + 1 + rows.len(), "both teachers, the no-teacher row and every method");
 }
 
 #[test]
