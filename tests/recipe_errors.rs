@@ -28,8 +28,13 @@ fn error_of(text: &str) -> (String, PathBuf) {
 }
 
 fn assert_at(text: &str, line: usize, column: usize, needles: &[&str]) {
+    assert_starts(text, &format!("{line}:{column}: "), needles);
+}
+
+/// The error starts with `recipe.yaml:` then `place` and holds every needle.
+fn assert_starts(text: &str, place: &str, needles: &[&str]) {
     let (err, path) = error_of(text);
-    let prefix = format!("{}:{line}:{column}: ", path.display());
+    let prefix = format!("{}:{place}", path.display());
     assert!(err.starts_with(&prefix), "expected `{prefix}...`, got:\n{err}");
     for n in needles {
         assert!(err.contains(n), "expected `{n}` in:\n{err}");
@@ -236,12 +241,7 @@ fn distill_recipe(extra: &str, kd: &str) -> String {
 
 /// The error starts with `recipe.yaml:line:` and holds every needle.
 fn assert_line(text: &str, line: usize, needles: &[&str]) {
-    let (err, path) = error_of(text);
-    let prefix = format!("{}:{line}:", path.display());
-    assert!(err.starts_with(&prefix), "expected `{prefix}...`, got:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "expected `{n}` in:\n{err}");
-    }
+    assert_starts(text, &format!("{line}:"), needles);
 }
 
 #[test]
