@@ -463,6 +463,36 @@ fn a_teacher_in_memory_with_hidden_alignment_resumes_to_bit_identical_weights() 
 }
 
 #[test]
+fn on_policy_training_killed_between_refreshes_resumes_to_bit_identical_weights() {
+    let g = setup();
+    let samples = samples_for_training(&g);
+    let extra = format!("    teacher: {}\n", g.teacher.display());
+    // Refreshed every 3 steps, checkpointed every 4: the kill at step 6 resumes from step 4,
+    // whose sampler is the one of step 3, kept in the checkpoint.
+    let kd = "{alpha: 0.5, divergence: jsd, on_policy: {lambda: 0.5, max_new_tokens: 6, refresh_every: 3}}";
+    let recipe = |name: &str| distill_recipe_with(&g.root, name, &samples, &g.teacher, TRAIN, &extra, kd);
+    let reference = recipe("reference");
+    let o = train(&reference, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let killed_run = recipe("killed");
+    let o = train(&killed_run, Some("train-step:6"));
+    assert!(killed(&o), "expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
+    let student = g.root.join("killed/student");
+    assert!(student.join("checkpoints/step-000004/sampler.safetensors").is_file());
+    let o = train(&killed_run, None);
+    assert!(o.status.success() && stderr(&o).contains("step 4 of 24"), "{}", stderr(&o));
+    let reference_student = g.root.join("reference/student");
+    assert!(model_bytes(&student) == model_bytes(&reference_student), "resumed weights differ");
+    assert_eq!(losses(&student), losses(&reference_student));
+    let on_policy: u64 = std::fs::read_to_string(student.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["on_policy"].as_u64())
+        .sum();
+    assert!((4..=20).contains(&on_policy), "about half of 24 batches are the student's: {on_policy}");
+}
+
+#[test]
 fn ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically() {
     let g = setup();
     let samples = samples_for_training(&g);

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use common::{tiny_teacher, write_prompts};
 use kdllm::generate::{generate, score, GenerateJob, LongPrompts, SamplingConfig, ScoreJob};
 use kdllm::model::Precision;
-use kdllm::train::{distill, DistillJob, Divergence, KdConfig, ModelInit, Resume, TrainConfig, TrainReport};
+use kdllm::train::{
+    distill, DistillJob, Divergence, KdConfig, ModelInit, OnPolicyConfig, Resume, TrainConfig, TrainReport,
+};
 
 mod common;
 
@@ -102,7 +104,7 @@ impl Setup {
 }
 
 fn kd(divergence: Divergence, alpha: f64) -> KdConfig {
-    KdConfig { alpha, temperature: 2.0, divergence, beta: 0.4, skew: 0.2, hidden: None }
+    KdConfig { alpha, temperature: 2.0, divergence, beta: 0.4, skew: 0.2, ..Default::default() }
 }
 
 fn vocab(teacher: &Path) -> usize {
@@ -187,4 +189,36 @@ fn two_teachers_are_one_mixture_target() {
     let err = format!("{:#}", distill(&job).unwrap_err());
     eprintln!("{err}");
     assert!(err.contains("does not hold the completion of prompt") && err.contains("kdllm score"), "{err}");
+}
+
+#[test]
+fn on_policy_lambda_zero_is_the_off_policy_run_and_one_is_all_student() {
+    let s = setup();
+    let samples = s.samples("samples", 8);
+    let in_memory = |name: &str, on_policy: Option<OnPolicyConfig>| {
+        let mut job = s.job(name, &samples, KdConfig { on_policy, ..kd(Divergence::Jsd, 0.5) }, 12);
+        job.teacher = Some(s.teacher.display().to_string());
+        distill(&job).unwrap()
+    };
+    let off = in_memory("off", None);
+    let zero = in_memory("zero", Some(OnPolicyConfig { lambda: 0.0, max_new_tokens: 6, ..Default::default() }));
+    let bytes = |r: &TrainReport| std::fs::read(r.output.join("model.safetensors")).unwrap();
+    assert!(bytes(&off) == bytes(&zero), "lambda 0 must train exactly as off-policy");
+    assert_eq!(zero.sample_secs, 0.0);
+    let one = in_memory("one", Some(OnPolicyConfig { lambda: 1.0, max_new_tokens: 6, ..Default::default() }));
+    assert!(bytes(&one) != bytes(&off));
+    assert!(one.sample_secs > 0.0 && one.teacher_secs > 0.0 && one.final_loss.is_finite());
+    let metrics = std::fs::read_to_string(one.output.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().all(|l| l.contains("\"on_policy\":1")), "{metrics}");
+
+    // Without a teacher in memory nothing can grade the student's samples.
+    let mut job = s.job(
+        "no-teacher",
+        &samples,
+        KdConfig { on_policy: Some(OnPolicyConfig::default()), ..kd(Divergence::Jsd, 0.5) },
+        2,
+    );
+    job.teacher = None;
+    let err = format!("{:#}", distill(&job).unwrap_err());
+    assert!(err.contains("`kd.on_policy` needs a teacher") && err.contains("`teacher:`"), "{err}");
 }

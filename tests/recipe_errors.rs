@@ -332,3 +332,29 @@ fn a_bare_reference_to_a_step_over_seeds() {
     );
     assert_line(&text, 15, &["`teacher: steps.teacher.output`", "once per seed", "steps.teacher.output/seed-0"]);
 }
+
+#[test]
+fn on_policy_bad_input() {
+    let teacher = "    teacher: steps.teacher.output\n";
+    assert_line(
+        &distill_recipe(teacher, "      on_policy: {lambda: 1.5}\n"),
+        24,
+        &["`kd.on_policy.lambda`", "[0, 1]", "got 1.5"],
+    );
+    assert_line(
+        &distill_recipe("", "      on_policy: {lambda: 0.5}\n"),
+        23,
+        &["`kd.on_policy`", "`teacher:`", "in memory"],
+    );
+    assert_line(
+        &distill_recipe("    teacher: http://localhost:8000/v1\n", "      on_policy: {lambda: 0.5}\n"),
+        22,
+        &["held in memory", "vLLM", "SGLang", "llama-server cannot"],
+    );
+    // The student of `distill_recipe` reads 2048 positions (the default).
+    assert_line(
+        &distill_recipe(teacher, "      on_policy: {lambda: 0.5, max_new_tokens: 5000}\n"),
+        24,
+        &["`kd.on_policy.max_new_tokens` is 5000", "at most 2048"],
+    );
+}

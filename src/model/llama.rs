@@ -976,7 +976,7 @@ pub fn save_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>, dir: &
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn tiny_config() -> LlamaConfig {

@@ -144,6 +144,34 @@ impl Recipe {
     /// alignment needs a teacher in memory and layers both models have; the mixture's weights;
     /// one tokenizer for every teacher.
     fn check_distill(&self, s: &DistillStep) -> Result<(), String> {
+        if let Some(t) = s.teacher.as_deref().filter(|t| t.starts_with("http://") || t.starts_with("https://")) {
+            return Err(format!(
+                "`teacher`: {t} is a server, but a distill step's teacher is held in memory; score the \
+                 samples on the server with a `kind: score` step and list its output under `teachers:`{}",
+                if s.kd.on_policy.is_some() {
+                    ". On-policy batches need their prompt log-probs scored as they are written: vLLM \
+                     (`prompt_logprobs`) and SGLang (`logprob_start_len`) can return them, llama-server cannot, and \
+                     kdllm grades on-policy batches only with a teacher in memory for now"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let Some(o) = &s.kd.on_policy {
+            if s.teacher.is_none() {
+                return Err("`kd.on_policy` needs a teacher that can grade the student's samples: set the step's \
+                     `teacher:` to the teacher model (e.g. `steps.teacher.output`), held in memory"
+                    .into());
+            }
+            let context = s.student.config.as_ref().map(|c| c.max_position_embeddings);
+            if let Some(c) = context.filter(|&c| o.max_new_tokens >= c) {
+                return Err(format!(
+                    "`kd.on_policy.max_new_tokens` is {}, but the student reads at most {c} positions, prompt \
+                     included; lower it below {c}",
+                    o.max_new_tokens
+                ));
+            }
+        }
         if let Some(h) = &s.kd.hidden {
             let Some(teacher) = &s.teacher else {
                 return Err("`kd.hidden` aligns hidden states with a teacher held in memory: set the step's \

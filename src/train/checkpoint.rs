@@ -38,6 +38,12 @@ pub struct State {
     pub skipped: usize,
     /// AdamW updates made (fewer than `step` when batches were skipped).
     pub optimizer_steps: usize,
+    /// Of `train_secs`: writing on-policy completions, and the teacher in memory (its forward
+    /// and the divergence).
+    #[serde(default)]
+    pub sample_secs: f64,
+    #[serde(default)]
+    pub teacher_secs: f64,
 }
 
 impl State {
@@ -55,6 +61,8 @@ impl State {
             valid_loss: None,
             skipped: 0,
             optimizer_steps: 0,
+            sample_secs: 0.0,
+            teacher_secs: 0.0,
         }
     }
 }

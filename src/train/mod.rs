@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod divergence;
 pub mod loss;
 pub mod mixture;
+pub mod on_policy;
 pub mod optim;
 pub mod schedule;
 mod trainer;
@@ -100,6 +101,9 @@ pub struct KdConfig {
     pub skew: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hidden: Option<HiddenConfig>,
+    /// Batches written by the student itself and graded by the teacher in memory (GKD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_policy: Option<OnPolicyConfig>,
 }
 
 const DEFAULT_BETA: f64 = 0.5;
@@ -127,6 +131,7 @@ impl Default for KdConfig {
             beta: DEFAULT_BETA,
             skew: DEFAULT_SKEW,
             hidden: None,
+            on_policy: None,
         }
     }
 }
@@ -139,6 +144,24 @@ impl KdConfig {
 
     pub fn measure(&self) -> Measure {
         Measure { divergence: self.divergence, beta: self.beta, skew: self.skew }
+    }
+}
+
+/// `kd.on_policy` (GKD's λ and the student's sampling): with probability `lambda` a batch's
+/// completions are sampled from the batch's prompts by the student as it was at the last
+/// multiple of `refresh_every` steps, and trained on the divergence to the teacher alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnPolicyConfig {
+    pub lambda: f64,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub refresh_every: usize,
+}
+
+impl Default for OnPolicyConfig {
+    fn default() -> Self {
+        Self { lambda: 0.5, max_new_tokens: 64, temperature: 1.0, refresh_every: 1 }
     }
 }
 
@@ -232,6 +255,10 @@ pub struct TrainReport {
     pub resumed_from: Option<usize>,
     /// Batches skipped for a non-finite loss (`skip_nonfinite`).
     pub skipped_steps: usize,
+    /// Of the training time: the student writing on-policy batches, and the teacher in memory.
+    pub sample_secs: f64,
+    pub teacher_secs: f64,
+    pub train_secs: f64,
 }
 
 #[derive(Debug, thiserror::Error)]

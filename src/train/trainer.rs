@@ -16,6 +16,7 @@ use super::checkpoint::{self, State};
 use super::divergence;
 use super::loss::{combine, cross_entropy, hidden_alignment, scalar, LossTerms};
 use super::mixture;
+use super::on_policy::{self, Sampler};
 use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
 use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, Resume, TrainConfig, TrainError, TrainReport};
@@ -46,6 +47,13 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     let set = data::read_samples(&job.data)?;
     let same_vocab = tokenizer.vocab_hash() == set.meta.tokenizer_hash;
     let teacher = job.teacher.as_deref().map(|spec| load_teacher(spec, &tokenizer)).transpose()?;
+    if job.kd.on_policy.is_some() && teacher.is_none() {
+        bail!(TrainError::Config(
+            "`kd.on_policy` needs a teacher that can grade the student's samples: set `teacher:` to the teacher model, \
+             held in memory"
+                .into()
+        ));
+    }
     if job.kd.hidden.is_some() && teacher.is_none() {
         bail!(TrainError::Config(
             "`kd.hidden` aligns hidden states with a teacher in memory: set `teacher:` to the teacher model".into()
@@ -91,6 +99,23 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     if let (Some((t, _)), Some(spec)) = (&teacher, &job.teacher) {
         let context = t.config().max_position_embeddings;
         let longest = seqs.iter().map(|s| s.ids.len().min(job.train.max_seq_len) - 1).max().unwrap_or(0);
+        if let Some(o) = &job.kd.on_policy {
+            let prompt = seqs.iter().map(|s| s.loss_from).max().unwrap_or(0);
+            let student = match (&job.student.config, &source) {
+                (Some(c), _) => c.max_position_embeddings,
+                (None, Some(ckpt)) => ckpt.config.max_position_embeddings,
+                (None, None) => usize::MAX,
+            };
+            let limit = student.min(context);
+            if prompt + o.max_new_tokens > limit {
+                bail!(TrainError::Config(format!(
+                    "`kd.on_policy.max_new_tokens` is {}, but the longest prompt has {prompt} tokens and the student and \
+                     teacher read at most {limit}: lower it to {}",
+                    o.max_new_tokens,
+                    limit.saturating_sub(prompt)
+                )));
+            }
+        }
         if longest > context {
             bail!(TrainError::Config(format!(
                 "the longest training sequence has {longest} positions but the teacher `{spec}` reads at most \
@@ -220,6 +245,20 @@ pub fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainErr
                 return bad(&format!("`kd.hidden.weight` must be ≥ 0, got {}", h.weight));
             }
         }
+        if let Some(o) = &kd.on_policy {
+            if !(0.0..=1.0).contains(&o.lambda) {
+                return bad(&format!(
+                    "`kd.on_policy.lambda` must be in [0, 1] (0 = the teacher's samples only, 1 = the student's only), got {}",
+                    o.lambda
+                ));
+            }
+            if o.max_new_tokens == 0 || o.refresh_every == 0 {
+                return bad("`kd.on_policy.max_new_tokens` and `kd.on_policy.refresh_every` must be ≥ 1");
+            }
+            if !(o.temperature >= 0.0 && o.temperature.is_finite()) {
+                return bad(&format!("`kd.on_policy.temperature` must be ≥ 0 (0 = greedy), got {}", o.temperature));
+            }
+        }
     }
     Ok(())
 }
@@ -301,7 +340,7 @@ fn mean_loss(
         let refs: Vec<&Sequence> = chunk.iter().collect();
         let batch = Batch::new(&refs, model.device())?;
         let count = batch.targets.dim(0)?;
-        let terms = batch_loss(model, &batch, guide, projections)?;
+        let (terms, _) = batch_loss(model, &batch, guide, projections, false)?;
         total += scalar(&terms.total)? * count as f64;
         ce += scalar(&terms.ce)? * count as f64;
         kd += terms.kd.as_ref().map(scalar).transpose()?.unwrap_or(0.0) * count as f64;
@@ -317,8 +356,18 @@ const TEACHER_CHUNK: usize = 1024;
 /// The loss of one batch: the student's forward at the counted positions, the teacher's
 /// (stored top-k, or a forward of the teacher in memory), the divergence, the hidden-state
 /// alignment through `projections` (one per `kd.hidden.layers` pair).
-fn batch_loss(model: &Llama, batch: &Batch, guide: &Guide, projections: &[Var]) -> anyhow::Result<LossTerms> {
+/// Returns the terms and the seconds spent on the teacher (its forward and the divergence).
+/// `student_written`: the completions are the student's own, so they are no CE targets and
+/// only the divergence to the teacher counts.
+fn batch_loss(
+    model: &Llama,
+    batch: &Batch,
+    guide: &Guide,
+    projections: &[Var],
+    student_written: bool,
+) -> anyhow::Result<(LossTerms, f64)> {
     let kd = guide.kd;
+    let mut teacher_secs = 0.0;
     let pairs = kd.hidden.as_ref().map(|h| h.layers.as_slice()).unwrap_or_default();
     let student_taps: Vec<usize> = pairs.iter().map(|p| p[0]).collect();
     let (x, student_states) = model.states_at(&batch.inputs, &batch.positions, &student_taps)?;
@@ -327,16 +376,18 @@ fn batch_loss(model: &Llama, batch: &Batch, guide: &Guide, projections: &[Var]) 
     let (mut divergence, mut hidden) = (None, None);
     match (&guide.teacher, &batch.teacher) {
         (Some(teacher), _) => {
+            let t = Instant::now();
             let teacher_taps: Vec<usize> = pairs.iter().map(|p| p[1]).collect();
             let (tx, teacher_states) = teacher.states_at(&batch.inputs, &batch.positions, &teacher_taps)?;
             // Compare over the vocabulary both models have (a config may pad it past the tokenizer's).
             let v = logits.dim(1)?.min(teacher.config().vocab_size);
             let head = |h: &Tensor| teacher.head(h).map_err(candle_core::Error::wrap)?.narrow(1, 0, v);
-            if kd.alpha > 0.0 {
+            if kd.alpha > 0.0 || student_written {
                 let student = logits.narrow(1, 0, v)?;
                 let d = divergence::full_chunked(kd.measure(), &student, &tx, &head, kd.temperature, TEACHER_CHUNK)?;
                 divergence = Some(d);
             }
+            teacher_secs = t.elapsed().as_secs_f64();
             if let Some(h) = &kd.hidden {
                 let mut sum: Option<Tensor> = None;
                 for ((s, t), w) in student_states.iter().zip(&teacher_states).zip(projections) {
@@ -355,7 +406,8 @@ fn batch_loss(model: &Llama, batch: &Batch, guide: &Guide, projections: &[Var]) 
         }
         (None, _) => {}
     }
-    Ok(combine(ce, divergence, kd.alpha, hidden)?)
+    let alpha = if student_written { 1.0 } else { kd.alpha };
+    Ok((combine(ce, divergence, alpha, hidden)?, teacher_secs))
 }
 
 /// What the student learns from besides its targets: the objective, and the teacher when it
@@ -405,6 +457,8 @@ fn projections(guide: &Guide, student: &LlamaConfig, seed: u64) -> anyhow::Resul
 /// Name prefix of the hidden-state projections, and their file in a checkpoint.
 const PROJECTION: &str = "hidden_projection";
 const PROJECTIONS_FILE: &str = "projections.safetensors";
+/// The on-policy sampler's weights in a checkpoint.
+const SAMPLER_FILE: &str = "sampler.safetensors";
 
 fn normal(rng: &mut StdRng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
@@ -504,15 +558,33 @@ fn run(
     let resumed = resume(output, &out.run_id, out.resume, cfg.steps, (&varmap, &projection_map), &mut opt)?;
     let resumed_from = resumed.as_ref().map(|st| st.step);
     let mut st = resumed.unwrap_or_else(|| State::new(out.run_id.clone()));
-    let save = |st: &State, opt: &AdamW| {
+    let save = |st: &State, opt: &AdamW, sampler: Option<&Sampler>| {
         checkpoint::save(output, st, &opt.moments(), cfg.keep_checkpoints, |dir| {
             llama::save(&model_cfg, &varmap, dir)?;
             tokenizer.save(dir)?;
             if !projections.is_empty() {
                 candle_core::safetensors::save(&llama::tensors(&projection_map), dir.join(PROJECTIONS_FILE))?;
             }
+            if let Some(sampler) = sampler {
+                candle_core::safetensors::save(&sampler.tensors, dir.join(SAMPLER_FILE))?;
+            }
             Ok(())
         })
+    };
+    // The student that writes on-policy batches: the weights of the last refresh, from the
+    // checkpoint when the run resumes between refreshes.
+    let on_policy = guide.kd.on_policy.as_ref();
+    let mut sampler = match on_policy {
+        Some(o) if st.step % o.refresh_every != 0 => {
+            let path = checkpoint::list(output).pop().map(|p| p.join(SAMPLER_FILE));
+            let file = path.filter(|p| p.is_file()).ok_or_else(|| {
+                TrainError::Config(format!("the checkpoint in {} has no {SAMPLER_FILE}", output.display()))
+            })?;
+            let tensors = candle_core::safetensors::load(&file, &Device::Cpu)?;
+            Some(Sampler::from_tensors(&model_cfg, tensors, st.step - st.step % o.refresh_every)?)
+        }
+        Some(_) => Some(Sampler::snapshot(&model_cfg, &varmap, st.step)?),
+        None => None,
     };
 
     // The metrics of steps after the checkpoint were logged by the run that crashed: drop them.
@@ -538,11 +610,17 @@ fn run(
     bar.set_position(st.step as u64);
     for step in st.step..cfg.steps {
         let t0 = Instant::now();
+        if let (Some(o), Some(current)) = (on_policy, &sampler) {
+            if step % o.refresh_every == 0 && current.step != step {
+                sampler = Some(Sampler::snapshot(&model_cfg, &varmap, step)?);
+            }
+        }
         let lr = lr_at(step, cfg);
         let before = (st.epoch, st.cursor);
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().count()];
         let (mut loss, mut ce, mut kl, mut hid, mut step_tokens) = (0.0, 0.0, None, None, 0);
-        for _ in 0..cfg.grad_accum {
+        let mut on_policy_batches = 0;
+        for micro in 0..cfg.grad_accum {
             let mut picked = Vec::with_capacity(cfg.batch_size);
             for _ in 0..cfg.batch_size {
                 if st.cursor == order.len() {
@@ -553,9 +631,24 @@ fn run(
                 picked.push(&train[order[st.cursor]]);
                 st.cursor += 1;
             }
-            let batch = Batch::new(&picked, model.device())?;
+            // On-policy: the same prompts, completed by the student; graded by the teacher alone.
+            let student_written = match (on_policy, &sampler) {
+                (Some(o), Some(s)) if on_policy::is_on_policy(o, cfg.seed, step, micro) => {
+                    let t = Instant::now();
+                    let seqs = on_policy::student_batch(s, &picked, o, tokenizer.eos_ids(), (cfg.seed, step, micro))?;
+                    st.sample_secs += t.elapsed().as_secs_f64();
+                    Some(seqs.into_iter().map(|s| s.truncate(cfg.max_seq_len)).collect::<Vec<_>>())
+                }
+                _ => None,
+            };
+            let batch = match &student_written {
+                Some(seqs) => Batch::new(&seqs.iter().collect::<Vec<_>>(), model.device())?,
+                None => Batch::new(&picked, model.device())?,
+            };
             step_tokens += batch.tokens;
-            let terms = batch_loss(&model, &batch, &guide, &projections)?;
+            let (terms, teacher_secs) = batch_loss(&model, &batch, &guide, &projections, student_written.is_some())?;
+            st.teacher_secs += teacher_secs;
+            on_policy_batches += usize::from(student_written.is_some());
             let scale = 1.0 / cfg.grad_accum as f64;
             loss += scalar(&terms.total)? * scale;
             ce += scalar(&terms.ce)? * scale;
@@ -591,7 +684,7 @@ fn run(
         if let Some((term, value)) = bad {
             if !cfg.skip_nonfinite {
                 (st.epoch, st.cursor) = before;
-                let checkpoint = save(&st, &opt)?;
+                let checkpoint = save(&st, &opt, sampler.as_ref())?;
                 bar.abandon();
                 bail!(TrainError::NonFinite { step: step + 1, term, value, checkpoint });
             }
@@ -619,6 +712,7 @@ fn run(
             let tok_s = st.tokens as f64 / st.train_secs.max(1e-9);
             let line = serde_json::json!({
                 "step": st.step, "loss": loss, "ce": ce, "kl": kl, "hidden": hid, "lr": lr, "grad_norm": norm,
+                "on_policy": on_policy.map(|_| on_policy_batches),
                 "tokens_per_sec": tok_s, "valid_loss": if validate { st.valid_loss } else { None },
             });
             writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
@@ -631,7 +725,7 @@ fn run(
         crate::fault::point("train-step");
         let stop = crate::interrupt::requested() && !last;
         if last || stop || (cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0) {
-            let path = save(&st, &opt)?;
+            let path = save(&st, &opt, sampler.as_ref())?;
             if stop {
                 bar.abandon();
                 let saved = format!("checkpoint of step {} saved in {}", st.step, path.display());
@@ -656,6 +750,9 @@ fn run(
         wall_secs: started.elapsed().as_secs_f64(),
         resumed_from,
         skipped_steps: st.skipped,
+        sample_secs: st.sample_secs,
+        teacher_secs: st.teacher_secs,
+        train_secs: st.train_secs,
     };
     let path = output.join("train_report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
