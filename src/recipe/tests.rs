@@ -142,3 +142,13 @@ fn omitted_sections_take_the_struct_defaults() {
     let StepConfig::Generate(g) = &r.steps[1].config else { panic!() };
     assert_eq!(g.sampling, SamplingConfig::default());
 }
+
+#[test]
+fn born_again_chains_each_student_into_the_next_teacher() {
+    let r = load(Path::new("recipes/born-again.yaml")).unwrap();
+    let step = |name: &str| &r.steps.iter().find(|s| s.name == name).unwrap().config;
+    let StepConfig::Generate(g) = step("samples-1") else { panic!() };
+    assert_eq!(g.teacher, "steps.student-1.output");
+    let (StepConfig::Distill(a), StepConfig::Distill(b)) = (step("student-1"), step("student-2")) else { panic!() };
+    assert_eq!((b.data.as_str(), &a.student, &a.kd, &a.train), ("steps.samples-1.output", &b.student, &b.kd, &b.train));
+}
