@@ -81,6 +81,8 @@ fn methods_rows_differ_only_in_the_method() {
         "student-exact",
         "student-hidden",
         "student-2t",
+        "student-gkd",
+        "student-onpolicy",
     ];
     let distill = |name: &str| match &step(name).config {
         StepConfig::Distill(d) => d.clone(),
@@ -102,8 +104,14 @@ fn methods_rows_differ_only_in_the_method() {
     assert!(distill("student-exact").teacher.is_some() && distill("student-exact").kd.hidden.is_none());
     assert!(distill("student-hidden").kd.hidden.is_some());
     assert_eq!(distill("student-2t").teachers.len(), 2);
+    let on = |name: &str| distill(name).kd.on_policy.map(|o| o.lambda);
+    assert_eq!((on("student-gkd"), distill("student-gkd").kd.divergence), (Some(0.5), Jsd));
+    assert_eq!((on("student-onpolicy"), distill("student-onpolicy").kd.divergence), (Some(1.0), ReverseKl));
+    // The same-wall-time row: off-policy reverse KL with more steps, nothing else changed.
+    let (long, rkl) = (distill("student-rkl-long"), distill("student-rkl"));
+    assert_eq!((long.train.steps, &long.kd, &long.student), (3600, &rkl.kd, &rkl.student));
     let StepConfig::Eval(eval) = &r.steps.last().unwrap().config else { panic!() };
-    assert_eq!(eval.models.len(), 2 + 1 + rows.len(), "both teachers, the no-teacher row and every method");
+    assert_eq!(eval.models.len(), 2 + 1 + rows.len() + 1, "both teachers, the no-teacher row and every method");
 }
 
 #[test]
