@@ -428,35 +428,43 @@ fn training_killed_at_any_point_resumes_to_bit_identical_weights() {
     eprintln!("training: {kills} kills, {} weight bytes compared", model_bytes(&student).len());
 }
 
-#[test]
-fn a_teacher_in_memory_with_hidden_alignment_resumes_to_bit_identical_weights() {
-    let g = setup();
-    let samples = samples_for_training(&g);
+/// Distills with a teacher in memory and `kd`, once uninterrupted and once killed at step 6
+/// (the checkpoint of step 4 holds `file`) then resumed; asserts the same weights and losses.
+/// Returns the resumed student's folder.
+fn killed_at_step_6_resumes_identically(g: &Gen, kd: &str, file: &str) -> PathBuf {
+    let samples = samples_for_training(g);
     let extra = format!("    teacher: {}\n", g.teacher.display());
-    let kd = "{alpha: 0.5, divergence: jsd, beta: 0.3, hidden: {weight: 0.5, layers: [[1, 2], [0, 1]]}}";
     let recipe = |name: &str| distill_recipe_with(&g.root, name, &samples, &g.teacher, TRAIN, &extra, kd);
-    let reference = recipe("reference");
-    let o = train(&reference, None);
+    let o = train(&recipe("reference"), None);
     assert!(o.status.success(), "{}", stderr(&o));
     let killed_run = recipe("killed");
     let o = train(&killed_run, Some("train-step:6"));
     assert!(killed(&o), "expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
     let student = g.root.join("killed/student");
-    assert!(
-        student.join("checkpoints/step-000004/projections.safetensors").is_file(),
-        "the projections are checkpointed"
-    );
+    assert!(student.join("checkpoints/step-000004").join(file).is_file(), "{file} is checkpointed");
     let o = train(&killed_run, None);
     assert!(o.status.success() && stderr(&o).contains("step 4 of 24"), "{}", stderr(&o));
     let reference_student = g.root.join("reference/student");
     assert!(model_bytes(&student) == model_bytes(&reference_student), "resumed weights differ");
     assert_eq!(losses(&student), losses(&reference_student));
-    let hidden: Vec<f64> = std::fs::read_to_string(student.join("metrics.jsonl"))
+    student
+}
+
+/// The values of `key` in a student's metrics.jsonl.
+fn logged(student: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(student.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["hidden"].as_f64())
-        .collect();
-    assert_eq!(hidden.len(), 24, "the hidden-state loss is logged every step");
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+        .collect()
+}
+
+#[test]
+fn a_teacher_in_memory_with_hidden_alignment_resumes_to_bit_identical_weights() {
+    let g = setup();
+    let kd = "{alpha: 0.5, divergence: jsd, beta: 0.3, hidden: {weight: 0.5, layers: [[1, 2], [0, 1]]}}";
+    let student = killed_at_step_6_resumes_identically(&g, kd, "projections.safetensors");
+    assert_eq!(logged(&student, "hidden").len(), 24, "the hidden-state loss is logged every step");
     // The exported model is the student alone: no projection in its weights.
     let weights = std::fs::read(student.join("model.safetensors")).unwrap();
     assert!(!String::from_utf8_lossy(&weights[..4096.min(weights.len())]).contains("hidden_projection"));
@@ -465,31 +473,18 @@ fn a_teacher_in_memory_with_hidden_alignment_resumes_to_bit_identical_weights() 
 #[test]
 fn on_policy_training_killed_between_refreshes_resumes_to_bit_identical_weights() {
     let g = setup();
-    let samples = samples_for_training(&g);
-    let extra = format!("    teacher: {}\n", g.teacher.display());
-    // Refreshed every 3 steps, checkpointed every 4: the kill at step 6 resumes from step 4,
-    // whose sampler is the one of step 3, kept in the checkpoint.
-    let kd = "{alpha: 0.5, divergence: jsd, on_policy: {lambda: 0.5, max_new_tokens: 6, refresh_every: 3}}";
-    let recipe = |name: &str| distill_recipe_with(&g.root, name, &samples, &g.teacher, TRAIN, &extra, kd);
-    let reference = recipe("reference");
-    let o = train(&reference, None);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let killed_run = recipe("killed");
-    let o = train(&killed_run, Some("train-step:6"));
-    assert!(killed(&o), "expected SIGKILL, got {:?}: {}", o.status, stderr(&o));
-    let student = g.root.join("killed/student");
-    assert!(student.join("checkpoints/step-000004/sampler.safetensors").is_file());
-    let o = train(&killed_run, None);
-    assert!(o.status.success() && stderr(&o).contains("step 4 of 24"), "{}", stderr(&o));
-    let reference_student = g.root.join("reference/student");
-    assert!(model_bytes(&student) == model_bytes(&reference_student), "resumed weights differ");
-    assert_eq!(losses(&student), losses(&reference_student));
-    let on_policy: u64 = std::fs::read_to_string(student.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["on_policy"].as_u64())
-        .sum();
-    assert!((4..=20).contains(&on_policy), "about half of 24 batches are the student's: {on_policy}");
+    // Refreshed every 8 steps, checkpointed every 4: the kill at step 6 resumes from step 4,
+    // whose sampler is the one of step 0, kept in the checkpoint.
+    let kd = "{alpha: 0.5, divergence: jsd, on_policy: {lambda: 0.5, max_new_tokens: 6, refresh_every: 8}}";
+    let student = killed_at_step_6_resumes_identically(&g, kd, "sampler.safetensors");
+    let on_policy = logged(&student, "on_policy");
+    assert!(
+        (4.0..=20.0).contains(&on_policy.iter().sum()),
+        "about half of 24 batches are the student's: {on_policy:?}"
+    );
+    // Steps 6 and 7 (counted from 0) are on-policy, written by the step-0 sampler after the
+    // resume: it had to be restored from the checkpoint for the weights to match.
+    assert!(on_policy[6] + on_policy[7] > 0.0, "{on_policy:?}");
 }
 
 #[test]
