@@ -938,18 +938,18 @@ pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
         let values: Vec<f32> = if name.ends_with("norm.weight") {
             vec![1.0; n]
         } else {
-            (0..n).map(|_| 0.02 * standard_normal(&mut rng)).collect()
+            (0..n).map(|_| 0.02 * standard_normal(&mut rng) as f32).collect()
         };
         var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
     }
     Ok(())
 }
 
-fn standard_normal(rng: &mut StdRng) -> f32 {
+pub(crate) fn standard_normal(rng: &mut StdRng) -> f64 {
     // Box–Muller; good enough for initialization and reproducible for a seed.
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
     let u2: f64 = rng.random::<f64>();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 /// Writes config.json and model.safetensors (HF names, f32) into `dir`.

@@ -17,26 +17,25 @@ use super::OnPolicyConfig;
 use crate::generate::{decode, row_rng, DecodeSettings};
 use crate::model::llama::{self, Llama, LlamaConfig, Weights};
 
-/// The student's weights frozen at step `step`, for sampling.
+/// The student's weights frozen at its last refresh, for sampling.
 pub struct Sampler {
-    pub step: usize,
     pub tensors: HashMap<String, Tensor>,
     model: Llama,
 }
 
 impl Sampler {
     /// A frozen copy of the weights in `varmap` (copies: AdamW updates the Vars in place).
-    pub fn snapshot(cfg: &LlamaConfig, varmap: &VarMap, step: usize) -> anyhow::Result<Self> {
+    pub fn snapshot(cfg: &LlamaConfig, varmap: &VarMap) -> anyhow::Result<Self> {
         let tensors = llama::tensors(varmap)
             .into_iter()
             .map(|(k, t)| Ok((k, t.copy()?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
-        Self::from_tensors(cfg, tensors, step)
+        Self::from_tensors(cfg, tensors)
     }
 
-    pub fn from_tensors(cfg: &LlamaConfig, tensors: HashMap<String, Tensor>, step: usize) -> anyhow::Result<Self> {
+    pub fn from_tensors(cfg: &LlamaConfig, tensors: HashMap<String, Tensor>) -> anyhow::Result<Self> {
         let model = Llama::from_weights(cfg, &Weights::Tensors(tensors.clone()), &Device::Cpu, DType::F32)?;
-        Ok(Self { step, tensors, model })
+        Ok(Self { tensors, model })
     }
 }
 
@@ -108,7 +107,7 @@ mod tests {
         let cfg = llama::tests::tiny_config();
         let (vm, _) = Llama::trainable(&cfg, &Device::Cpu).unwrap();
         llama::init_weights(&vm, 1).unwrap();
-        let sampler = Sampler::snapshot(&cfg, &vm, 0).unwrap();
+        let sampler = Sampler::snapshot(&cfg, &vm).unwrap();
         let before = sampler.tensors["model.norm.weight"].to_vec1::<f32>().unwrap();
         for v in vm.all_vars() {
             v.set(&v.as_tensor().affine(2.0, 1.0).unwrap()).unwrap();

