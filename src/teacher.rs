@@ -47,12 +47,7 @@ impl Teacher {
         if let Some(rev) = revision {
             anyhow::bail!("`revision` ({rev}) applies to Hub models, not to the server teacher {spec}");
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the async runtime for the server teacher")?;
-        let mut server = runtime.block_on(Server::connect(spec, options))?;
+        let (runtime, server) = Remote::start(spec, options)?;
         let (tok, name) = match tokenizer {
             Some(t) => model::open_tokenizer(t, None).with_context(|| format!("loading --tokenizer {t}"))?,
             None => model::open_tokenizer(&server.model, None).with_context(|| {
@@ -63,15 +58,7 @@ impl Teacher {
                 )
             })?,
         };
-        runtime.block_on(server.check_tokenizer(&tok, &name))?;
-        eprintln!(
-            "teacher: {} at {} ({}{}), tokenizer {name}",
-            server.model,
-            server.url(),
-            server.engine,
-            server.version.as_deref().map(|v| format!(" {v}")).unwrap_or_default()
-        );
-        Ok(Teacher::Remote(Remote { server, tokenizer: tok, options: options.clone(), runtime }))
+        Ok(Teacher::Remote(Remote::new(runtime, server, tok, &name, options)?))
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -146,6 +133,51 @@ pub enum Ended {
 }
 
 impl Remote {
+    /// Connects to the server at `url` (its engine, version and model), on a runtime of its own.
+    pub fn start(url: &str, options: &ServerOptions) -> anyhow::Result<(tokio::runtime::Runtime, Server)> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime for the server teacher")?;
+        let server = runtime.block_on(Server::connect(url, options))?;
+        Ok((runtime, server))
+    }
+
+    /// The connected server, once `tok` (named `name`) is checked to be its tokenizer.
+    pub fn new(
+        runtime: tokio::runtime::Runtime,
+        mut server: Server,
+        tok: Tokenizer,
+        name: &str,
+        options: &ServerOptions,
+    ) -> anyhow::Result<Self> {
+        runtime.block_on(server.check_tokenizer(&tok, name))?;
+        eprintln!(
+            "teacher: {} at {} ({}{}), tokenizer {name}",
+            server.model,
+            server.url(),
+            server.engine,
+            server.version.as_deref().map(|v| format!(" {v}")).unwrap_or_default()
+        );
+        Ok(Remote { server, tokenizer: tok, options: options.clone(), runtime })
+    }
+
+    /// The teacher's log-prob and top-`k` at every completion token of each `(prompt,
+    /// completion)`, at most `concurrency` requests at once, in the order given.
+    pub fn score_all(&self, rows: &[(&[u32], &[u32])], k: usize) -> anyhow::Result<Vec<Completion>> {
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.options.concurrency.max(1)));
+        let calls = rows.iter().map(|&(prompt, completion)| {
+            let permits = permits.clone();
+            async move {
+                let _permit = permits.acquire_owned().await.expect("the semaphore is never closed");
+                self.server.score(prompt, completion, k).await
+            }
+        });
+        let scored = self.runtime.block_on(futures_util::future::join_all(calls));
+        Ok(scored.into_iter().collect::<Result<_, EngineError>>()?)
+    }
+
     /// Runs `call` for every request, at most `concurrency` at once, and hands the completions to
     /// `on_row` in request order (a window of finished ones waits behind a slow one), closing
     /// parts of `out` as they fill. Before a part is closed the server must still serve the

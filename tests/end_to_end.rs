@@ -74,6 +74,7 @@ fn teacher_samples_then_a_student_learns_from_them() {
     let report = distill(&DistillJob {
         teacher: None,
         teachers: Vec::new(),
+        server: Default::default(),
         data: a.output.clone(),
         student: ModelInit { from: None, config: Some(student_cfg), layers: None },
         tokenizer: Some(teacher.clone()),
@@ -184,6 +185,7 @@ fn another_tokenizer_is_refused_for_kl_and_retokenized_for_sequence_level() {
     let job = |alpha: f64| DistillJob {
         teacher: None,
         teachers: Vec::new(),
+        server: Default::default(),
         data: samples.output.clone(),
         student: ModelInit {
             from: None,

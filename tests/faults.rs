@@ -488,6 +488,18 @@ fn on_policy_training_killed_between_refreshes_resumes_to_bit_identical_weights(
 }
 
 #[test]
+fn overlapped_on_policy_training_killed_resumes_to_bit_identical_weights() {
+    let g = setup();
+    // Refreshed every 4 steps, checkpointed every 4: overlapped, step 4's batches are written
+    // during step 3 by the step-0 sampler, so the resume at step 4 must restore it rather than
+    // take the weights of step 4.
+    let kd = "{alpha: 0.5, divergence: reverse_kl, on_policy: {lambda: 1, max_new_tokens: 6, refresh_every: 4, \
+              overlap: true}}";
+    let student = killed_at_step_6_resumes_identically(&g, kd, "sampler.safetensors");
+    assert!(logged(&student, "on_policy").iter().all(|&n| n == 1.0), "every batch is the student's");
+}
+
+#[test]
 fn ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically() {
     let g = setup();
     let samples = samples_for_training(&g);

@@ -86,6 +86,7 @@ impl Setup {
             data: data.to_path_buf(),
             teacher: None,
             teachers: Vec::new(),
+            server: Default::default(),
             student: ModelInit { from: None, config: Some(config), layers: None },
             tokenizer: Some(self.teacher.clone()),
             kd,

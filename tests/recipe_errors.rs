@@ -346,10 +346,18 @@ fn on_policy_bad_input() {
         23,
         &["`kd.on_policy`", "`teacher:`", "in memory"],
     );
+    // A server grades on-policy batches only, and only an engine that returns prompt log-probs.
+    let server = "    teacher: http://localhost:8000/v1\n";
+    assert_line(&distill_recipe(server, "      alpha: 0.5\n"), 22, &["is a server", "`kd.on_policy`", "kind: score"]);
     assert_line(
-        &distill_recipe("    teacher: http://localhost:8000/v1\n", "      on_policy: {lambda: 0.5}\n"),
-        22,
-        &["held in memory", "vLLM", "SGLang", "llama-server cannot"],
+        &distill_recipe(&format!("{server}    server: {{engine: llama-server}}\n"), "      on_policy: {lambda: 0.5}\n"),
+        23,
+        &["`server.engine` is llama-server", "vLLM (`prompt_logprobs`)", "SGLang (`logprob_start_len`)"],
+    );
+    assert_line(
+        &distill_recipe(server, "      on_policy: {lambda: 0.5}\n      hidden: {layers: [[1, 1]]}\n"),
+        25,
+        &["`kd.hidden`", "held in memory", "the server http://localhost:8000/v1"],
     );
     // The student of `distill_recipe` reads 2048 positions (the default).
     assert_line(

@@ -13,7 +13,13 @@ use kdllm::data::{read_samples, Manifest, Sample, SampleSet, Shard};
 use kdllm::engine::ServerOptions;
 use kdllm::generate::{generate, score, GenerateJob, SamplingConfig, ScoreJob};
 use kdllm::model::Precision;
+use kdllm::teacher::Remote;
 use kdllm::tokenizer::Tokenizer;
+use kdllm::train::batch::Sequence;
+use kdllm::train::on_policy::Grader;
+use kdllm::train::{
+    distill, DistillJob, Divergence, KdConfig, ModelInit, OnPolicyConfig, Resume, TrainConfig, TrainReport,
+};
 
 const PROMPTS: usize = 10;
 
@@ -276,4 +282,79 @@ fn a_recipe_step_samples_and_scores_through_a_server() {
     let (a, b) = (read_samples(&workdir.join("samples")).unwrap(), read_samples(&workdir.join("scored")).unwrap());
     assert_eq!(rows(&a), rows(&b));
     assert_eq!(a.meta.server.unwrap()["engine"], "llama-server");
+}
+
+/// A distill job whose on-policy batches (all of them, λ = 1) are graded by the server at `url`.
+fn on_policy_job(t: &ServerSetup, url: &str, data: &Path, name: &str, overlap: bool) -> DistillJob {
+    let config = serde_json::from_value(serde_json::json!({
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "max_position_embeddings": 64, "tie_word_embeddings": true,
+    }))
+    .unwrap();
+    let on_policy = OnPolicyConfig { lambda: 1.0, max_new_tokens: 6, refresh_every: 2, overlap, ..Default::default() };
+    DistillJob {
+        data: data.to_path_buf(),
+        teacher: Some(url.to_string()),
+        teachers: Vec::new(),
+        server: ServerOptions { concurrency: 3, ..Default::default() },
+        student: ModelInit { from: None, config: Some(config), layers: None },
+        tokenizer: Some(t.teacher.clone()),
+        kd: KdConfig { divergence: Divergence::ReverseKl, on_policy: Some(on_policy), ..Default::default() },
+        train: TrainConfig { steps: 8, batch_size: 3, lr: 5e-2, valid_fraction: 0.0, ..Default::default() },
+        output: t.path(name),
+        resume: Resume::Auto,
+    }
+}
+
+#[test]
+fn a_server_grades_the_students_batches_with_the_models_log_probs() {
+    let t = setup();
+    let lm = Lm::new(&t.tok, false);
+    let prompt = t.tok.encode("p3", true).unwrap();
+    let completion: Vec<u32> = vec![40, 7, 123, 9, t.tok.eos_ids()[0]];
+    for flavor in [Flavor::Vllm, Flavor::Sglang] {
+        let engine = t.engine(flavor, |_| {});
+        let opts = ServerOptions::default();
+        let (runtime, server) = Remote::start(&engine.url, &opts).unwrap();
+        let grader = Grader { remote: Remote::new(runtime, server, t.tok.clone(), "tiny", &opts).unwrap(), k: 4 };
+        let mut ids = prompt.clone();
+        ids.extend(&completion);
+        let mut seqs = vec![Sequence { ids: ids.clone(), loss_from: prompt.len(), teacher: None }; 2];
+        grader.grade(&mut seqs).unwrap();
+        let graded = seqs[1].teacher.as_ref().expect("graded");
+        assert_eq!(graded.ids.len(), completion.len());
+        for (i, (got_ids, got_lp)) in graded.ids.iter().zip(&graded.logprobs).enumerate() {
+            let want = lm.top(&lm.logprobs(&ids[..prompt.len() + i]), 4);
+            assert_eq!(got_ids, &want.iter().map(|w| w.0).collect::<Vec<_>>(), "{flavor:?}: position {i}");
+            for (g, w) in got_lp.iter().zip(&want) {
+                assert!((g - w.1).abs() < 1e-5, "{flavor:?}: position {i}: {g} against {}", w.1);
+            }
+        }
+    }
+}
+
+#[test]
+fn on_policy_distillation_graded_on_a_vllm_server() {
+    let t = setup();
+    let engine = t.engine(Flavor::Vllm, |_| {});
+    let samples = t.path("samples");
+    generate(&t.job(&engine.url, &samples)).unwrap();
+    let bytes = |r: &TrainReport| std::fs::read(r.output.join("model.safetensors")).unwrap();
+    let a = distill(&on_policy_job(&t, &engine.url, &samples, "a", false)).unwrap();
+    assert!(a.final_loss.is_finite() && a.sample_secs > 0.0 && a.teacher_secs > 0.0);
+    let metrics = std::fs::read_to_string(a.output.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().all(|l| l.contains("\"on_policy\":1")), "{metrics}");
+    // Another server of the same model grades the same batches the same way.
+    let other = t.engine(Flavor::Vllm, |_| {});
+    let b = distill(&on_policy_job(&t, &other.url, &samples, "b", false)).unwrap();
+    assert!(bytes(&a) == bytes(&b), "a server-graded run is a function of its settings");
+    // Overlapped, the batches come from the sampler of a step earlier: another run.
+    let c = distill(&on_policy_job(&t, &engine.url, &samples, "c", true)).unwrap();
+    assert!(c.final_loss.is_finite() && bytes(&c) != bytes(&a), "{} {}", c.final_loss, a.final_loss);
+
+    // llama-server cannot return a given text's log-probs in one request: refused before training.
+    let llama = t.engine(Flavor::LlamaServer, |_| {});
+    let err = format!("{:#}", distill(&on_policy_job(&t, &llama.url, &samples, "d", false)).unwrap_err());
+    assert!(err.contains("is llama-server") && err.contains("vLLM (`prompt_logprobs`)"), "{err}");
+    assert!(!t.path("d").join("model.safetensors").exists());
 }

@@ -53,6 +53,19 @@ impl fmt::Display for Engine {
     }
 }
 
+impl Engine {
+    /// Whether the engine returns the log-probs of a whole given text in one request (what
+    /// grading a student's batch as it is written needs). llama-server scores one position per
+    /// request, and a plain OpenAI server not at all.
+    pub fn scores_prompts(self) -> bool {
+        matches!(self, Engine::Vllm | Engine::Sglang)
+    }
+}
+
+/// Which engines [`Engine::scores_prompts`], in words, for errors.
+pub const PROMPT_LOGPROB_ENGINES: &str = "vLLM (`prompt_logprobs`) and SGLang (`logprob_start_len`) return them; \
+    llama-server and plain OpenAI-compatible servers do not";
+
 impl std::str::FromStr for Engine {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -219,6 +219,7 @@ impl Recipe {
                     data: self.resolve(&s.data),
                     teacher: s.teacher.as_deref().map(|t| self.resolve_spec(t)),
                     teachers: s.teachers.iter().map(|t| (self.resolve(&t.data), t.weight)).collect(),
+                    server: s.server.clone(),
                     student: self.resolve_init(&s.student),
                     tokenizer: s.tokenizer.as_deref().map(|t| self.resolve(t)),
                     kd: s.kd.clone(),

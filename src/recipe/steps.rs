@@ -37,6 +37,8 @@ impl fmt::Display for StepKind {
 
 /// The keys of a step besides `name` and `kind`, one struct per kind.
 #[derive(Debug, Clone, PartialEq)]
+// A recipe holds a handful of steps, parsed once: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum StepConfig {
     Task(TaskStep),
     Finetune(FinetuneStep),
@@ -166,6 +168,9 @@ pub struct DistillStep {
     /// Several teachers' top-k over `data`'s completions, with weights: the target is their mixture.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub teachers: Vec<TeacherSet>,
+    /// How to drive a server `teacher` (one that grades on-policy batches).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub server: ServerOptions,
     pub student: ModelInit,
     #[serde(default)]
     pub tokenizer: Option<String>,
@@ -185,6 +190,10 @@ pub struct TeacherSet {
     pub data: String,
     #[serde(default = "default_weight")]
     pub weight: f64,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_weight() -> f64 {

@@ -144,23 +144,32 @@ impl Recipe {
     /// alignment needs a teacher in memory and layers both models have; the mixture's weights;
     /// one tokenizer for every teacher.
     fn check_distill(&self, s: &DistillStep) -> Result<(), String> {
-        if let Some(t) = s.teacher.as_deref().filter(|t| t.starts_with("http://") || t.starts_with("https://")) {
-            return Err(format!(
-                "`teacher`: {t} is a server, but a distill step's teacher is held in memory; score the \
-                 samples on the server with a `kind: score` step and list its output under `teachers:`{}",
-                if s.kd.on_policy.is_some() {
-                    ". On-policy batches need their prompt log-probs scored as they are written: vLLM \
-                     (`prompt_logprobs`) and SGLang (`logprob_start_len`) can return them, llama-server cannot, and \
-                     kdllm grades on-policy batches only with a teacher in memory for now"
-                } else {
-                    ""
-                }
-            ));
+        if let Some(t) = s.teacher.as_deref().filter(|t| crate::engine::is_server(t)) {
+            if s.kd.on_policy.is_none() {
+                return Err(format!(
+                    "`teacher`: {t} is a server, and a server teacher of a distill step grades only on-policy \
+                     batches (`kd.on_policy`); to distill on its top-k, score the samples on it with a `kind: score` \
+                     step and list its output under `teachers:`"
+                ));
+            }
+            if s.kd.hidden.is_some() {
+                return Err(format!(
+                    "`kd.hidden` aligns hidden states with a teacher held in memory, but `teacher` is the server {t}"
+                ));
+            }
+            if let Some(e) = s.server.engine.filter(|e| !e.scores_prompts()) {
+                return Err(format!(
+                    "`server.engine` is {e}, which cannot return the log-probs of a given text, and on-policy \
+                     batches are graded with them: {}",
+                    crate::engine::PROMPT_LOGPROB_ENGINES
+                ));
+            }
         }
         if let Some(o) = &s.kd.on_policy {
             if s.teacher.is_none() {
                 return Err("`kd.on_policy` needs a teacher that can grade the student's samples: set the step's \
-                     `teacher:` to the teacher model (e.g. `steps.teacher.output`), held in memory"
+                     `teacher:` to the teacher model (e.g. `steps.teacher.output`), held in memory, or to a vLLM or \
+                     SGLang server"
                     .into());
             }
             let context = s.student.config.as_ref().map(|c| c.max_position_embeddings);

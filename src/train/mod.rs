@@ -157,11 +157,19 @@ pub struct OnPolicyConfig {
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub refresh_every: usize,
+    /// Write the next step's batches on a second thread while this step trains (with the
+    /// sampler of one step earlier). Off by default: on 2 cores it does not pay (docs/methods.md).
+    #[serde(skip_serializing_if = "is_false")]
+    pub overlap: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl Default for OnPolicyConfig {
     fn default() -> Self {
-        Self { lambda: 0.5, max_new_tokens: 64, temperature: 1.0, refresh_every: 1 }
+        Self { lambda: 0.5, max_new_tokens: 64, temperature: 1.0, refresh_every: 1, overlap: false }
     }
 }
 
@@ -225,8 +233,11 @@ pub struct FinetuneJob {
 #[derive(Debug, Clone)]
 pub struct DistillJob {
     pub data: PathBuf,
-    /// A teacher held in memory: its full-vocabulary logits replace the stored top-k.
+    /// A teacher held in memory: its full-vocabulary logits replace the stored top-k. Or a
+    /// server (`http(s)://`) that grades the on-policy batches (`kd.on_policy`).
     pub teacher: Option<String>,
+    /// How to drive a server teacher.
+    pub server: crate::engine::ServerOptions,
     /// Stored top-k of several teachers over `data`'s completions, with weights: the target is
     /// their mixture. Empty: `data`'s own top-k.
     pub teachers: Vec<(PathBuf, f64)>,

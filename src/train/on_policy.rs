@@ -5,17 +5,25 @@
 //! that samples is a frozen copy of its weights taken every `refresh_every` steps and kept in
 //! checkpoints: a run resumed from any checkpoint draws the same batches and samples as an
 //! uninterrupted one.
+//!
+//! The teacher grades them in memory (full logits, in the loss) or on a server that returns
+//! prompt log-probs ([`Grader`]: its top-k at every token, as `score` stores them). With
+//! `overlap`, the next step's batches are written (and graded on the server) on a second
+//! thread while the current step trains, so they come from the sampler as it stood one step
+//! earlier.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 
-use super::batch::Sequence;
+use super::batch::{Sequence, TeacherTopK};
 use super::OnPolicyConfig;
 use crate::generate::{decode, row_rng, DecodeSettings};
 use crate::model::llama::{self, Llama, LlamaConfig, Weights};
+use crate::teacher::Remote;
 
 /// The student's weights frozen at its last refresh, for sampling.
 pub struct Sampler {
@@ -37,6 +45,63 @@ impl Sampler {
         let model = Llama::from_weights(cfg, &Weights::Tensors(tensors.clone()), &Device::Cpu, DType::F32)?;
         Ok(Self { tensors, model })
     }
+}
+
+/// A teacher on a server that grades the student's batches: its log-prob and top-`k` at every
+/// completion token (vLLM `prompt_logprobs`, SGLang `logprob_start_len`).
+pub struct Grader {
+    pub remote: Remote,
+    pub k: usize,
+}
+
+impl Grader {
+    /// Sets each sequence's teacher top-k to the server's, at every completion position.
+    pub fn grade(&self, seqs: &mut [Sequence]) -> anyhow::Result<()> {
+        let rows: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| s.ids.split_at(s.loss_from)).collect();
+        let scored = self.remote.score_all(&rows, self.k)?;
+        for (s, c) in seqs.iter_mut().zip(scored) {
+            s.teacher = Some(TeacherTopK { ids: c.topk_ids, logprobs: c.topk_logprobs });
+        }
+        Ok(())
+    }
+}
+
+/// A step's on-policy batches, by micro-batch (`None`: the stored samples), and the seconds
+/// spent sampling and grading them.
+pub struct Written {
+    pub batches: Vec<Option<Vec<Sequence>>>,
+    pub sample_secs: f64,
+    pub grade_secs: f64,
+}
+
+/// Writes the on-policy micro-batches of step `step` (`plan`: each micro-batch's picks), cut
+/// to `max_len` tokens, and grades them on the server when there is one.
+pub fn write_step(
+    sampler: &Sampler,
+    grader: Option<&Grader>,
+    plan: &[Vec<&Sequence>],
+    cfg: &OnPolicyConfig,
+    eos_ids: &[u32],
+    (seed, step, max_len): (u64, usize, usize),
+) -> anyhow::Result<Written> {
+    let mut out = Written { batches: Vec::with_capacity(plan.len()), sample_secs: 0.0, grade_secs: 0.0 };
+    for (micro, picked) in plan.iter().enumerate() {
+        if !is_on_policy(cfg, seed, step, micro) {
+            out.batches.push(None);
+            continue;
+        }
+        let t = Instant::now();
+        let seqs = student_batch(sampler, picked, cfg, eos_ids, (seed, step, micro))?;
+        let mut seqs: Vec<Sequence> = seqs.into_iter().map(|s| s.truncate(max_len)).collect();
+        out.sample_secs += t.elapsed().as_secs_f64();
+        if let Some(g) = grader {
+            let t = Instant::now();
+            g.grade(&mut seqs)?;
+            out.grade_secs += t.elapsed().as_secs_f64();
+        }
+        out.batches.push(Some(seqs));
+    }
+    Ok(out)
 }
 
 /// Whether micro-batch `micro` of step `step` is on-policy: a draw seeded by both, below λ.
@@ -114,7 +179,7 @@ mod tests {
         }
         assert_eq!(sampler.tensors["model.norm.weight"].to_vec1::<f32>().unwrap(), before);
         let seq = Sequence { ids: vec![1, 5, 6, 7], loss_from: 2, teacher: None };
-        let c = OnPolicyConfig { lambda: 1.0, max_new_tokens: 4, temperature: 1.0, refresh_every: 1 };
+        let c = OnPolicyConfig { lambda: 1.0, max_new_tokens: 4, temperature: 1.0, refresh_every: 1, overlap: false };
         let a = student_batch(&sampler, &[&seq, &seq], &c, &[], (3, 10, 0)).unwrap();
         assert_eq!(a[0].ids[..2], [1, 5], "the prompt is kept");
         assert_eq!((a[0].loss_from, a[0].ids.len()), (2, 6));

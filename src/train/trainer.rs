@@ -16,13 +16,17 @@ use super::checkpoint::{self, State};
 use super::divergence;
 use super::loss::{combine, cross_entropy, hidden_alignment, scalar, LossTerms};
 use super::mixture;
-use super::on_policy::{self, Sampler};
+use super::on_policy::{self, Grader, Sampler, Written};
 use super::optim::{clip_scale, grad_norm, AdamW};
 use super::schedule::lr_at;
-use super::{DistillJob, FinetuneJob, KdConfig, ModelInit, Resume, TrainConfig, TrainError, TrainReport};
+use super::{
+    DistillJob, FinetuneJob, KdConfig, ModelInit, OnPolicyConfig, Resume, TrainConfig, TrainError, TrainReport,
+};
 use crate::data;
+use crate::engine;
 use crate::model::llama::{self, Llama, LlamaConfig};
 use crate::model::{Checkpoint, Weights};
+use crate::teacher::Remote;
 use crate::tokenizer::Tokenizer;
 
 pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
@@ -38,7 +42,7 @@ pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
     let sampling = serde_json::json!({"do_sample": true, "temperature": 1.0, "top_p": 1.0, "top_k": 0});
     let run_id = identity("finetune", &job.data, &job.model, source.as_ref(), &tokenizer, &kd, &job.train)?;
     let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
-    run(&job.model, source, tokenizer, seqs, keys, Guide { kd: &kd, teacher: None }, &job.train, out)
+    run(&job.model, source, tokenizer, seqs, keys, Guide { kd: &kd, teacher: None, grader: None }, &job.train, out)
 }
 
 pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
@@ -46,11 +50,16 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     let (tokenizer, source) = tokenizer_for(&job.student, job.tokenizer.as_deref())?;
     let set = data::read_samples(&job.data)?;
     let same_vocab = tokenizer.vocab_hash() == set.meta.tokenizer_hash;
-    let teacher = job.teacher.as_deref().map(|spec| load_teacher(spec, &tokenizer)).transpose()?;
-    if job.kd.on_policy.is_some() && teacher.is_none() {
+    let (server, model) = match job.teacher.as_deref() {
+        Some(t) if engine::is_server(t) => (Some(t), None),
+        t => (None, t),
+    };
+    let teacher = model.map(|spec| load_teacher(spec, &tokenizer)).transpose()?;
+    let grader = server.map(|url| connect_grader(url, job, &tokenizer, set.meta.logprobs_k)).transpose()?;
+    if job.kd.on_policy.is_some() && teacher.is_none() && grader.is_none() {
         bail!(TrainError::Config(
-            "`kd.on_policy` needs a teacher that can grade the student's samples: set `teacher:` to the teacher model, \
-             held in memory"
+            "`kd.on_policy` needs a teacher that can grade the student's samples: set `teacher:` to the teacher model \
+             (held in memory) or to a vLLM or SGLang server"
                 .into()
         ));
     }
@@ -94,26 +103,30 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         );
         set.samples.iter().map(|s| retokenize(&tokenizer, s)).collect::<anyhow::Result<_>>()?
     };
-    if let (Some((t, _)), Some(spec)) = (&teacher, &job.teacher) {
-        let context = t.config().max_position_embeddings;
-        let longest = seqs.iter().map(|s| s.ids.len().min(job.train.max_seq_len) - 1).max().unwrap_or(0);
-        if let Some(o) = &job.kd.on_policy {
-            let prompt = seqs.iter().map(|s| s.loss_from).max().unwrap_or(0);
-            let student = match (&job.student.config, &source) {
-                (Some(c), _) => c.max_position_embeddings,
-                (None, Some(ckpt)) => ckpt.config.max_position_embeddings,
-                (None, None) => usize::MAX,
-            };
-            let limit = student.min(context);
-            if prompt + o.max_new_tokens > limit {
-                bail!(TrainError::Config(format!(
-                    "`kd.on_policy.max_new_tokens` is {}, but the longest prompt has {prompt} tokens and the student and \
-                     teacher read at most {limit}: lower it to {}",
-                    o.max_new_tokens,
-                    limit.saturating_sub(prompt)
-                )));
-            }
+    let teacher_context = match (&teacher, &grader) {
+        (Some((t, _)), _) => Some(t.config().max_position_embeddings),
+        (None, Some(g)) => g.remote.server.max_context,
+        (None, None) => None,
+    };
+    if let Some(o) = &job.kd.on_policy {
+        let prompt = seqs.iter().map(|s| s.loss_from).max().unwrap_or(0);
+        let student = match (&job.student.config, &source) {
+            (Some(c), _) => c.max_position_embeddings,
+            (None, Some(ckpt)) => ckpt.config.max_position_embeddings,
+            (None, None) => usize::MAX,
+        };
+        let limit = student.min(teacher_context.unwrap_or(usize::MAX));
+        if prompt + o.max_new_tokens > limit {
+            bail!(TrainError::Config(format!(
+                "`kd.on_policy.max_new_tokens` is {}, but the longest prompt has {prompt} tokens and the student and \
+                 teacher read at most {limit}: lower it to {}",
+                o.max_new_tokens,
+                limit.saturating_sub(prompt)
+            )));
         }
+    }
+    if let (Some(context), Some(spec)) = (teacher.as_ref().and(teacher_context), &job.teacher) {
+        let longest = seqs.iter().map(|s| s.ids.len().min(job.train.max_seq_len) - 1).max().unwrap_or(0);
         if longest > context {
             bail!(TrainError::Config(format!(
                 "the longest training sequence has {longest} positions but the teacher `{spec}` reads at most \
@@ -125,6 +138,10 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
     if let Some((_, fingerprint)) = &teacher {
         run_id["teacher"] = fingerprint.clone().into();
     }
+    if let Some(g) = &grader {
+        // The served model, not the address: another server of the same model continues the run.
+        run_id["teacher"] = serde_json::json!({"server_model": g.remote.server.model, "top_k": g.k});
+    }
     if !job.teachers.is_empty() {
         let mut teachers = Vec::new();
         for (path, weight) in &job.teachers {
@@ -135,8 +152,35 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         run_id["teachers"] = teachers.into();
     }
     let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
-    let guide = Guide { kd: &job.kd, teacher: teacher.map(|(t, _)| t) };
+    let guide = Guide { kd: &job.kd, teacher: teacher.map(|(t, _)| t), grader };
     run(&job.student, source, tokenizer, seqs, keys, guide, &job.train, out)
+}
+
+/// The server that grades on-policy batches: it must return prompt log-probs and share the
+/// student's tokenizer. It grades with the data's top-k width (20 when the data has none).
+fn connect_grader(url: &str, job: &DistillJob, tokenizer: &Tokenizer, data_k: usize) -> anyhow::Result<Grader> {
+    if job.kd.on_policy.is_none() {
+        bail!(TrainError::Config(format!(
+            "`teacher`: {url} is a server; a server teacher grades only on-policy batches (`kd.on_policy`). To \
+             distill on its top-k, score the samples with a `kind: score` step and list its output under `teachers:`"
+        )));
+    }
+    if job.kd.hidden.is_some() {
+        bail!(TrainError::Config(format!(
+            "`kd.hidden` aligns hidden states with a teacher held in memory, but `teacher` is the server {url}"
+        )));
+    }
+    let (runtime, server) = Remote::start(url, &job.server)?;
+    if !server.engine.scores_prompts() {
+        bail!(TrainError::Config(format!(
+            "the teacher server {url} is {}, which cannot return the log-probs of a given text in one request, and \
+             on-policy batches need them: {}. Serve the teacher with one of those, or hold it in memory",
+            server.engine,
+            engine::PROMPT_LOGPROB_ENGINES
+        )));
+    }
+    let remote = Remote::new(runtime, server, tokenizer.clone(), "the student's tokenizer", &job.server)?;
+    Ok(Grader { remote, k: if data_k > 0 { data_k } else { 20 } })
 }
 
 /// The teacher held in memory during distillation, and its fingerprint (for the run identity).
@@ -399,7 +443,7 @@ fn batch_loss(
                 hidden = mean.map(|m| (m, h.weight));
             }
         }
-        (None, Some((ids, logprobs))) if kd.alpha > 0.0 => {
+        (None, Some((ids, logprobs))) if kd.alpha > 0.0 || student_written => {
             divergence = Some(divergence::topk(kd.measure(), &logits, ids, logprobs, kd.temperature)?);
         }
         (None, _) => {}
@@ -408,11 +452,12 @@ fn batch_loss(
     Ok((combine(ce, divergence, alpha, hidden)?, teacher_secs))
 }
 
-/// What the student learns from besides its targets: the objective, and the teacher when it
-/// is held in memory.
+/// What the student learns from besides its targets: the objective, the teacher when it is
+/// held in memory, and the server that grades on-policy batches.
 struct Guide<'a> {
     kd: &'a KdConfig,
     teacher: Option<Llama>,
+    grader: Option<Grader>,
 }
 
 /// One learned projection (teacher width × student width) per `kd.hidden` layer pair,
@@ -456,6 +501,31 @@ struct Output<'a> {
     /// [`identity`] of the run.
     run_id: serde_json::Value,
     resume: Resume,
+}
+
+/// The picks of one step, by micro-batch, moving the data cursor (epoch, position) on and
+/// reshuffling at each epoch's end.
+fn take_picks<'a>(
+    train: &'a [Sequence],
+    cfg: &TrainConfig,
+    (epoch, cursor): (&mut u64, &mut usize),
+    order: &mut Vec<usize>,
+) -> Vec<Vec<&'a Sequence>> {
+    (0..cfg.grad_accum)
+        .map(|_| {
+            (0..cfg.batch_size)
+                .map(|_| {
+                    if *cursor == order.len() {
+                        *epoch += 1;
+                        *order = epoch_order(train.len(), cfg.seed, *epoch);
+                        *cursor = 0;
+                    }
+                    *cursor += 1;
+                    &train[order[*cursor - 1]]
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Epoch `epoch`'s order of the training set: a shuffle seeded by the seed and the epoch, so the
@@ -558,10 +628,11 @@ fn run(
     };
     // The student that writes on-policy batches: the weights of the last refresh (taken at the
     // top of each step that is a multiple of `refresh_every`), from the checkpoint when the run
-    // resumes between refreshes.
+    // resumes between refreshes, or with `overlap` (whose batches of this step come from the
+    // sampler as it stood in the step before).
     let on_policy = guide.kd.on_policy.as_ref();
     let mut sampler = match (on_policy, &checkpoint_dir) {
-        (Some(o), Some(dir)) if st.step % o.refresh_every != 0 => {
+        (Some(o), Some(dir)) if o.overlap || st.step % o.refresh_every != 0 => {
             let file = dir.join(SAMPLER_FILE);
             let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
                 .with_context(|| format!("restoring the on-policy sampler from {}", file.display()))?;
@@ -569,6 +640,8 @@ fn run(
         }
         _ => None,
     };
+    // With `overlap`: the next step's batches, written while this one trained.
+    let mut pending: Option<Written> = None;
 
     // The metrics of steps after the checkpoint were logged by the run that crashed: drop them.
     let metrics_path = output.join("metrics.jsonl");
@@ -593,61 +666,94 @@ fn run(
     bar.set_position(st.step as u64);
     for step in st.step..cfg.steps {
         let t0 = Instant::now();
-        if on_policy.is_some_and(|o| step % o.refresh_every == 0) {
-            sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
-        }
         let lr = lr_at(step, cfg);
         let before = (st.epoch, st.cursor);
+        let plan = take_picks(&train, cfg, (&mut st.epoch, &mut st.cursor), &mut order);
+        let write = |sampler: &Sampler, o: &OnPolicyConfig, step: usize, plan: &[Vec<&Sequence>]| {
+            let settings = (cfg.seed, step, cfg.max_seq_len);
+            on_policy::write_step(sampler, guide.grader.as_ref(), plan, o, tokenizer.eos_ids(), settings)
+        };
+        // This step's on-policy batches: written now, or while the step before trained.
+        let written = match on_policy {
+            None => None,
+            Some(o) if o.overlap => {
+                let t = Instant::now();
+                let w = match (pending.take(), &sampler) {
+                    (Some(w), _) => w,
+                    (None, Some(s)) => write(s, o, step, &plan)?,
+                    (None, None) => {
+                        sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
+                        write(sampler.as_ref().expect("just set"), o, step, &plan)?
+                    }
+                };
+                // Time the step waited for them (all of it when written here).
+                st.sample_secs += t.elapsed().as_secs_f64();
+                if step % o.refresh_every == 0 && step > 0 {
+                    sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
+                }
+                Some(w)
+            }
+            Some(o) => {
+                if step % o.refresh_every == 0 || sampler.is_none() {
+                    sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
+                }
+                let w = write(sampler.as_ref().expect("just set"), o, step, &plan)?;
+                st.sample_secs += w.sample_secs;
+                st.teacher_secs += w.grade_secs;
+                Some(w)
+            }
+        };
+        let mut written = written.map(|w| w.batches).unwrap_or_default();
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().count()];
         let (mut loss, mut ce, mut kl, mut hid, mut step_tokens) = (0.0, 0.0, None, None, 0);
         let mut on_policy_batches = 0;
-        for micro in 0..cfg.grad_accum {
-            let mut picked = Vec::with_capacity(cfg.batch_size);
-            for _ in 0..cfg.batch_size {
-                if st.cursor == order.len() {
-                    st.epoch += 1;
-                    order = epoch_order(train.len(), cfg.seed, st.epoch);
-                    st.cursor = 0;
-                }
-                picked.push(&train[order[st.cursor]]);
-                st.cursor += 1;
-            }
-            // On-policy: the same prompts, completed by the student; graded by the teacher alone.
-            let student_written = match (on_policy, &sampler) {
-                (Some(o), Some(s)) if on_policy::is_on_policy(o, cfg.seed, step, micro) => {
-                    let t = Instant::now();
-                    let seqs = on_policy::student_batch(s, &picked, o, tokenizer.eos_ids(), (cfg.seed, step, micro))?;
-                    st.sample_secs += t.elapsed().as_secs_f64();
-                    Some(seqs.into_iter().map(|s| s.truncate(cfg.max_seq_len)).collect::<Vec<_>>())
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            // With `overlap`, the next step's batches are written beside this step's training.
+            let next = match (on_policy, &sampler) {
+                (Some(o), Some(s)) if o.overlap && step + 1 < cfg.steps => {
+                    let (mut epoch, mut cursor, mut next_order) = (st.epoch, st.cursor, order.clone());
+                    let next_plan = take_picks(&train, cfg, (&mut epoch, &mut cursor), &mut next_order);
+                    Some(scope.spawn(move || write(s, o, step + 1, &next_plan)))
                 }
                 _ => None,
             };
-            let batch = match &student_written {
-                Some(seqs) => Batch::new(&seqs.iter().collect::<Vec<_>>(), model.device())?,
-                None => Batch::new(&picked, model.device())?,
-            };
-            step_tokens += batch.tokens;
-            let (terms, teacher_secs) = batch_loss(&model, &batch, &guide, &projections, student_written.is_some())?;
-            st.teacher_secs += teacher_secs;
-            on_policy_batches += usize::from(student_written.is_some());
-            let scale = 1.0 / cfg.grad_accum as f64;
-            loss += scalar(&terms.total)? * scale;
-            ce += scalar(&terms.ce)? * scale;
-            if let Some(k) = &terms.kd {
-                kl = Some(kl.unwrap_or(0.0) + scalar(k)? * scale);
+            for (micro, picked) in plan.iter().enumerate() {
+                // On-policy: the same prompts, completed by the student; graded by the teacher alone.
+                let student_written = written.get_mut(micro).and_then(Option::take);
+                let batch = match &student_written {
+                    Some(seqs) => Batch::new(&seqs.iter().collect::<Vec<_>>(), model.device())?,
+                    None => Batch::new(picked, model.device())?,
+                };
+                step_tokens += batch.tokens;
+                let (terms, teacher_secs) =
+                    batch_loss(&model, &batch, &guide, &projections, student_written.is_some())?;
+                st.teacher_secs += teacher_secs;
+                on_policy_batches += usize::from(student_written.is_some());
+                let scale = 1.0 / cfg.grad_accum as f64;
+                loss += scalar(&terms.total)? * scale;
+                ce += scalar(&terms.ce)? * scale;
+                if let Some(k) = &terms.kd {
+                    kl = Some(kl.unwrap_or(0.0) + scalar(k)? * scale);
+                }
+                if let Some(h) = &terms.hidden {
+                    hid = Some(hid.unwrap_or(0.0) + scalar(h)? * scale);
+                }
+                let g = (terms.total * scale)?.backward()?;
+                for (slot, (name, var)) in grads.iter_mut().zip(opt.vars()) {
+                    let gv = g.get(var).ok_or_else(|| TrainError::NoGradient(name.to_string()))?;
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + gv)?,
+                        None => gv.clone(),
+                    });
+                }
             }
-            if let Some(h) = &terms.hidden {
-                hid = Some(hid.unwrap_or(0.0) + scalar(h)? * scale);
+            if let Some(handle) = next {
+                let t = Instant::now();
+                pending = Some(handle.join().map_err(|_| anyhow::anyhow!("the on-policy sampler thread panicked"))??);
+                st.sample_secs += t.elapsed().as_secs_f64();
             }
-            let g = (terms.total * scale)?.backward()?;
-            for (slot, (name, var)) in grads.iter_mut().zip(opt.vars()) {
-                let gv = g.get(var).ok_or_else(|| TrainError::NoGradient(name.to_string()))?;
-                *slot = Some(match slot.take() {
-                    Some(acc) => (acc + gv)?,
-                    None => gv.clone(),
-                });
-            }
-        }
+            Ok(())
+        })?;
         let grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled above")).collect();
         let norm = grad_norm(&grads)?;
         // A NaN or Inf stops the run with the last good weights saved (or skips the batch).
