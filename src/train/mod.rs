@@ -157,8 +157,9 @@ pub struct OnPolicyConfig {
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub refresh_every: usize,
-    /// Write the next step's batches on a second thread while this step trains (with the
-    /// sampler of one step earlier). Off by default: on 2 cores it does not pay (docs/methods.md).
+    /// Write the next step's batches at the top of this step and have the server grade them
+    /// while it trains (so they come from the sampler of one step earlier). It hides a server's
+    /// latency; with a teacher in memory it gains nothing (docs/methods.md has the measurements).
     #[serde(skip_serializing_if = "is_false")]
     pub overlap: bool,
 }

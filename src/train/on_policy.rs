@@ -8,9 +8,8 @@
 //!
 //! The teacher grades them in memory (full logits, in the loss) or on a server that returns
 //! prompt log-probs ([`Grader`]: its top-k at every token, as `score` stores them). With
-//! `overlap`, the next step's batches are written (and graded on the server) on a second
-//! thread while the current step trains, so they come from the sampler as it stood one step
-//! earlier.
+//! `overlap`, the next step's batches are written at the top of the current step and graded on
+//! the server while it trains, so they come from the sampler as it stood one step earlier.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -72,36 +71,45 @@ pub struct Written {
     pub batches: Vec<Option<Vec<Sequence>>>,
     pub sample_secs: f64,
     pub grade_secs: f64,
+    pub graded: bool,
 }
 
 /// Writes the on-policy micro-batches of step `step` (`plan`: each micro-batch's picks), cut
-/// to `max_len` tokens, and grades them on the server when there is one.
+/// to `max_len` tokens; [`Written::grade`] has the server grade them.
 pub fn write_step(
     sampler: &Sampler,
-    grader: Option<&Grader>,
     plan: &[Vec<&Sequence>],
     cfg: &OnPolicyConfig,
     eos_ids: &[u32],
     (seed, step, max_len): (u64, usize, usize),
 ) -> anyhow::Result<Written> {
-    let mut out = Written { batches: Vec::with_capacity(plan.len()), sample_secs: 0.0, grade_secs: 0.0 };
+    let t = Instant::now();
+    let mut batches = Vec::with_capacity(plan.len());
     for (micro, picked) in plan.iter().enumerate() {
-        if !is_on_policy(cfg, seed, step, micro) {
-            out.batches.push(None);
-            continue;
-        }
-        let t = Instant::now();
-        let seqs = student_batch(sampler, picked, cfg, eos_ids, (seed, step, micro))?;
-        let mut seqs: Vec<Sequence> = seqs.into_iter().map(|s| s.truncate(max_len)).collect();
-        out.sample_secs += t.elapsed().as_secs_f64();
-        if let Some(g) = grader {
-            let t = Instant::now();
-            g.grade(&mut seqs)?;
-            out.grade_secs += t.elapsed().as_secs_f64();
-        }
-        out.batches.push(Some(seqs));
+        batches.push(if is_on_policy(cfg, seed, step, micro) {
+            let seqs = student_batch(sampler, picked, cfg, eos_ids, (seed, step, micro))?;
+            Some(seqs.into_iter().map(|s| s.truncate(max_len)).collect())
+        } else {
+            None
+        });
     }
-    Ok(out)
+    let sample_secs = if batches.iter().any(Option::is_some) { t.elapsed().as_secs_f64() } else { 0.0 };
+    Ok(Written { batches, sample_secs, grade_secs: 0.0, graded: false })
+}
+
+impl Written {
+    /// The server's grades of every on-policy batch (a teacher in memory grades in the loss).
+    pub fn grade(mut self, grader: Option<&Grader>) -> anyhow::Result<Self> {
+        if let Some(g) = grader.filter(|_| !self.graded) {
+            let t = Instant::now();
+            for seqs in self.batches.iter_mut().flatten() {
+                g.grade(seqs)?;
+            }
+            self.grade_secs = t.elapsed().as_secs_f64();
+        }
+        self.graded = true;
+        Ok(self)
+    }
 }
 
 /// Whether micro-batch `micro` of step `step` is on-policy: a draw seeded by both, below λ.

@@ -630,7 +630,8 @@ fn run(
     // top of each step that is a multiple of `refresh_every`), from the checkpoint when the run
     // resumes between refreshes, or with `overlap` (whose batches of this step come from the
     // sampler as it stood in the step before).
-    let on_policy = guide.kd.on_policy.as_ref();
+    // λ = 0 never samples: no sampler, and exactly the off-policy run.
+    let on_policy = guide.kd.on_policy.as_ref().filter(|o| o.lambda > 0.0);
     let mut sampler = match (on_policy, &checkpoint_dir) {
         (Some(o), Some(dir)) if o.overlap || st.step % o.refresh_every != 0 => {
             let file = dir.join(SAMPLER_FILE);
@@ -670,14 +671,12 @@ fn run(
         let before = (st.epoch, st.cursor);
         let plan = take_picks(&train, cfg, (&mut st.epoch, &mut st.cursor), &mut order);
         let write = |sampler: &Sampler, o: &OnPolicyConfig, step: usize, plan: &[Vec<&Sequence>]| {
-            let settings = (cfg.seed, step, cfg.max_seq_len);
-            on_policy::write_step(sampler, guide.grader.as_ref(), plan, o, tokenizer.eos_ids(), settings)
+            on_policy::write_step(sampler, plan, o, tokenizer.eos_ids(), (cfg.seed, step, cfg.max_seq_len))
         };
-        // This step's on-policy batches: written now, or while the step before trained.
+        // This step's on-policy batches: written and graded now, or during the step before.
         let written = match on_policy {
             None => None,
             Some(o) if o.overlap => {
-                let t = Instant::now();
                 let w = match (pending.take(), &sampler) {
                     (Some(w), _) => w,
                     (None, Some(s)) => write(s, o, step, &plan)?,
@@ -686,8 +685,11 @@ fn run(
                         write(sampler.as_ref().expect("just set"), o, step, &plan)?
                     }
                 };
-                // Time the step waited for them (all of it when written here).
-                st.sample_secs += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let w = w.grade(guide.grader.as_ref())?;
+                st.sample_secs += w.sample_secs;
+                // Time the step waited for the grades (all of them when graded here).
+                st.teacher_secs += t.elapsed().as_secs_f64();
                 if step % o.refresh_every == 0 && step > 0 {
                     sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
                 }
@@ -697,7 +699,7 @@ fn run(
                 if step % o.refresh_every == 0 || sampler.is_none() {
                     sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
                 }
-                let w = write(sampler.as_ref().expect("just set"), o, step, &plan)?;
+                let w = write(sampler.as_ref().expect("just set"), o, step, &plan)?.grade(guide.grader.as_ref())?;
                 st.sample_secs += w.sample_secs;
                 st.teacher_secs += w.grade_secs;
                 Some(w)
@@ -708,12 +710,16 @@ fn run(
         let (mut loss, mut ce, mut kl, mut hid, mut step_tokens) = (0.0, 0.0, None, None, 0);
         let mut on_policy_batches = 0;
         std::thread::scope(|scope| -> anyhow::Result<()> {
-            // With `overlap`, the next step's batches are written beside this step's training.
+            // With `overlap`, the next step's batches are written now and graded on the server
+            // beside this step's training. (Written beside it too, they would share the cores
+            // with training: measured slower on 2 cores, see docs/methods.md.)
             let next = match (on_policy, &sampler) {
                 (Some(o), Some(s)) if o.overlap && step + 1 < cfg.steps => {
                     let (mut epoch, mut cursor, mut next_order) = (st.epoch, st.cursor, order.clone());
                     let next_plan = take_picks(&train, cfg, (&mut epoch, &mut cursor), &mut next_order);
-                    Some(scope.spawn(move || write(s, o, step + 1, &next_plan)))
+                    let w = write(s, o, step + 1, &next_plan)?;
+                    let grader = guide.grader.as_ref();
+                    Some(scope.spawn(move || w.grade(grader)))
                 }
                 _ => None,
             };
@@ -749,8 +755,9 @@ fn run(
             }
             if let Some(handle) = next {
                 let t = Instant::now();
-                pending = Some(handle.join().map_err(|_| anyhow::anyhow!("the on-policy sampler thread panicked"))??);
-                st.sample_secs += t.elapsed().as_secs_f64();
+                let w = handle.join().map_err(|_| anyhow::anyhow!("the on-policy grading thread panicked"))??;
+                st.teacher_secs += t.elapsed().as_secs_f64();
+                pending = Some(Written { grade_secs: 0.0, ..w });
             }
             Ok(())
         })?;
