@@ -25,6 +25,9 @@ pub enum Command {
     Score(ScoreArgs),
     /// Run a recipe: a YAML chain of finetune / generate / distill / eval steps.
     Train(TrainArgs),
+    /// Look at a recipe without running it.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
     /// Measure a model on teacher samples or task data; prints one JSON object.
     Eval(EvalArgs),
     /// Time training and sampling of fixed llama configs (and a GGUF teacher) on this machine.
@@ -250,6 +253,22 @@ pub struct TrainArgs {
     /// since it ran (or whose checkpoints or samples come from another configuration).
     #[arg(long)]
     pub resume: bool,
+    /// Override a recipe key, e.g. `--set steps.student.kd.alpha=0.3` (repeatable; the value is
+    /// YAML). The step's cache identity changes with it, so it runs again.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecipeCommand {
+    /// Print the recipe as it would run: every step with every key, defaults filled in.
+    Show {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// As for `train --set`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -308,7 +327,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Train(args) => {
-            crate::recipe::run(&args.recipe, args.resume)?;
+            crate::recipe::run(&args.recipe, args.resume, &args.set)?;
+        }
+        Command::Recipe(RecipeCommand::Show { recipe, set }) => {
+            print!("{}", crate::recipe::load_with(&recipe, &set)?.to_yaml()?);
         }
         Command::Bench(a) => {
             let job = crate::bench::BenchJob {

@@ -185,6 +185,25 @@ fn wrong_type_names_the_key_line_and_column() {
 }
 
 #[test]
+fn set_on_an_unknown_key_or_with_a_wrong_type_names_the_flag() {
+    let f = Fixture::new();
+    let recipe = f.recipe(&finetune_step(&f, "{steps: 2}"));
+    for (set, wanted) in [
+        ("steps.teacher.train.stepz=3", &["unknown field `stepz`", "expected one of"][..]),
+        ("steps.teacher.train.steps=ten", &["`train.steps`", "invalid type: string \"ten\""][..]),
+        ("steps.teacher.train.lr=-1", &["step `teacher`", "`train.lr` must be a positive number"][..]),
+    ] {
+        let err = fails("set_on_an_unknown_key_or_with_a_wrong_type", &["train", "--recipe", s(&recipe), "--set", set]);
+        let line = one_error_line(&err);
+        assert!(line.starts_with(&format!("error: {}: --set {set}: ", recipe.display())), "{line}");
+        has_all(line, wanted);
+    }
+    assert!(!f.workdir().exists(), "no step ran");
+    let err = fails("recipe_show_with_a_bad_set", &["recipe", "show", s(&recipe), "--set", "steps.nope.x=1"]);
+    has_all(one_error_line(&err), &["no step named `nope`", "its steps: teacher"]);
+}
+
+#[test]
 fn negative_batch_size_in_yaml_is_a_type_error_with_line_and_column() {
     let f = Fixture::new();
     let recipe = f.recipe(&finetune_step(&f, "{steps: 2, batch_size: -4}"));

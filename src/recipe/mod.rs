@@ -58,6 +58,7 @@
 //! newest checkpoint), and runs again a step that changed and the steps its new output feeds.
 
 mod cache;
+mod overrides;
 mod parse;
 mod steps;
 mod summary;
@@ -74,6 +75,7 @@ use crate::generate::{self, GenerateJob, GenerateReport, ScoreJob};
 use crate::task;
 use crate::tokenizer::Tokenizer;
 use crate::train::{self, DistillJob, FinetuneJob, ModelInit, Resume, TrainReport};
+pub use overrides::Override;
 pub use steps::{
     DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep, TeacherSet,
 };
@@ -114,6 +116,9 @@ pub enum RecipeError {
     /// A problem with the recipe as a whole (no steps, no name).
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
+    /// A `--set` that names no key, or whose value the key cannot take.
+    #[error("{}: --set {flag}: {message}", path.display())]
+    Set { path: PathBuf, flag: String, message: String },
 }
 
 /// `steps.NAME.output[/sub/path]` → `(NAME, sub/path)`; `None` for a plain path.
@@ -130,15 +135,72 @@ fn parse_ref(value: &str) -> Option<Result<(&str, &str), String>> {
 
 /// Reads, parses and validates a recipe.
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
+    load_with(path, &[])
+}
+
+/// [`load`], with `--set KEY=VALUE` overrides applied before the checks.
+pub fn load_with(path: &Path, sets: &[String]) -> Result<Recipe, RecipeError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
     let (name, workdir, steps) = parse::parse(path, &text)?;
-    let recipe = Recipe { path: path.to_path_buf(), name, workdir, steps };
-    recipe.validate(&text)?;
+    let mut recipe = Recipe { path: path.to_path_buf(), name, workdir, steps };
+    let mut applied = Vec::with_capacity(sets.len());
+    for flag in sets {
+        let set_error = |message: String| RecipeError::Set { path: path.to_path_buf(), flag: flag.clone(), message };
+        let o = Override::parse(flag).map_err(set_error)?;
+        recipe.apply(&o).map_err(set_error)?;
+        applied.push(o);
+    }
+    recipe.validate(&text, &applied)?;
     Ok(recipe)
 }
 
 impl Recipe {
+    /// Applies one `--set`.
+    fn apply(&mut self, o: &Override) -> Result<(), String> {
+        let text =
+            |v: &serde_json::Value| v.as_str().map(str::to_string).ok_or_else(|| format!("`{}` takes a string", o.key));
+        let Some(name) = &o.step else {
+            match o.key.as_str() {
+                "name" => self.name = text(&o.value)?,
+                _ => self.workdir = PathBuf::from(text(&o.value)?),
+            }
+            return Ok(());
+        };
+        let names: Vec<&str> = self.steps.iter().map(|s| s.name.as_str()).collect();
+        let known = names.join(", ");
+        let step = self
+            .steps
+            .iter_mut()
+            .find(|s| s.name == *name)
+            .ok_or_else(|| format!("the recipe has no step named `{name}`; its steps: {known}"))?;
+        overrides::apply(step, o)
+    }
+
+    /// The resolved recipe as YAML: every step with every key, defaults filled in (what
+    /// `kdllm recipe show` prints). It loads back as the same recipe.
+    pub fn to_yaml(&self) -> anyhow::Result<String> {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            name: &'a str,
+            workdir: &'a Path,
+            steps: Vec<ShownStep<'a>>,
+        }
+        #[derive(Serialize)]
+        struct ShownStep<'a> {
+            name: &'a str,
+            kind: StepKind,
+            #[serde(flatten)]
+            keys: serde_json::Value,
+        }
+        let steps = self
+            .steps
+            .iter()
+            .map(|s| Ok(ShownStep { name: &s.name, kind: s.kind(), keys: s.full_json()? }))
+            .collect::<serde_json::Result<_>>()?;
+        Ok(serde_saphyr::to_string(&Shown { name: &self.name, workdir: &self.workdir, steps })?)
+    }
+
     /// The output of a step: the folder `<workdir>/<name>`.
     pub fn output(&self, step: &Step) -> PathBuf {
         self.workdir.join(&step.name)
@@ -418,8 +480,8 @@ fn train_outcome(reports: Vec<TrainReport>) -> anyhow::Result<Outcome> {
 /// Runs a recipe's steps in order, skipping those already done with the same configuration and
 /// inputs, then prints the summary table and writes `<workdir>/summary.json`. With `strict`
 /// (`--resume`), nothing already done is replaced: a changed step is an error.
-pub fn run(path: &Path, strict: bool) -> anyhow::Result<RecipeSummary> {
-    let recipe = load(path)?;
+pub fn run(path: &Path, strict: bool, sets: &[String]) -> anyhow::Result<RecipeSummary> {
+    let recipe = load_with(path, sets)?;
     let start = Instant::now();
     let mut steps = Vec::new();
     let mut models = Vec::new();

@@ -258,6 +258,42 @@ impl Step {
         }
     }
 
+    /// [`Step::config_json`] with the keys it leaves out at their defaults (so that adding them
+    /// kept old cache identities) written in.
+    pub(super) fn full_json(&self) -> serde_json::Result<serde_json::Value> {
+        use serde_json::{to_value, Value};
+        let mut json = self.config_json()?;
+        let Some(obj) = json.as_object_mut() else {
+            return Ok(json);
+        };
+        let seeds = |obj: &mut serde_json::Map<String, Value>| {
+            obj.entry("seeds").or_insert(Value::Array(Vec::new()));
+        };
+        match &self.config {
+            StepConfig::Finetune(_) => seeds(obj),
+            StepConfig::Distill(s) => {
+                seeds(obj);
+                obj.entry("teacher").or_insert(Value::Null);
+                obj.entry("teachers").or_insert(Value::Array(Vec::new()));
+                obj.entry("server").or_insert(to_value(&s.server)?);
+                let kd = &s.kd;
+                let mut on_policy = to_value(&kd.on_policy)?;
+                if let (Some(o), Some(c)) = (on_policy.as_object_mut(), &kd.on_policy) {
+                    o.insert("overlap".into(), c.overlap.into());
+                }
+                if let Some(k) = obj.get_mut("kd").and_then(Value::as_object_mut) {
+                    k.insert("divergence".into(), to_value(kd.divergence)?);
+                    k.insert("beta".into(), kd.beta.into());
+                    k.insert("skew".into(), kd.skew.into());
+                    k.insert("hidden".into(), to_value(&kd.hidden)?);
+                    k.insert("on_policy".into(), on_policy);
+                }
+            }
+            _ => {}
+        }
+        Ok(json)
+    }
+
     /// The step's keys that hold paths (and so may hold references), as `(key, value)`.
     pub(super) fn inputs(&self) -> Vec<(&'static str, &str)> {
         let mut out = Vec::new();

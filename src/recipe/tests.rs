@@ -160,3 +160,93 @@ fn born_again_chains_each_student_into_the_next_teacher() {
     let (StepConfig::Distill(a), StepConfig::Distill(b)) = (step("student-1"), step("student-2")) else { panic!() };
     assert_eq!((b.data.as_str(), &a.student, &a.kd, &a.train), ("steps.samples-1.output", &b.student, &b.kd, &b.train));
 }
+
+const SHIPPED: [&str; 5] = [
+    "recipes/quickstart.yaml",
+    "recipes/methods.yaml",
+    "recipes/phi-like.yaml",
+    "recipes/born-again.yaml",
+    "recipes/smollm2-gguf.yaml",
+];
+
+#[test]
+fn every_shipped_step_reads_back_from_its_json_and_show_loads_as_the_same_recipe() {
+    for path in SHIPPED {
+        let r = load(Path::new(path)).unwrap();
+        for step in &r.steps {
+            let back = overrides::from_json(step.kind(), step.config_json().unwrap()).unwrap();
+            assert_eq!(back, step.config, "{path}: step {}", step.name);
+        }
+        // What `recipe show` prints loads back as the same steps, every default written out.
+        let shown = r.to_yaml().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shown.yaml");
+        std::fs::write(&file, &shown).unwrap();
+        let again = load(&file).unwrap_or_else(|e| panic!("{path}: {e}\n{shown}"));
+        assert_eq!((&again.name, &again.workdir), (&r.name, &r.workdir));
+        let configs = |r: &Recipe| r.steps.iter().map(|s| (s.name.clone(), s.config.clone())).collect::<Vec<_>>();
+        assert_eq!(configs(&again), configs(&r), "{path}");
+        if path.ends_with("quickstart.yaml") {
+            for key in ["divergence: forward_kl", "skew: 0.1", "concurrency: 8", "seeds: []"] {
+                assert!(shown.contains(key), "{key} in\n{shown}");
+            }
+        }
+    }
+}
+
+#[test]
+fn set_overrides_keys_and_changes_only_their_steps_identities() {
+    let path = Path::new("recipes/quickstart.yaml");
+    let plain = load(path).unwrap();
+    let sets = ["steps.student.kd.alpha=0.3", "steps.teacher.train.steps=500", "steps.student.kd.divergence=jsd"];
+    let set = load_with(path, &sets.map(String::from)).unwrap();
+    let step = |r: &Recipe, name: &str| r.steps.iter().find(|s| s.name == name).unwrap().clone();
+    let (StepConfig::Distill(a), StepConfig::Distill(b)) =
+        (step(&plain, "student").config, step(&set, "student").config)
+    else {
+        panic!("student is a distill step")
+    };
+    assert_eq!((a.kd.alpha, b.kd.alpha), (0.5, 0.3));
+    assert_eq!(b.kd.divergence, crate::train::Divergence::Jsd);
+    assert_eq!(b.train, a.train, "the other keys are kept");
+    let StepConfig::Finetune(t) = step(&set, "teacher").config else { panic!("teacher is a finetune step") };
+    assert_eq!(t.train.steps, 500);
+    for s in &plain.steps {
+        let changed = plain.identity(s).unwrap() != set.identity(&step(&set, &s.name)).unwrap();
+        assert_eq!(changed, s.name == "student" || s.name == "teacher", "step {}", s.name);
+    }
+    let w = load_with(path, &["workdir=runs/other".to_string()]).unwrap();
+    assert_eq!(w.output(&w.steps[0]), PathBuf::from("runs/other/task"));
+}
+
+#[test]
+fn bad_sets_name_the_flag_and_the_key() {
+    let path = Path::new("recipes/quickstart.yaml");
+    let err = |set: &str| load_with(path, &[set.to_string()]).unwrap_err().to_string();
+    let cases: [(&str, &[&str]); 9] = [
+        ("steps.student.kd.alpha", &["no `=`", "KEY=VALUE"]),
+        ("steps.studnet.kd.alpha=0.3", &["no step named `studnet`", "student-seq"]),
+        ("steps.student.kd.alphaa=0.3", &["`kd.alphaa`", "unknown field `alphaa`"]),
+        ("steps.student.kd.alpha=abc", &["`kd.alpha`", "invalid type: string \"abc\""]),
+        ("steps.student.student.config.hiden_size=3", &["`student.config.hiden_size`", "unknown field `hiden_size`"]),
+        ("steps.student.kd.alpha.x=1", &["`kd.alpha.x`", "holds a value"]),
+        ("train.steps=5", &["`train.steps` is not a recipe key", "steps.NAME.KEY"]),
+        ("workdir=5", &["`workdir` takes a string"]),
+        ("steps.student.kd.alpha=", &["no value after `=`"]),
+    ];
+    for (set, wanted) in cases {
+        let e = err(set);
+        assert!(e.starts_with(&format!("recipes/quickstart.yaml: --set {set}: ")), "{e}");
+        for w in wanted {
+            assert!(e.contains(w), "--set {set}: `{w}` missing in: {e}");
+        }
+    }
+    // A value out of bounds: the check of the file, naming the flag rather than a line.
+    let e = err("steps.student.kd.alpha=1.5");
+    assert!(
+        e.starts_with(
+            "recipes/quickstart.yaml: --set steps.student.kd.alpha=1.5: step `student`: `kd.alpha` must be in [0, 1]"
+        ),
+        "{e}"
+    );
+}

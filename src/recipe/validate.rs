@@ -4,13 +4,14 @@
 
 use std::path::Path;
 
-use super::{parse, parse_ref, DistillStep, Recipe, RecipeError, StepConfig};
+use super::{parse, parse_ref, DistillStep, Override, Recipe, RecipeError, StepConfig};
 use crate::tokenizer::Tokenizer;
 use crate::train::{self, ModelInit};
 
 impl Recipe {
-    /// Checks what the types cannot: names, references, and the either-or keys.
-    pub(super) fn validate(&self, text: &str) -> Result<(), RecipeError> {
+    /// Checks what the types cannot: names, references, and the either-or keys. An error about
+    /// a key `overrides` set names the `--set` flag instead of a line.
+    pub(super) fn validate(&self, text: &str, overrides: &[Override]) -> Result<(), RecipeError> {
         let whole = |message: String| RecipeError::Invalid { path: self.path.clone(), message };
         if self.name.trim().is_empty() {
             return Err(whole("the recipe `name` is empty; give the recipe a name".into()));
@@ -122,6 +123,15 @@ impl Recipe {
                 _ => Ok(()),
             };
             if let Err(message) = bounds {
+                let named = message.split('`').nth(1).unwrap_or_default();
+                let set = overrides.iter().find(|o| o.step.as_deref() == Some(&step.name) && o.covers(named));
+                if let Some(o) = set {
+                    return Err(RecipeError::Set {
+                        path: self.path.clone(),
+                        flag: o.flag.clone(),
+                        message: format!("step `{}`: {message}", step.name),
+                    });
+                }
                 // The first key the message names, e.g. `train.lr` → the line with `lr:`, or with
                 // `lr: VALUE` when the message says `got VALUE` (one of several keys of that name).
                 let key =
