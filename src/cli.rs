@@ -105,7 +105,7 @@ impl ServerArgs {
 /// The teacher of `generate` and `score`, and the slice of the work this run does.
 #[derive(Debug, Args)]
 pub struct TeacherArgs {
-    /// Teacher: an alias (see README), a Hub repo id (owner/name), a local folder, a GGUF file, or
+    /// Teacher: an alias (see docs/commands.md), a Hub repo id (owner/name), a local folder, a GGUF file, or
     /// a server (http://HOST:PORT/v1: vLLM, SGLang, llama-server).
     #[arg(long)]
     pub teacher: String,

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 // Training allocates and frees many short-lived tensors; mimalloc avoids the page faults
-// glibc's allocator takes on them (see README, "Speed levers").
+// glibc's allocator takes on them (see docs/performance.md, "Speed levers").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

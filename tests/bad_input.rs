@@ -1,6 +1,6 @@
 //! Bad input, one test per case, through the real `kdllm` binary: each must exit non-zero with
 //! one `error:` line that names the file, key or flag at fault (with line:column for YAML) and
-//! says what to do, and must leave no output behind. The table in the README's "Bad input"
+//! says what to do, and must leave no output behind. The table in docs/errors.md
 //! lists these cases with the messages kdllm prints.
 //!
 //! Everything runs offline on tiny models written into temporary folders.

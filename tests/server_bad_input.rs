@@ -1,6 +1,6 @@
 //! Bad input for server teachers, shards and scoring, through the real `kdllm` binary against a
 //! stand-in engine (`common/mock_engine.rs`): each case exits non-zero with one `error:` line
-//! naming the URL, flag or folder and the fix, and leaves no part file behind. The README's
+//! naming the URL, flag or folder and the fix, and leaves no part file behind. docs/errors.md's
 //! bad-input table lists them.
 
 mod common;

@@ -73,7 +73,7 @@ pub fn s(p: &Path) -> &str {
 }
 
 /// Runs the command; it must fail. Returns its stderr (stdout is checked to hold no `error`),
-/// and prints it under the case name so the messages in the README's table can be copied from
+/// and prints it under the case name so the messages in the table in docs/errors.md can be copied from
 /// `cargo test --release --test bad_input -- --nocapture --test-threads 1`.
 pub fn fails_with(case: &str, mut cmd: Command) -> String {
     let out = cmd.output().unwrap();
