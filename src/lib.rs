@@ -11,6 +11,7 @@ pub mod engine;
 pub mod eval;
 pub mod fault;
 pub mod generate;
+pub mod gguf;
 pub mod hash;
 pub mod hub;
 pub mod interrupt;
