@@ -1,0 +1,86 @@
+//! Fused CPU kernels: with a hand-written backward for the ops training spends its time in,
+//! forward-only ones for decoding (few-row matmul, one-token attention), and AdamW in place.
+//!
+//! candle's own fused RMSNorm, softmax and RoPE have no backward, and their differentiable
+//! compositions allocate and sweep one tensor per elementary op (page faults and memory
+//! traffic, not FLOPs, then dominate a small model). Each op here makes one pass forward and
+//! one backward. Inputs are f32; callers cast other dtypes. Non-contiguous inputs are copied.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout};
+use candle_core::{Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Below this many elements one thread does the work (decode steps are tiny).
+const PAR_MIN: usize = 1 << 15;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    match (l.contiguous_offsets(), s) {
+        (Some((a, b)), CpuStorage::F32(v)) => Ok(&mut v[a..b]),
+        _ => bail!("{op}: destination must be contiguous f32"),
+    }
+}
+
+/// Calls `f(i, row)` for each `width`-wide row of `out`, in parallel when `out` is large.
+fn each_row(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() < PAR_MIN {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        out.par_chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Splits the flat output of a kernel that writes several gradients in one pass into tensors of
+/// the given shapes, in order.
+fn unstack<const N: usize>(flat: &Tensor, shapes: [&Shape; N]) -> Result<[Tensor; N]> {
+    let mut parts = Vec::with_capacity(N);
+    let mut at = 0;
+    for shape in shapes {
+        parts.push(flat.narrow(0, at, shape.elem_count())?.reshape(shape)?);
+        at += shape.elem_count();
+    }
+    Ok(std::array::from_fn(|i| parts[i].clone()))
+}
+
+fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() != DType::F32 {
+        bail!("fused ops take f32, got {:?}", t.dtype());
+    }
+    t.contiguous()
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// Softmax of one row, in place.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// An additive mask's values, flat, for the attention kernels to index.
+fn mask_values(mask: Option<&Tensor>) -> Result<Option<Arc<Vec<f32>>>> {
+    mask.map(|m| Ok(Arc::new(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))).transpose()
+}
+
+mod adamw;
+mod decode;
+#[cfg(test)]
+mod tests;
+mod train;
+
+pub use adamw::adamw_step;
+pub use decode::{decode_attention, matmul_few_rows, FEW_ROWS};
+pub use train::{attention, log_softmax, nll_rows, rms_norm, rope, silu_mul};
