@@ -25,6 +25,8 @@ pub enum Command {
     Score(ScoreArgs),
     /// Run a recipe: a YAML chain of finetune / generate / distill / eval steps.
     Train(TrainArgs),
+    /// Write a model as one llama GGUF file that llama.cpp and ollama load.
+    Export(ExportArgs),
     /// Look at a recipe without running it.
     #[command(subcommand)]
     Recipe(RecipeCommand),
@@ -259,6 +261,22 @@ pub struct TrainArgs {
     pub set: Vec<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The model: a folder in the Hugging Face layout (e.g. a kdllm student), an alias or a Hub id.
+    #[arg(long)]
+    pub model: String,
+    /// The GGUF file to write.
+    #[arg(long)]
+    pub gguf: PathBuf,
+    /// Encoding of the matrices: f32, f16, q8_0 or q4_0 (norms and biases stay f32).
+    #[arg(long = "type", default_value = "f16", value_parser = crate::export::parse_type)]
+    pub ty: crate::gguf::GgmlType,
+    /// Replace the file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum RecipeCommand {
     /// Print the recipe as it would run: every step with every key, defaults filled in.
@@ -328,6 +346,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train(args) => {
             crate::recipe::run(&args.recipe, args.resume, &args.set)?;
+        }
+        Command::Export(a) => {
+            let job = crate::export::ExportJob { model: a.model, output: a.gguf, ty: a.ty, overwrite: a.overwrite };
+            let r = crate::export::export(&job)?;
+            eprintln!("{} tensors, {} bytes → {}", r.tensors, r.bytes, r.output.display());
+            if !r.pre_tokenizer_matches {
+                eprintln!(
+                    "note: no llama.cpp pre-tokenizer splits text as this tokenizer does; wrote `default`, so llama.cpp \
+                     may tokenize text differently (token ids given directly are unaffected)"
+                );
+            }
         }
         Command::Recipe(RecipeCommand::Show { recipe, set }) => {
             print!("{}", crate::recipe::load_with(&recipe, &set)?.to_yaml()?);

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod eval;
+pub mod export;
 pub mod fault;
 pub mod generate;
 pub mod gguf;

@@ -1,5 +1,12 @@
 //! GGUF files at the level of the format (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
-//! typed reads of the metadata, for the model loader and the tokenizer alike.
+//! typed reads of the metadata, for the model loader and the tokenizer alike; the writer and
+//! the tensor encodings the exporter uses.
+
+pub mod quant;
+pub mod write;
+
+pub use quant::GgmlType;
+pub use write::{MetaValue, TensorData};
 
 use std::collections::HashMap;
 

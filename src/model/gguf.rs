@@ -177,6 +177,35 @@ fn hf_name(gguf: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// The GGUF name of a Hugging Face llama tensor (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let part = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}.{kind}"))
+}
+
 /// Every weight the config needs is there (named by its GGUF name, as the user knows the file),
 /// and the embedding has a row per token.
 fn check_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
@@ -213,9 +242,8 @@ fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     swap_halves(w, heads, true)
 }
 
-/// llama.cpp's converter permutation (the inverse of [`unpermute_rows`]); for writing test files.
-#[cfg(test)]
-fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+/// llama.cpp's converter permutation (the inverse of [`unpermute_rows`]), for writing GGUF files.
+pub fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     swap_halves(w, heads, false)
 }
 

@@ -1,7 +1,7 @@
 //! Tokenizers rebuilt from a GGUF file's `tokenizer.ggml.*` metadata, as llama.cpp tokenizes.
 
 use super::*;
-use crate::gguf::Meta;
+use crate::gguf::{Meta, MetaValue};
 
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata, as llama.cpp's
@@ -284,6 +284,120 @@ impl GgufPre {
             }
         })
     }
+}
+
+/// Texts whose pre-tokenization tells llama.cpp's pre-tokenizers apart.
+const PRE_PROBES: [&str; 3] = [
+    "Hello, world!! x 12345 I'LL  go\tnow\n\n3.14 ünïcode 你好",
+    "e\u{301} ...!? $100 a1b22c333",
+    "   lead  and trail  ",
+];
+
+impl Tokenizer {
+    /// The `tokenizer.ggml.*` metadata llama.cpp reads, for a byte-level BPE tokenizer, with
+    /// `n_vocab` tokens (ids past the tokenizer's, a padded embedding, are unused tokens).
+    /// `tokenizer.ggml.pre` is the llama.cpp pre-tokenizer that splits probe texts as this one
+    /// does; with none, `default`, and the second value says so.
+    pub fn gguf_metadata(&self, n_vocab: usize) -> Result<(Vec<(String, MetaValue)>, bool), TokenizerError> {
+        let json: Value =
+            serde_json::from_str(&self.inner.to_string(false).map_err(|e| TokenizerError::Gguf(e.to_string()))?)
+                .map_err(|e| TokenizerError::Gguf(format!("tokenizer.json: {e}")))?;
+        let model = &json["model"];
+        let byte_level = json["decoder"]["type"] == "ByteLevel"
+            || json["decoder"]["decoders"].as_array().is_some_and(|d| d.iter().any(|x| x["type"] == "ByteLevel"));
+        if model["type"] != "BPE" || !byte_level || model["byte_fallback"] == true {
+            return Err(TokenizerError::Gguf(
+                "only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2, kdllm's own) are written to GGUF \
+                 for now; SentencePiece-style ones (Llama 2, TinyLlama) are not"
+                    .into(),
+            ));
+        }
+        let mut tokens: Vec<Option<String>> = vec![None; n_vocab.max(self.vocab_size())];
+        for (token, id) in self.inner.get_vocab(true) {
+            tokens[id as usize] = Some(token);
+        }
+        let added: HashMap<u32, bool> =
+            self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.special)).collect();
+        let types: Vec<i32> = (0..tokens.len() as u32)
+            .map(|id| match (tokens[id as usize].is_some(), added.get(&id)) {
+                (false, _) => 5,
+                (true, Some(true)) => 3,
+                (true, Some(false)) => 4,
+                (true, None) => 1,
+            })
+            .collect();
+        let tokens: Vec<String> =
+            tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+        let merges: Vec<String> = model["merges"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|x| match x {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Array(pair) => Some(format!("{} {}", pair.first()?.as_str()?, pair.get(1)?.as_str()?)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pre = ["smollm", "gpt-2", "llama-bpe", "qwen2", "default"].into_iter().find(|name| {
+            GgufPre::from_name(name).is_ok_and(|p| PRE_PROBES.iter().all(|t| p.pieces(t) == self.pieces(t)))
+        });
+        let mut meta = vec![
+            ("tokenizer.ggml.model".to_string(), MetaValue::Str("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), MetaValue::Str(pre.unwrap_or("default").into())),
+            ("tokenizer.ggml.tokens".to_string(), MetaValue::StrArray(tokens)),
+            ("tokenizer.ggml.token_type".to_string(), MetaValue::I32Array(types)),
+            ("tokenizer.ggml.merges".to_string(), MetaValue::StrArray(merges)),
+        ];
+        let mut id = |key: &str, v: u32| meta.push((format!("tokenizer.ggml.{key}"), MetaValue::U32(v)));
+        if let Some((_, bos)) = &self.bos {
+            id("bos_token_id", *bos);
+        }
+        if let Some(&eos) = self.eos_ids.first() {
+            id("eos_token_id", eos);
+        }
+        // The end-of-turn token chat models stop on (llama.cpp's EOT), when the EOS ids hold one.
+        const TURN_ENDS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"];
+        if let Some(eot) =
+            self.eos_ids.iter().find(|&&i| self.inner.id_to_token(i).is_some_and(|t| TURN_ENDS.contains(&t.as_str())))
+        {
+            id("eot_token_id", *eot);
+        }
+        meta.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(self.add_bos)));
+        if let Some(t) = &self.chat_template {
+            meta.push(("tokenizer.chat_template".into(), MetaValue::Str(t.clone())));
+        }
+        Ok((meta, pre.is_some()))
+    }
+
+    /// The pieces this tokenizer's normalizer and pre-tokenizer cut `text` into.
+    fn pieces(&self, text: &str) -> Vec<String> {
+        split_pieces(self.inner.get_normalizer(), self.inner.get_pre_tokenizer(), text)
+    }
+}
+
+impl GgufPre {
+    fn pieces(&self, text: &str) -> Vec<String> {
+        split_pieces(self.normalizer.as_ref(), Some(&self.pre_tokenizer), text)
+    }
+}
+
+fn split_pieces(normalizer: Option<&NormalizerWrapper>, pre: Option<&PreTokenizerWrapper>, text: &str) -> Vec<String> {
+    use tokenizers::{Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let mut normalized = tokenizers::NormalizedString::from(text);
+    if let Some(n) = normalizer {
+        if n.normalize(&mut normalized).is_err() {
+            return Vec::new();
+        }
+    }
+    let mut pieces = PreTokenizedString::from(normalized);
+    if let Some(p) = pre {
+        if p.pre_tokenize(&mut pieces).is_err() {
+            return Vec::new();
+        }
+    }
+    pieces.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(s, _, _)| s.to_owned()).collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,105 @@
+//! GGUF export: what kdllm writes, read back by kdllm (the same logits at f32, close at f16 and
+//! q8_0), the tokenizer carried over, and the refused cases leaving no file behind.
+//! `tools/check_gguf.py` checks the bytes against llama.cpp's gguf-py.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use kdllm::export::{export, ExportJob};
+use kdllm::gguf::GgmlType;
+use kdllm::model::{Checkpoint, Precision};
+
+fn job(model: &Path, out: &Path, ty: GgmlType) -> ExportJob {
+    ExportJob { model: model.display().to_string(), output: out.to_path_buf(), ty, overwrite: false }
+}
+
+fn logits(spec: &str, ids: &[u32]) -> Vec<f32> {
+    let model = Checkpoint::open(spec, None).unwrap().model(&Device::Cpu, Precision::F32).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model.forward(&input, None).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn exports_read_back_with_the_models_logits_and_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    common::tiny_teacher(&teacher);
+    let want = logits(teacher.to_str().unwrap(), &[1, 40, 7, 123, 9, 250, 3]);
+    let max_rel = |got: &[f32]| {
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+    };
+    // The tiny teacher's weights are deliberately sharp (×8), which magnifies rounding: measured
+    // 0, 1.1e-3, 0.034 and 0.57 of the largest logit. The bytes themselves are checked against
+    // ggml's quantizers in `gguf::quant`'s tests.
+    for (ty, tolerance) in [(GgmlType::F32, 0.0), (GgmlType::F16, 2e-3), (GgmlType::Q8_0, 0.06), (GgmlType::Q4_0, 0.8)]
+    {
+        let out = tmp.path().join(format!("{ty:?}.gguf"));
+        let report = export(&job(&teacher, &out, ty)).unwrap();
+        assert_eq!(report.pre_tokenizer, "smollm", "kdllm's trained tokenizer splits digits as SmolLM's");
+        assert!(report.pre_tokenizer_matches);
+        let got = logits(out.to_str().unwrap(), &[1, 40, 7, 123, 9, 250, 3]);
+        let rel = max_rel(&got);
+        assert!(rel <= tolerance, "{ty:?}: max relative logit difference {rel}");
+        if ty == GgmlType::F32 {
+            assert!(got == want, "f32 export reads back bit for bit");
+            let (a, b) = (
+                Checkpoint::open(teacher.to_str().unwrap(), None).unwrap(),
+                Checkpoint::open(out.to_str().unwrap(), None).unwrap(),
+            );
+            let text = "the cat sat on 12345 mats, twice!";
+            assert_eq!(a.tokenizer.encode(text, true).unwrap(), b.tokenizer.encode(text, true).unwrap());
+            assert_eq!((a.tokenizer.bos_id(), a.tokenizer.eos_ids()), (b.tokenizer.bos_id(), b.tokenizer.eos_ids()));
+        }
+    }
+    // Smaller at each step down.
+    let size = |ty: GgmlType| std::fs::metadata(tmp.path().join(format!("{ty:?}.gguf"))).unwrap().len();
+    assert!(size(GgmlType::F32) > size(GgmlType::F16) && size(GgmlType::F16) > size(GgmlType::Q8_0));
+    assert!(size(GgmlType::Q8_0) > size(GgmlType::Q4_0));
+}
+
+#[test]
+fn refused_exports_name_the_problem_and_leave_no_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    common::tiny_teacher(&teacher);
+    // An existing output without --overwrite.
+    let out = tmp.path().join("taken.gguf");
+    std::fs::write(&out, b"keep me").unwrap();
+    let err = format!("{:#}", export(&job(&teacher, &out, GgmlType::F16)).unwrap_err());
+    assert!(err.contains("exists") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+
+    // Rows of 24 values cannot be packed in blocks of 32.
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir(&odd).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(teacher.join(f), odd.join(f)).unwrap();
+    }
+    let tok = kdllm::tokenizer::Tokenizer::from_folder(&teacher).unwrap();
+    let cfg: kdllm::model::LlamaConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": tok.vocab_size(), "hidden_size": 24, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": true,
+    }))
+    .unwrap();
+    let (vm, _) = kdllm::model::llama::Llama::trainable(&cfg, &Device::Cpu).unwrap();
+    kdllm::model::llama::save(&cfg, &vm, &odd).unwrap();
+    let out = tmp.path().join("odd.gguf");
+    let err = format!("{:#}", export(&job(&odd, &out, GgmlType::Q8_0)).unwrap_err());
+    assert!(err.contains("tensor `token_embd.weight`") && err.contains("rows of 24") && err.contains("f16"), "{err}");
+    assert!(!out.exists() && !tmp.path().join("odd.gguf.partial").exists(), "no partial file");
+    assert!(export(&job(&odd, &out, GgmlType::F16)).is_ok(), "f16 takes any row length");
+
+    // A sliding window llama.cpp's llama architecture cannot compute.
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(teacher.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "mistral".into();
+    config["sliding_window"] = 16.into();
+    std::fs::write(teacher.join("config.json"), config.to_string()).unwrap();
+    let out = tmp.path().join("mistral.gguf");
+    let err = format!("{:#}", export(&job(&teacher, &out, GgmlType::F16)).unwrap_err());
+    assert!(err.contains("sliding window") && err.contains("mistral"), "{err}");
+    assert!(!out.exists());
+}
