@@ -77,7 +77,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::{self, DistillJob, FinetuneJob, ModelInit, Resume, TrainReport};
 pub use overrides::Override;
 pub use steps::{
-    DistillStep, EvalStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep, TeacherSet,
+    DistillStep, EvalStep, ExportStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep, TeacherSet,
 };
 pub use summary::{format_summary, model_rows, ModelGroup, ModelRow, RecipeSummary, StepRow};
 
@@ -331,12 +331,35 @@ impl Recipe {
                 let what = format!("{} rows, {} tokens scored", r.rows, r.tokens);
                 sampled_outcome(what, r.tokens_per_sec, r.wall_secs, &r.output, &r)?
             }
+            StepConfig::Export(s) => {
+                std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
+                let mut written = Vec::new();
+                let mut reports = Vec::new();
+                for t in &s.types {
+                    let ty = crate::export::parse_type(t).map_err(anyhow::Error::msg)?;
+                    let file = output.join(format!("{t}.gguf"));
+                    let job = crate::export::ExportJob { model: self.resolve_spec(&s.model), output: file, ty, overwrite: true };
+                    let r = crate::export::export(&job)?;
+                    written.push(format!("{t} {:.2} MB", r.bytes as f64 / 1e6));
+                    reports.push(r);
+                }
+                Outcome {
+                    line: format!("{} → {}", written.join(", "), output.display()),
+                    tokens_per_sec: None,
+                    report: serde_json::to_value(&reports)?,
+                    models: Vec::new(),
+                }
+            }
             StepConfig::Eval(s) => {
                 let mut groups = Vec::new();
                 let mut reports: Vec<EvalReport> = Vec::new();
                 for model in &s.models {
                     // A model's row is named after the step that made it.
                     let name = match parse_ref(model) {
+                        // An export step's files are rows of their own: `student-gguf q8_0`.
+                        Some(Ok((name, sub))) if sub.ends_with(".gguf") => {
+                            format!("{name} {}", sub.trim_end_matches(".gguf"))
+                        }
                         Some(Ok((name, _))) => name.to_string(),
                         _ => model.clone(),
                     };

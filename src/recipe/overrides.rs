@@ -95,5 +95,6 @@ pub fn from_json(kind: StepKind, json: Value) -> serde_json::Result<StepConfig> 
         StepKind::Score => StepConfig::Score(read(json)?),
         StepKind::Distill => StepConfig::Distill(read(json)?),
         StepKind::Eval => StepConfig::Eval(read(json)?),
+        StepKind::Export => StepConfig::Export(read(json)?),
     })
 }

@@ -207,6 +207,7 @@ impl<'de> Visitor<'de> for StepsSeed<'_> {
                 StepKind::Score => next(&mut seq, StepConfig::Score)?,
                 StepKind::Distill => next(&mut seq, StepConfig::Distill)?,
                 StepKind::Eval => next(&mut seq, StepConfig::Eval)?,
+                StepKind::Export => next(&mut seq, StepConfig::Export)?,
             };
             out.push(step.ok_or_else(|| de::Error::invalid_length(i, &self))?);
         }

@@ -20,6 +20,7 @@ pub enum StepKind {
     Score,
     Distill,
     Eval,
+    Export,
 }
 
 impl fmt::Display for StepKind {
@@ -31,6 +32,7 @@ impl fmt::Display for StepKind {
             StepKind::Score => "score",
             StepKind::Distill => "distill",
             StepKind::Eval => "eval",
+            StepKind::Export => "export",
         })
     }
 }
@@ -46,6 +48,7 @@ pub enum StepConfig {
     Score(ScoreStep),
     Distill(DistillStep),
     Eval(EvalStep),
+    Export(ExportStep),
 }
 
 /// `kind: task`: write the task's data files and train a BPE tokenizer on `train.jsonl`.
@@ -200,6 +203,25 @@ fn default_weight() -> f64 {
     1.0
 }
 
+/// `kind: export`: `export::export` once per type; writes `<workdir>/<name>/<type>.gguf`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportStep {
+    #[serde(default, rename = "name", skip_serializing)]
+    pub(super) _name: Seen,
+    #[serde(default, rename = "kind", skip_serializing)]
+    pub(super) _kind: Seen,
+    /// The model to export (e.g. `steps.student.output`).
+    pub model: String,
+    /// The encodings to write, each as its own file: `f32`, `f16`, `q8_0`, `q4_0`.
+    #[serde(default = "default_export_types")]
+    pub types: Vec<String>,
+}
+
+fn default_export_types() -> Vec<String> {
+    vec!["f16".into()]
+}
+
 /// `kind: eval`: `eval::evaluate` once per model; writes `<workdir>/<name>/reports.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -243,6 +265,7 @@ impl Step {
             StepConfig::Score(_) => StepKind::Score,
             StepConfig::Distill(_) => StepKind::Distill,
             StepConfig::Eval(_) => StepKind::Eval,
+            StepConfig::Export(_) => StepKind::Export,
         }
     }
 
@@ -255,6 +278,7 @@ impl Step {
             StepConfig::Score(s) => serde_json::to_value(s),
             StepConfig::Distill(s) => serde_json::to_value(s),
             StepConfig::Eval(s) => serde_json::to_value(s),
+            StepConfig::Export(s) => serde_json::to_value(s),
         }
     }
 
@@ -321,6 +345,7 @@ impl Step {
                 out.extend(s.tokenizer.as_deref().map(|t| ("tokenizer", t)));
                 out.extend(s.student.from.as_deref().map(|f| ("student.from", f)));
             }
+            StepConfig::Export(s) => out.push(("model", s.model.as_str())),
             StepConfig::Eval(s) => {
                 out.extend(s.models.iter().map(|m| ("models", m.as_str())));
                 out.push(("data", s.data.as_str()));

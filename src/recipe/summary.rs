@@ -27,6 +27,9 @@ pub struct ModelRow {
     pub name: String,
     pub model: String,
     pub params: usize,
+    /// The weights' size on disk: the GGUF file, or the folder's safetensors.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
     pub task_accuracy: Option<f64>,
     /// `task_accuracy` divided by that of the first model of the same eval step.
     pub accuracy_vs_first: Option<f64>,
@@ -101,6 +104,7 @@ fn row(eval_step: &str, g: &ModelGroup) -> ModelRow {
         name: g.name.clone(),
         model: first.map(|r| r.model.clone()).unwrap_or_default(),
         params: first.map_or(0, |r| r.params),
+        size_bytes: first.and_then(|r| disk_size(std::path::Path::new(&r.model))),
         task_accuracy: acc.as_deref().and_then(mean),
         accuracy_vs_first: None,
         nll_per_token: mean(&nll).unwrap_or(f64::NAN),
@@ -113,6 +117,20 @@ fn row(eval_step: &str, g: &ModelGroup) -> ModelRow {
         top1_agreement_std: top1.as_deref().and_then(std),
         train_secs_std: secs.as_deref().and_then(std),
     }
+}
+
+/// A GGUF file's size, or the sum of a model folder's safetensors files.
+fn disk_size(path: &std::path::Path) -> Option<u64> {
+    if path.is_file() {
+        return std::fs::metadata(path).ok().map(|m| m.len());
+    }
+    let files = std::fs::read_dir(path).ok()?;
+    let sizes: Vec<u64> = files
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .collect();
+    (!sizes.is_empty()).then(|| sizes.iter().sum())
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
@@ -131,10 +149,12 @@ pub fn format_summary(s: &RecipeSummary) -> String {
     let mut out = String::new();
     if !s.models.is_empty() {
         let seeded = s.models.iter().any(|m| m.seeds > 1);
+        let sized = s.models.iter().any(|m| m.size_bytes.is_some());
         let header = [
             "model",
             "seeds",
             "params",
+            "size MB",
             "task acc",
             "acc vs first",
             "nll/token",
@@ -155,6 +175,7 @@ pub fn format_summary(s: &RecipeSummary) -> String {
                     m.name.clone(),
                     m.seeds.to_string(),
                     human(m.params as f64),
+                    opt(m.size_bytes.map(|b| b as f64 / 1e6), |v| format!("{v:.2}")),
                     pm(m.task_accuracy, m.task_accuracy_std, &percent),
                     opt(m.accuracy_vs_first, percent),
                     format!("{:.3}", m.nll_per_token),
@@ -162,6 +183,9 @@ pub fn format_summary(s: &RecipeSummary) -> String {
                     pm(m.top1_agreement, m.top1_agreement_std, &percent),
                     pm(m.train_secs, m.train_secs_std, &|v| format!("{v:.1}")),
                 ];
+                if !sized {
+                    row.remove(3);
+                }
                 if !seeded {
                     row.remove(1);
                 }
@@ -169,6 +193,9 @@ pub fn format_summary(s: &RecipeSummary) -> String {
             })
             .collect();
         let mut header = header.to_vec();
+        if !sized {
+            header.remove(3);
+        }
         if !seeded {
             header.remove(1);
         }

@@ -23,13 +23,13 @@ fn quickstart_resolves_references_to_step_outputs() {
     assert_eq!(r.workdir, PathBuf::from("runs/quickstart"));
     let kinds: Vec<StepKind> = r.steps.iter().map(Step::kind).collect();
     use StepKind::*;
-    assert_eq!(kinds, [Task, Finetune, Generate, Generate, Distill, Distill, Finetune, Eval]);
+    assert_eq!(kinds, [Task, Finetune, Generate, Generate, Distill, Distill, Finetune, Export, Eval]);
     assert_eq!(r.resolve("steps.task.output/train.jsonl"), PathBuf::from("runs/quickstart/task/train.jsonl"));
     assert_eq!(r.resolve("steps.teacher.output"), PathBuf::from("runs/quickstart/teacher"));
     assert_eq!(r.resolve("steps.samples.output"), PathBuf::from("runs/quickstart/samples"));
     assert_eq!(r.resolve("prompts/x.jsonl"), PathBuf::from("prompts/x.jsonl"));
-    let StepConfig::Eval(eval) = &r.steps[7].config else { panic!("last step is not eval") };
-    assert_eq!(eval.models.len(), 4);
+    let StepConfig::Eval(eval) = &r.steps[8].config else { panic!("last step is not eval") };
+    assert_eq!(eval.models.len(), 7, "four models and the student's three GGUF exports");
     assert_eq!(eval.task.as_deref(), Some("steps.task.output/test.jsonl"));
 }
 

@@ -120,6 +120,12 @@ impl Recipe {
                 StepConfig::Score(s) if s.part_size == 0 => Err("`part_size` must be >= 1".to_string()),
                 StepConfig::Score(s) if s.batch_size == 0 => Err("`batch_size` must be >= 1".to_string()),
                 StepConfig::Score(s) => s.server.validate().map_err(|e| e.to_string()),
+                StepConfig::Export(s) if s.types.is_empty() => {
+                    Err("`types` is empty; list the encodings to write, e.g. [f16, q8_0]".to_string())
+                }
+                StepConfig::Export(s) => {
+                    s.types.iter().try_for_each(|t| crate::export::parse_type(t).map(|_| ()).map_err(|e| format!("`types`: {e}")))
+                }
                 _ => Ok(()),
             };
             if let Err(message) = bounds {
@@ -250,7 +256,7 @@ impl Recipe {
                     StepConfig::Distill(s) => via(&s.tokenizer, s.student.from.as_deref()),
                     StepConfig::Generate(s) => via(&s.tokenizer, Some(&s.teacher)),
                     StepConfig::Score(s) => via(&s.tokenizer, Some(&s.teacher)),
-                    StepConfig::Eval(_) => None,
+                    StepConfig::Eval(_) | StepConfig::Export(_) => None,
                 }
             }
             Some(Err(_)) => None,
