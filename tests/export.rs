@@ -103,3 +103,42 @@ fn refused_exports_name_the_problem_and_leave_no_file() {
     assert!(err.contains("sliding window") && err.contains("mistral"), "{err}");
     assert!(!out.exists());
 }
+
+/// llama.cpp itself (llama-cpp-python, opt-in: skipped when it is not installed) runs the export
+/// with kdllm's greedy text, and at f32 with kdllm's log-probs.
+#[test]
+fn llama_cpp_runs_the_export_as_kdllm_does() {
+    let has = std::process::Command::new("python3").args(["-c", "import llama_cpp, pyarrow, numpy"]).output();
+    if !has.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "skipping: python3 with llama_cpp and pyarrow is absent (pip install llama-cpp-python==0.3.36 pyarrow)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    common::tiny_teacher(&teacher);
+    let prompts = tmp.path().join("prompts.jsonl");
+    common::write_prompts(&prompts, 12);
+    for (ty, max_diff) in [(GgmlType::F32, 1e-3), (GgmlType::F16, f64::INFINITY)] {
+        let gguf = tmp.path().join(format!("{ty:?}.gguf"));
+        export(&job(&teacher, &gguf, ty)).unwrap();
+        // kdllm's greedy samples of the export itself (it reads GGUF).
+        let samples = tmp.path().join(format!("samples-{ty:?}"));
+        let out = common::kdllm_command(&["generate", "--teacher", common::s(&gguf), "--prompts", common::s(&prompts)])
+            .args(["-o", common::s(&samples), "--temperature", "0", "--logprobs", "5", "--max-new-tokens", "12"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("python3")
+            .args(["tools/llama_cpp_check.py", common::s(&gguf), common::s(&samples)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{ty:?}: {line}");
+        let r: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(r["same_greedy_text"], r["rows"], "{ty:?}: {line}");
+        assert!(r["max_logprob_diff"].as_f64().unwrap() < max_diff, "{ty:?}: {line}");
+    }
+}

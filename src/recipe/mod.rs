@@ -77,7 +77,8 @@ use crate::tokenizer::Tokenizer;
 use crate::train::{self, DistillJob, FinetuneJob, ModelInit, Resume, TrainReport};
 pub use overrides::Override;
 pub use steps::{
-    DistillStep, EvalStep, ExportStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep, TeacherSet,
+    DistillStep, EvalStep, ExportStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep,
+    TeacherSet,
 };
 pub use summary::{format_summary, model_rows, ModelGroup, ModelRow, RecipeSummary, StepRow};
 
@@ -338,7 +339,12 @@ impl Recipe {
                 for t in &s.types {
                     let ty = crate::export::parse_type(t).map_err(anyhow::Error::msg)?;
                     let file = output.join(format!("{t}.gguf"));
-                    let job = crate::export::ExportJob { model: self.resolve_spec(&s.model), output: file, ty, overwrite: true };
+                    let job = crate::export::ExportJob {
+                        model: self.resolve_spec(&s.model),
+                        output: file,
+                        ty,
+                        overwrite: true,
+                    };
                     let r = crate::export::export(&job)?;
                     written.push(format!("{t} {:.2} MB", r.bytes as f64 / 1e6));
                     reports.push(r);

@@ -123,9 +123,10 @@ impl Recipe {
                 StepConfig::Export(s) if s.types.is_empty() => {
                     Err("`types` is empty; list the encodings to write, e.g. [f16, q8_0]".to_string())
                 }
-                StepConfig::Export(s) => {
-                    s.types.iter().try_for_each(|t| crate::export::parse_type(t).map(|_| ()).map_err(|e| format!("`types`: {e}")))
-                }
+                StepConfig::Export(s) => s
+                    .types
+                    .iter()
+                    .try_for_each(|t| crate::export::parse_type(t).map(|_| ()).map_err(|e| format!("`types`: {e}"))),
                 _ => Ok(()),
             };
             if let Err(message) = bounds {
