@@ -143,34 +143,36 @@ fn config_from_metadata(meta: &Meta, content: &Content) -> std::result::Result<L
     serde_json::from_value(json).map_err(|e| format!("metadata does not make a llama config: {e}"))
 }
 
+/// GGUF tensor names and their Hugging Face llama counterparts: the whole-model ones, and the
+/// per-layer modules (`blk.N.attn_q.weight` ↔ `model.layers.N.self_attn.q_proj.weight`).
+const WHOLE: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+const LAYER: [(&str, &str); 9] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
 /// The Hugging Face name of a GGUF llama tensor.
 fn hf_name(gguf: &str) -> std::result::Result<String, String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Ok(name.to_string());
+    if let Some((_, hf)) = WHOLE.iter().find(|(g, _)| *g == gguf) {
+        return Ok(hf.to_string());
     }
     let unknown = || format!("tensor `{gguf}` has no Hugging Face llama counterpart; is this a plain llama model?");
     let rest = gguf.strip_prefix("blk.").ok_or_else(unknown)?;
     let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
     let layer: usize = layer.parse().map_err(|_| unknown())?;
     let (part, kind) = rest.split_once('.').ok_or_else(unknown)?;
-    let module = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return Err(unknown()),
-    };
+    let (_, module) = LAYER.iter().find(|(g, _)| *g == part).ok_or_else(unknown)?;
     match kind {
         "weight" | "bias" => Ok(format!("model.layers.{layer}.{module}.{kind}")),
         _ => Err(unknown()),
@@ -179,30 +181,12 @@ fn hf_name(gguf: &str) -> std::result::Result<String, String> {
 
 /// The GGUF name of a Hugging Face llama tensor (the inverse of [`hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
+    if let Some((g, _)) = WHOLE.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let part = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
+    let (part, _) = LAYER.iter().find(|(_, m)| *m == module)?;
     Some(format!("blk.{layer}.{part}.{kind}"))
 }
 
