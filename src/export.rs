@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::gguf::{self, GgmlType, MetaValue, TensorData};
+use crate::gguf::{self, GgmlType, MetaValue, Metadata, TensorData};
 use crate::model::{gguf as model_gguf, llama, Checkpoint};
 
 #[derive(Debug, Clone)]
@@ -77,12 +77,7 @@ pub fn export(job: &ExportJob) -> anyhow::Result<ExportReport> {
         let values = t.flatten_all()?.to_vec1::<f32>()?;
         out.push(TensorData { name, shape, ty, bytes: gguf::quant::encode(&values, ty) });
     }
-    let (tok_meta, pre_matches) = ckpt.tokenizer.gguf_metadata(cfg.vocab_size)?;
-    let pre = tok_meta
-        .iter()
-        .find(|(k, _)| k == "tokenizer.ggml.pre")
-        .and_then(|(_, v)| if let MetaValue::Str(s) = v { Some(s.clone()) } else { None })
-        .unwrap_or_default();
+    let (tok_meta, pre) = ckpt.tokenizer.gguf_metadata(cfg.vocab_size)?;
     let name = Path::new(&job.model).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut meta = model_metadata(cfg, &name, job.ty);
     meta.extend(tok_meta);
@@ -92,8 +87,8 @@ pub fn export(job: &ExportJob) -> anyhow::Result<ExportReport> {
         output: job.output.clone(),
         tensors: out.len(),
         bytes,
-        pre_tokenizer: pre,
-        pre_tokenizer_matches: pre_matches,
+        pre_tokenizer: pre.unwrap_or("default").to_string(),
+        pre_tokenizer_matches: pre.is_some(),
     })
 }
 
@@ -126,7 +121,7 @@ fn order(hf: &str) -> (usize, usize, String) {
 }
 
 /// The `general.*` and `llama.*` keys llama.cpp's converter writes for a llama model.
-fn model_metadata(cfg: &llama::LlamaConfig, name: &str, ty: GgmlType) -> Vec<(String, MetaValue)> {
+fn model_metadata(cfg: &llama::LlamaConfig, name: &str, ty: GgmlType) -> Metadata {
     let u = |v: usize| MetaValue::U32(v as u32);
     vec![
         ("general.architecture".into(), MetaValue::Str("llama".into())),

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use crate::data::{Completion, PartsOutput};
@@ -166,16 +166,9 @@ impl Remote {
     /// The teacher's log-prob and top-`k` at every completion token of each `(prompt,
     /// completion)`, at most `concurrency` requests at once, in the order given.
     pub fn score_all(&self, rows: &[(&[u32], &[u32])], k: usize) -> anyhow::Result<Vec<Completion>> {
-        let permits = Arc::new(tokio::sync::Semaphore::new(self.options.concurrency.max(1)));
-        let calls = rows.iter().map(|&(prompt, completion)| {
-            let permits = permits.clone();
-            async move {
-                let _permit = permits.acquire_owned().await.expect("the semaphore is never closed");
-                self.server.score(prompt, completion, k).await
-            }
-        });
-        let scored = self.runtime.block_on(futures_util::future::join_all(calls));
-        Ok(scored.into_iter().collect::<Result<_, EngineError>>()?)
+        let calls = rows.iter().map(|&(prompt, completion)| self.server.score(prompt, completion, k));
+        let scored = futures_util::stream::iter(calls).buffered(self.options.concurrency.max(1)).try_collect();
+        Ok(self.runtime.block_on(scored)?)
     }
 
     /// Runs `call` for every request, at most `concurrency` at once, and hands the completions to

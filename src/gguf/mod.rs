@@ -6,7 +6,7 @@ pub mod quant;
 pub mod write;
 
 pub use quant::GgmlType;
-pub use write::{MetaValue, TensorData};
+pub use write::{MetaValue, Metadata, TensorData};
 
 use std::collections::HashMap;
 

@@ -24,6 +24,9 @@ pub enum MetaValue {
     F32Array(Vec<f32>),
 }
 
+/// A file's metadata, in the order it is written.
+pub type Metadata = Vec<(String, MetaValue)>;
+
 /// One tensor: its GGUF name, its shape as the model holds it (rows first, e.g. `[out, in]`;
 /// GGUF lists dimensions innermost first, so they are written reversed), and its encoded bytes.
 pub struct TensorData {

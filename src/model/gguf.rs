@@ -310,33 +310,6 @@ mod tests {
         (vm, m)
     }
 
-    fn gguf_name(hf: &str) -> String {
-        let fixed = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-            ("lm_head.weight", "output.weight"),
-        ];
-        if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
-            return g.to_string();
-        }
-        let rest = hf.strip_prefix("model.layers.").unwrap();
-        let (layer, rest) = rest.split_once('.').unwrap();
-        let parts = [
-            ("self_attn.q_proj", "attn_q"),
-            ("self_attn.k_proj", "attn_k"),
-            ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"),
-            ("mlp.gate_proj", "ffn_gate"),
-            ("mlp.up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"),
-            ("input_layernorm", "attn_norm"),
-            ("post_attention_layernorm", "ffn_norm"),
-        ];
-        let (module, kind) = rest.rsplit_once('.').unwrap();
-        let part = parts.iter().find(|(h, _)| *h == module).unwrap().1;
-        format!("blk.{layer}.{part}.{kind}")
-    }
-
     fn strings(xs: &[String]) -> Value {
         Value::Array(xs.iter().map(|s| Value::String(s.clone())).collect())
     }
@@ -389,7 +362,7 @@ mod tests {
         let data = vm.data().lock().unwrap();
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         for (hf, var) in data.iter() {
-            let name = gguf_name(hf);
+            let name = gguf_name(hf).unwrap();
             let mut t = var.as_tensor().clone();
             if let (true, Some(h)) = (permute, cfg_heads(&name, heads as usize, kv as usize)) {
                 t = permute_rows(&t, h).unwrap();

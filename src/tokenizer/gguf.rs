@@ -1,7 +1,7 @@
 //! Tokenizers rebuilt from a GGUF file's `tokenizer.ggml.*` metadata, as llama.cpp tokenizes.
 
 use super::*;
-use crate::gguf::{Meta, MetaValue};
+use crate::gguf::{Meta, MetaValue, Metadata};
 
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata, as llama.cpp's
@@ -297,8 +297,8 @@ impl Tokenizer {
     /// The `tokenizer.ggml.*` metadata llama.cpp reads, for a byte-level BPE tokenizer, with
     /// `n_vocab` tokens (ids past the tokenizer's, a padded embedding, are unused tokens).
     /// `tokenizer.ggml.pre` is the llama.cpp pre-tokenizer that splits probe texts as this one
-    /// does; with none, `default`, and the second value says so.
-    pub fn gguf_metadata(&self, n_vocab: usize) -> Result<(Vec<(String, MetaValue)>, bool), TokenizerError> {
+    /// does; with none, `default` (and the second value, the pre-tokenizer that matched, is None).
+    pub fn gguf_metadata(&self, n_vocab: usize) -> Result<(Metadata, Option<&'static str>), TokenizerError> {
         let json: Value =
             serde_json::from_str(&self.inner.to_string(false).map_err(|e| TokenizerError::Gguf(e.to_string()))?)
                 .map_err(|e| TokenizerError::Gguf(format!("tokenizer.json: {e}")))?;
@@ -368,7 +368,7 @@ impl Tokenizer {
         if let Some(t) = &self.chat_template {
             meta.push(("tokenizer.chat_template".into(), MetaValue::Str(t.clone())));
         }
-        Ok((meta, pre.is_some()))
+        Ok((meta, pre))
     }
 
     /// The pieces this tokenizer's normalizer and pre-tokenizer cut `text` into.
@@ -406,19 +406,7 @@ mod tests {
 
     /// The pieces `tokenizer.ggml.pre` = `name` cuts `text` into (byte-level characters: Ġ is a space).
     fn gguf_pieces(name: &str, text: &str) -> Vec<String> {
-        use tokenizers::{Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
-        let pre = GgufPre::from_name(name).unwrap();
-        let mut normalized = tokenizers::NormalizedString::from(text);
-        if let Some(n) = &pre.normalizer {
-            n.normalize(&mut normalized).unwrap();
-        }
-        let mut pieces = PreTokenizedString::from(normalized);
-        pre.pre_tokenizer.pre_tokenize(&mut pieces).unwrap();
-        pieces
-            .get_splits(OffsetReferential::Original, OffsetType::Byte)
-            .into_iter()
-            .map(|(s, _, _)| s.to_owned())
-            .collect()
+        GgufPre::from_name(name).unwrap().pieces(text)
     }
 
     #[test]

@@ -71,7 +71,6 @@ pub struct Written {
     pub batches: Vec<Option<Vec<Sequence>>>,
     pub sample_secs: f64,
     pub grade_secs: f64,
-    pub graded: bool,
 }
 
 /// Writes the on-policy micro-batches of step `step` (`plan`: each micro-batch's picks), cut
@@ -94,20 +93,19 @@ pub fn write_step(
         });
     }
     let sample_secs = if batches.iter().any(Option::is_some) { t.elapsed().as_secs_f64() } else { 0.0 };
-    Ok(Written { batches, sample_secs, grade_secs: 0.0, graded: false })
+    Ok(Written { batches, sample_secs, grade_secs: 0.0 })
 }
 
 impl Written {
     /// The server's grades of every on-policy batch (a teacher in memory grades in the loss).
     pub fn grade(mut self, grader: Option<&Grader>) -> anyhow::Result<Self> {
-        if let Some(g) = grader.filter(|_| !self.graded) {
+        if let Some(g) = grader {
             let t = Instant::now();
             for seqs in self.batches.iter_mut().flatten() {
                 g.grade(seqs)?;
             }
             self.grade_secs = t.elapsed().as_secs_f64();
         }
-        self.graded = true;
         Ok(self)
     }
 }

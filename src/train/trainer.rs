@@ -125,7 +125,8 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
             )));
         }
     }
-    if let (Some(context), Some(spec)) = (teacher.as_ref().and(teacher_context), &job.teacher) {
+    if let (Some((t, _)), Some(spec)) = (&teacher, &job.teacher) {
+        let context = t.config().max_position_embeddings;
         let longest = seqs.iter().map(|s| s.ids.len().min(job.train.max_seq_len) - 1).max().unwrap_or(0);
         if longest > context {
             bail!(TrainError::Config(format!(
@@ -677,19 +678,20 @@ fn run(
         let written = match on_policy {
             None => None,
             Some(o) if o.overlap => {
-                let w = match (pending.take(), &sampler) {
-                    (Some(w), _) => w,
-                    (None, Some(s)) => write(s, o, step, &plan)?,
-                    (None, None) => {
-                        sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
-                        write(sampler.as_ref().expect("just set"), o, step, &plan)?
+                // Graded already, beside the step before; else written and graded here.
+                let w = match pending.take() {
+                    Some(w) => w,
+                    None => {
+                        if sampler.is_none() {
+                            sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
+                        }
+                        let w = write(sampler.as_ref().expect("just set"), o, step, &plan)?;
+                        let w = w.grade(guide.grader.as_ref())?;
+                        st.teacher_secs += w.grade_secs;
+                        w
                     }
                 };
-                let t = Instant::now();
-                let w = w.grade(guide.grader.as_ref())?;
                 st.sample_secs += w.sample_secs;
-                // Time the step waited for the grades (all of them when graded here).
-                st.teacher_secs += t.elapsed().as_secs_f64();
                 if step % o.refresh_every == 0 && step > 0 {
                     sampler = Some(Sampler::snapshot(&model_cfg, &varmap)?);
                 }
@@ -755,9 +757,9 @@ fn run(
             }
             if let Some(handle) = next {
                 let t = Instant::now();
-                let w = handle.join().map_err(|_| anyhow::anyhow!("the on-policy grading thread panicked"))??;
+                pending = Some(handle.join().map_err(|_| anyhow::anyhow!("the on-policy grading thread panicked"))??);
+                // The time this step waited for the grades, not the grading's own.
                 st.teacher_secs += t.elapsed().as_secs_f64();
-                pending = Some(Written { grade_secs: 0.0, ..w });
             }
             Ok(())
         })?;
