@@ -104,8 +104,64 @@ fn refused_exports_name_the_problem_and_leave_no_file() {
     assert!(!out.exists());
 }
 
-/// llama.cpp itself (llama-cpp-python, opt-in: skipped when it is not installed) runs the export
-/// with kdllm's greedy text, and at f32 with kdllm's log-probs.
+/// stories260K from ../shared (or $KDLLM_SHARED), when it is there.
+fn stories() -> Option<std::path::PathBuf> {
+    let shared = std::env::var_os("KDLLM_SHARED")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let dir = shared.join("models/stories260K");
+    dir.join("model.safetensors").is_file().then_some(dir)
+}
+
+/// The tiny teacher's tokenizer and sizes with `patch` applied to its config, and fresh weights.
+fn variant(teacher: &Path, dir: &Path, patch: serde_json::Value) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(teacher.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(teacher.join("config.json")).unwrap()).unwrap();
+    for (k, v) in patch.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let cfg = kdllm::model::LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    let (vm, _) = kdllm::model::llama::Llama::trainable(&cfg, &Device::Cpu).unwrap();
+    kdllm::model::llama::init_weights(&vm, 11).unwrap();
+    for v in vm.all_vars() {
+        v.set(&(v.as_tensor() * 8.0).unwrap()).unwrap();
+    }
+    kdllm::model::llama::save(&cfg, &vm, dir).unwrap();
+    dir.to_path_buf()
+}
+
+/// Exports `model` as `ty`, samples the export greedily with kdllm and runs
+/// `tools/llama_cpp_check.py` on it: llama.cpp's parsed JSON line.
+fn llama_cpp_check(model: &Path, ty: GgmlType, prompts: &Path, tmp: &Path) -> serde_json::Value {
+    let name = format!("{}-{ty:?}", model.file_name().unwrap().to_string_lossy());
+    let gguf = tmp.join(format!("{name}.gguf"));
+    export(&job(model, &gguf, ty)).unwrap();
+    // kdllm's greedy samples of the export itself (it reads GGUF).
+    let samples = tmp.join(format!("samples-{name}"));
+    let out = common::kdllm_command(&["generate", "--teacher", common::s(&gguf), "--prompts", common::s(prompts)])
+        .args(["-o", common::s(&samples), "--temperature", "0", "--logprobs", "5", "--max-new-tokens", "24"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("python3")
+        .args(["tools/llama_cpp_check.py", common::s(&gguf), common::s(&samples)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{name}: {line}");
+    serde_json::from_str(line.trim()).unwrap()
+}
+
+/// llama.cpp itself (llama-cpp-python, opt-in: skipped when it is not installed) runs the
+/// exports of every layout kdllm trains (tied and untied, Qwen2's biases) and of stories260K
+/// (a SentencePiece tokenizer): its own tokens for the prompt texts, kdllm's greedy text, and
+/// at f32 kdllm's log-probs.
 #[test]
 fn llama_cpp_runs_the_export_as_kdllm_does() {
     let has = std::process::Command::new("python3").args(["-c", "import llama_cpp, pyarrow, numpy"]).output();
@@ -120,25 +176,36 @@ fn llama_cpp_runs_the_export_as_kdllm_does() {
     common::tiny_teacher(&teacher);
     let prompts = tmp.path().join("prompts.jsonl");
     common::write_prompts(&prompts, 12);
-    for (ty, max_diff) in [(GgmlType::F32, 1e-3), (GgmlType::F16, f64::INFINITY)] {
-        let gguf = tmp.path().join(format!("{ty:?}.gguf"));
-        export(&job(&teacher, &gguf, ty)).unwrap();
-        // kdllm's greedy samples of the export itself (it reads GGUF).
-        let samples = tmp.path().join(format!("samples-{ty:?}"));
-        let out = common::kdllm_command(&["generate", "--teacher", common::s(&gguf), "--prompts", common::s(&prompts)])
-            .args(["-o", common::s(&samples), "--temperature", "0", "--logprobs", "5", "--max-new-tokens", "12"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let out = std::process::Command::new("python3")
-            .args(["tools/llama_cpp_check.py", common::s(&gguf), common::s(&samples)])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let line = String::from_utf8_lossy(&out.stdout);
-        eprintln!("{ty:?}: {line}");
-        let r: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
-        assert_eq!(r["same_greedy_text"], r["rows"], "{ty:?}: {line}");
-        assert!(r["max_logprob_diff"].as_f64().unwrap() < max_diff, "{ty:?}: {line}");
+    let layouts = [
+        ("untied", serde_json::json!({"tie_word_embeddings": false})),
+        ("qwen2", serde_json::json!({"model_type": "qwen2", "sliding_window": 128})),
+        ("biases", serde_json::json!({"attention_bias": true, "mlp_bias": true})),
+        ("mistral", serde_json::json!({"model_type": "mistral", "sliding_window": 128})),
+    ];
+    let mut models: Vec<_> =
+        layouts.into_iter().map(|(name, patch)| (variant(&teacher, &tmp.path().join(name), patch), false)).collect();
+    models.push((teacher, false));
+    models.extend(stories().map(|dir| (dir, true)));
+    for (model, pretrained) in &models {
+        for ty in [GgmlType::F32, GgmlType::F16] {
+            let r = llama_cpp_check(model, ty, &prompts, tmp.path());
+            assert_eq!(r["same_prompt_tokens"], r["rows"], "{model:?} {ty:?}: {r}");
+            let diff = r["max_logprob_diff"].as_f64().unwrap();
+            if ty == GgmlType::F32 || *pretrained {
+                assert_eq!(r["same_greedy_text"], r["rows"], "{model:?} {ty:?}: {r}");
+            } else {
+                // llama.cpp rounds activations to f16 as well; on the sharpened random weights
+                // that flips a near-tie now and then (measured: 1 position in 263 at worst).
+                assert!(r["top1_agreement"].as_f64().unwrap() >= 0.99, "{model:?} {ty:?}: {r}");
+            }
+            // Measured: at most 4.8e-4 at f32; at f16 8.4e-3 on stories260K and up to 1.5 on
+            // the sharpened random weights.
+            let max_diff = match (ty, pretrained) {
+                (GgmlType::F32, _) => 1e-3,
+                (_, true) => 2e-2,
+                _ => f64::INFINITY,
+            };
+            assert!(diff < max_diff, "{model:?} {ty:?}: {r}");
+        }
     }
 }

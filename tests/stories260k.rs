@@ -78,3 +78,47 @@ fn logits_match_candle_transformers_llama() {
     let diff = (ours_last - theirs_last).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff <= 1e-4, "max abs diff to candle-transformers: {diff}");
 }
+
+/// stories260K exported to GGUF (its SentencePiece tokenizer as llama.cpp's `llama` model) and
+/// read back by kdllm: the same tokens for varied text, the same logits at f32, and the
+/// reference continuation at f32 and f16.
+#[test]
+fn gguf_export_reads_back_with_the_reference_continuation() {
+    use kdllm::export::{export, ExportJob};
+    use kdllm::gguf::GgmlType;
+    use kdllm::model::{Checkpoint, Precision};
+    let Some(dir) = stories() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = Checkpoint::open(dir.to_str().unwrap(), None).unwrap();
+    let texts = ["Once upon a time", "Lily's dog, 12345  ünïcode 你好\n...?", " leading and  double  spaces "];
+    let ids: Vec<u32> = vec![1, 403, 407, 261, 378, 29, 300, 17, 365, 41];
+    let logits = |ckpt: &Checkpoint| {
+        let model = ckpt.model(&Device::Cpu, Precision::F32).unwrap();
+        let input = Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        model.forward(&input, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let want = logits(&hf);
+    for ty in [GgmlType::F32, GgmlType::F16] {
+        let out = tmp.path().join(format!("{ty:?}.gguf"));
+        let job = ExportJob { model: dir.display().to_string(), output: out.clone(), ty, overwrite: false };
+        let report = export(&job).unwrap();
+        assert_eq!(report.pre_tokenizer, "default");
+        let back = Checkpoint::open(out.to_str().unwrap(), None).unwrap();
+        for text in texts {
+            assert_eq!(
+                back.tokenizer.encode(text, true).unwrap(),
+                hf.tokenizer.encode(text, true).unwrap(),
+                "{text:?}"
+            );
+            let ids = hf.tokenizer.encode(text, false).unwrap();
+            assert_eq!(back.tokenizer.decode(&ids).unwrap(), hf.tokenizer.decode(&ids).unwrap(), "{text:?}");
+        }
+        assert_eq!((back.tokenizer.bos_id(), back.tokenizer.eos_ids()), (Some(1), &[2u32][..]));
+        if ty == GgmlType::F32 {
+            assert!(logits(&back) == want, "f32 export reads back bit for bit");
+        }
+        let model = back.model(&Device::Cpu, Precision::F32).unwrap();
+        let prompt = back.tokenizer.encode("Once upon a time", true).unwrap();
+        assert_eq!(greedy(&model, &back.tokenizer, prompt, 60), format!("Once upon a time{CONTINUATION}"), "{ty:?}");
+    }
+}

@@ -6,10 +6,11 @@
     python3 tools/llama_cpp_check.py EXPORT.gguf SAMPLES [--rows N]
 
 SAMPLES are kdllm's greedy samples of the same model (a Parquet file or folder of parts). For
-each row, llama.cpp reads the prompt's token ids and decodes greedily, token by token; the
-script reports how many rows give exactly kdllm's completion ids, the top-1 agreement over all
-positions, and the largest difference between llama.cpp's log-probs and kdllm's stored top-k
-log-probs (both at temperature 1, on the same prefix). Prints one JSON line.
+each row, llama.cpp tokenizes the prompt text itself (counted against kdllm's prompt ids), then
+reads kdllm's prompt ids and decodes greedily, token by token; the script reports how many rows
+give exactly kdllm's completion ids, the top-1 agreement over all positions, and the largest
+difference between llama.cpp's log-probs and kdllm's stored top-k log-probs (both at
+temperature 1, on the same prefix). Prints one JSON line.
 """
 import argparse
 import json
@@ -32,6 +33,16 @@ def rows(path, limit):
     return out
 
 
+def tokenize(llm, text, kdllm_ids):
+    """llama.cpp's ids of `text` (special=True: a chat template's markers are special tokens, as
+    kdllm reads them), with one BOS first when kdllm put one (a template may render it as text)."""
+    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+    bos = llm.token_bos()
+    if kdllm_ids[:1] == [bos] and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf")
@@ -41,9 +52,11 @@ def main():
     data = rows(a.samples, a.rows)
     # f32 KV cache (llama.cpp defaults to f16, which alone moves log-probs by ~1e-3).
     llm = Llama(model_path=a.gguf, n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0, type_k=0, type_v=0)
-    same_text, agree, positions, max_diff = 0, 0, 0, 0.0
+    same_text, same_prompt, agree, positions, max_diff = 0, 0, 0, 0, 0.0
     for r in data:
         prompt, want = list(r["prompt_token_ids"]), list(r["completion_token_ids"])
+        # special=True: a chat template's markers are its special tokens, as kdllm reads them.
+        same_prompt += int(tokenize(llm, r["prompt"], prompt) == prompt)
         llm.reset()
         llm.eval(prompt)
         got = []
@@ -62,7 +75,7 @@ def main():
             llm.eval([w])
         same_text += int(got == want)
     print(json.dumps({
-        "gguf": a.gguf, "rows": len(data), "same_greedy_text": same_text,
+        "gguf": a.gguf, "rows": len(data), "same_prompt_tokens": same_prompt, "same_greedy_text": same_text,
         "top1_agreement": agree / max(positions, 1), "max_logprob_diff": max_diff, "positions": positions,
     }))
     return 0

@@ -123,7 +123,11 @@ fn config_from_metadata(meta: &Meta, content: &Content) -> std::result::Result<L
         .str_array("tokenizer.ggml.tokens")?
         .ok_or("missing metadata key `tokenizer.ggml.tokens` (the vocabulary)")?
         .len();
+    let has = |suffix: &str| content.tensor_infos.keys().any(|k| k.ends_with(suffix));
+    // Biases on q/k/v alone are Qwen2's layout; Llama's `attention_bias` puts one on all four.
+    let qkv_only = has(".attn_q.bias") && !has(".attn_output.bias");
     let json = serde_json::json!({
+        "model_type": if qkv_only { "qwen2" } else { "llama" },
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": meta.required_u64("llama.feed_forward_length")?,
@@ -138,7 +142,8 @@ fn config_from_metadata(meta: &Meta, content: &Content) -> std::result::Result<L
         "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
         "bos_token_id": meta.u64("tokenizer.ggml.bos_token_id")?,
         "eos_token_id": meta.u64("tokenizer.ggml.eos_token_id")?,
-        "attention_bias": content.tensor_infos.keys().any(|k| k.ends_with(".attn_q.bias")),
+        "attention_bias": has(".attn_output.bias"),
+        "mlp_bias": has(".ffn_gate.bias"),
     });
     serde_json::from_value(json).map_err(|e| format!("metadata does not make a llama config: {e}"))
 }

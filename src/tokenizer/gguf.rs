@@ -294,21 +294,27 @@ const PRE_PROBES: [&str; 3] = [
 ];
 
 impl Tokenizer {
-    /// The `tokenizer.ggml.*` metadata llama.cpp reads, for a byte-level BPE tokenizer, with
-    /// `n_vocab` tokens (ids past the tokenizer's, a padded embedding, are unused tokens).
-    /// `tokenizer.ggml.pre` is the llama.cpp pre-tokenizer that splits probe texts as this one
-    /// does; with none, `default` (and the second value, the pre-tokenizer that matched, is None).
+    /// The `tokenizer.ggml.*` metadata llama.cpp reads, with `n_vocab` tokens (ids past the
+    /// tokenizer's, a padded embedding, are unused tokens). Byte-level BPE is written as `gpt2`,
+    /// with the merges and as `tokenizer.ggml.pre` the llama.cpp pre-tokenizer that splits probe
+    /// texts as this one does (with none, `default`, and the second value is None). SentencePiece
+    /// BPE (byte fallback, `▁` for spaces) is written as `llama`, each merged piece scored by its
+    /// merge's rank, which llama.cpp's tokenizer and [`merges_from_scores`] both read back as the
+    /// same merge order.
     pub fn gguf_metadata(&self, n_vocab: usize) -> Result<(Metadata, Option<&'static str>), TokenizerError> {
         let json: Value =
             serde_json::from_str(&self.inner.to_string(false).map_err(|e| TokenizerError::Gguf(e.to_string()))?)
                 .map_err(|e| TokenizerError::Gguf(format!("tokenizer.json: {e}")))?;
         let model = &json["model"];
-        let byte_level = json["decoder"]["type"] == "ByteLevel"
-            || json["decoder"]["decoders"].as_array().is_some_and(|d| d.iter().any(|x| x["type"] == "ByteLevel"));
-        if model["type"] != "BPE" || !byte_level || model["byte_fallback"] == true {
+        let has = |part: &Value, ty: &str, list: &str| {
+            part["type"] == ty || part[list].as_array().is_some_and(|d| d.iter().any(|x| x["type"] == ty))
+        };
+        let byte_level = has(&json["decoder"], "ByteLevel", "decoders");
+        let sentencepiece = model["byte_fallback"] == true && has(&json["decoder"], "ByteFallback", "decoders");
+        if model["type"] != "BPE" || byte_level == sentencepiece {
             return Err(TokenizerError::Gguf(
-                "only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2, kdllm's own) are written to GGUF \
-                 for now; SentencePiece-style ones (Llama 2, TinyLlama) are not"
+                "only BPE tokenizers are written to GGUF: byte-level (GPT-2 style: SmolLM2, Llama 3, Qwen2, kdllm's \
+                 own) or SentencePiece-style with byte fallback (Llama 2, TinyLlama); this one is neither"
                     .into(),
             ));
         }
@@ -318,44 +324,63 @@ impl Tokenizer {
         }
         let added: HashMap<u32, bool> =
             self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.special)).collect();
+        let unk = model["unk_token"].as_str();
+        let is_byte = |t: &str| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+        // llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
         let types: Vec<i32> = (0..tokens.len() as u32)
-            .map(|id| match (tokens[id as usize].is_some(), added.get(&id)) {
-                (false, _) => 5,
-                (true, Some(true)) => 3,
-                (true, Some(false)) => 4,
-                (true, None) => 1,
+            .map(|id| match (tokens[id as usize].as_deref(), added.get(&id)) {
+                (None, _) => 5,
+                (Some(t), _) if sentencepiece && Some(t) == unk => 2,
+                (Some(_), Some(true)) => 3,
+                (Some(_), Some(false)) => 4,
+                (Some(t), None) if sentencepiece && is_byte(t) => 6,
+                (Some(_), None) => 1,
             })
             .collect();
         let tokens: Vec<String> =
             tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
-        let merges: Vec<String> = model["merges"]
+        let merges: Vec<(String, String)> = model["merges"]
             .as_array()
             .map(|m| {
                 m.iter()
                     .filter_map(|x| match x {
-                        Value::String(s) => Some(s.clone()),
-                        Value::Array(pair) => Some(format!("{} {}", pair.first()?.as_str()?, pair.get(1)?.as_str()?)),
+                        Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())),
+                        Value::Array(pair) => {
+                            Some((pair.first()?.as_str()?.to_owned(), pair.get(1)?.as_str()?.to_owned()))
+                        }
                         _ => None,
                     })
                     .collect()
             })
             .unwrap_or_default();
-        let pre = ["smollm", "gpt-2", "llama-bpe", "qwen2", "default"].into_iter().find(|name| {
-            GgufPre::from_name(name).is_ok_and(|p| PRE_PROBES.iter().all(|t| p.pieces(t) == self.pieces(t)))
-        });
-        let mut meta = vec![
-            ("tokenizer.ggml.model".to_string(), MetaValue::Str("gpt2".into())),
-            ("tokenizer.ggml.pre".to_string(), MetaValue::Str(pre.unwrap_or("default").into())),
-            ("tokenizer.ggml.tokens".to_string(), MetaValue::StrArray(tokens)),
-            ("tokenizer.ggml.token_type".to_string(), MetaValue::I32Array(types)),
-            ("tokenizer.ggml.merges".to_string(), MetaValue::StrArray(merges)),
-        ];
+        let (mut meta, pre) = if sentencepiece {
+            let space_prefix = has(&json["normalizer"], "Prepend", "normalizers")
+                || (has(&json["pre_tokenizer"], "Metaspace", "pretokenizers")
+                    && json["pre_tokenizer"]["prepend_scheme"] != "never");
+            (sentencepiece_metadata(tokens, types, &merges, space_prefix), Some("default"))
+        } else {
+            let pre = ["smollm", "gpt-2", "llama-bpe", "qwen2", "default"].into_iter().find(|name| {
+                GgufPre::from_name(name).is_ok_and(|p| PRE_PROBES.iter().all(|t| p.pieces(t) == self.pieces(t)))
+            });
+            let merges = merges.into_iter().map(|(a, b)| format!("{a} {b}")).collect();
+            let meta = vec![
+                ("tokenizer.ggml.model".to_string(), MetaValue::Str("gpt2".into())),
+                ("tokenizer.ggml.pre".to_string(), MetaValue::Str(pre.unwrap_or("default").into())),
+                ("tokenizer.ggml.tokens".to_string(), MetaValue::StrArray(tokens)),
+                ("tokenizer.ggml.token_type".to_string(), MetaValue::I32Array(types)),
+                ("tokenizer.ggml.merges".to_string(), MetaValue::StrArray(merges)),
+            ];
+            (meta, pre)
+        };
         let mut id = |key: &str, v: u32| meta.push((format!("tokenizer.ggml.{key}"), MetaValue::U32(v)));
         if let Some((_, bos)) = &self.bos {
             id("bos_token_id", *bos);
         }
         if let Some(&eos) = self.eos_ids.first() {
             id("eos_token_id", eos);
+        }
+        if let Some(unk) = unk.and_then(|t| self.inner.token_to_id(t)) {
+            id("unknown_token_id", unk);
         }
         // The end-of-turn token chat models stop on (llama.cpp's EOT), when the EOS ids hold one.
         const TURN_ENDS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"];
@@ -381,6 +406,38 @@ impl GgufPre {
     fn pieces(&self, text: &str) -> Vec<String> {
         split_pieces(self.normalizer.as_ref(), Some(&self.pre_tokenizer), text)
     }
+}
+
+/// A SentencePiece BPE as llama.cpp's `llama` tokenizer: the piece each merge makes scores minus
+/// its rank (the first merge 0, the next -1, ...), so higher scores merge first in both readers;
+/// pieces no merge makes score below every merge.
+fn sentencepiece_metadata(
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: &[(String, String)],
+    space_prefix: bool,
+) -> Metadata {
+    let unreached = -(merges.len() as f32) - 1.0;
+    let mut scores: Vec<f32> = vec![unreached; tokens.len()];
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    for (rank, (a, b)) in merges.iter().enumerate().rev() {
+        if let Some(&i) = index.get(format!("{a}{b}").as_str()) {
+            scores[i] = -(rank as f32);
+        }
+    }
+    for (score, &ty) in scores.iter_mut().zip(&types) {
+        if ty != 1 {
+            *score = 0.0;
+        }
+    }
+    vec![
+        ("tokenizer.ggml.model".to_string(), MetaValue::Str("llama".into())),
+        ("tokenizer.ggml.pre".to_string(), MetaValue::Str("default".into())),
+        ("tokenizer.ggml.tokens".to_string(), MetaValue::StrArray(tokens)),
+        ("tokenizer.ggml.scores".to_string(), MetaValue::F32Array(scores)),
+        ("tokenizer.ggml.token_type".to_string(), MetaValue::I32Array(types)),
+        ("tokenizer.ggml.add_space_prefix".to_string(), MetaValue::Bool(space_prefix)),
+    ]
 }
 
 fn split_pieces(normalizer: Option<&NormalizerWrapper>, pre: Option<&PreTokenizerWrapper>, text: &str) -> Vec<String> {
