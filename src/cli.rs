@@ -269,7 +269,7 @@ pub struct ExportArgs {
     /// The GGUF file to write.
     #[arg(long)]
     pub gguf: PathBuf,
-    /// Encoding of the matrices: f32, f16, q8_0 or q4_0 (norms and biases stay f32).
+    /// Encoding of the matrices: f32, f16, q8_0, q4_0 or q4_k (norms and biases stay f32).
     #[arg(long = "type", default_value = "f16", value_parser = crate::export::parse_type)]
     pub ty: crate::gguf::GgmlType,
     /// Replace the file if it exists.

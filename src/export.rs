@@ -38,7 +38,8 @@ pub fn parse_type(s: &str) -> Result<GgmlType, String> {
         "f16" => GgmlType::F16,
         "q8_0" => GgmlType::Q8_0,
         "q4_0" => GgmlType::Q4_0,
-        other => return Err(format!("`{other}` is not an export type; use f32, f16, q8_0 or q4_0")),
+        "q4_k" => GgmlType::Q4_K,
+        other => return Err(format!("`{other}` is not an export type; use f32, f16, q8_0, q4_0 or q4_k")),
     })
 }
 

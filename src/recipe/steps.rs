@@ -213,7 +213,7 @@ pub struct ExportStep {
     pub(super) _kind: Seen,
     /// The model to export (e.g. `steps.student.output`).
     pub model: String,
-    /// The encodings to write, each as its own file: `f32`, `f16`, `q8_0`, `q4_0`.
+    /// The encodings to write, each as its own file: `f32`, `f16`, `q8_0`, `q4_0`, `q4_k`.
     #[serde(default = "default_export_types")]
     pub types: Vec<String>,
 }
