@@ -15,6 +15,7 @@ use half::f16;
 /// The `ggml_type` ids of the encodings kdllm writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
+#[allow(non_camel_case_types)] // ggml's own names
 pub enum GgmlType {
     F32 = 0,
     F16 = 1,
