@@ -1,25 +1,12 @@
 //! Checks against a real pretrained llama (Karpathy's stories260K, HF layout) from ../shared.
 //! Skips with a message when ../shared (or $KDLLM_SHARED) is absent.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use kdllm::generate::{decode, row_rng, DecodeSettings};
 use kdllm::model::Llama;
 use kdllm::tokenizer::Tokenizer;
-
-fn stories() -> Option<PathBuf> {
-    let shared = std::env::var_os("KDLLM_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let dir = shared.join("models/stories260K");
-    if dir.join("model.safetensors").is_file() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} not found (set KDLLM_SHARED to the shared folder)", dir.display());
-        None
-    }
-}
 
 fn greedy(model: &Llama, tok: &Tokenizer, prompt: Vec<u32>, n: usize) -> String {
     let settings = DecodeSettings {
@@ -43,7 +30,7 @@ const CONTINUATION: &str = ", there was a little girl named Lily. She loved to p
 
 #[test]
 fn greedy_decoding_reproduces_the_reference_continuation() {
-    let Some(dir) = stories() else { return };
+    let Some(dir) = common::stories260k() else { return };
     let tok = Tokenizer::from_folder(&dir).unwrap();
     let model = Llama::load(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
     let with_bos = tok.encode("Once upon a time", true).unwrap();
@@ -58,7 +45,7 @@ fn greedy_decoding_reproduces_the_reference_continuation() {
 #[test]
 fn logits_match_candle_transformers_llama() {
     use candle_transformers::models::llama as reference;
-    let Some(dir) = stories() else { return };
+    let Some(dir) = common::stories260k() else { return };
     let dev = Device::Cpu;
     let ids: Vec<u32> = vec![1, 403, 407, 261, 378, 29, 300, 17, 365, 41];
     let ours = Llama::load(&dir, &dev, candle_core::DType::F32).unwrap();
@@ -87,7 +74,7 @@ fn gguf_export_reads_back_with_the_reference_continuation() {
     use kdllm::export::{export, ExportJob};
     use kdllm::gguf::GgmlType;
     use kdllm::model::{Checkpoint, Precision};
-    let Some(dir) = stories() else { return };
+    let Some(dir) = common::stories260k() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let hf = Checkpoint::open(dir.to_str().unwrap(), None).unwrap();
     let texts = ["Once upon a time", "Lily's dog, 12345  ünïcode 你好\n...?", " leading and  double  spaces "];

@@ -112,13 +112,14 @@ def main(model_dir, path, f32_path=None):
                 continue
             reference = reference or llama_cpp_quantized(f32_path, qtype)
             ref_type, theirs = reference[name]
+            source = "llama.cpp's"
             if ref_type != t.tensor_type:
                 problems.append(f"{name}: llama.cpp wrote {ref_type.name}")
         else:
-            theirs = quants.quantize(w, qtype).tobytes()
+            theirs, source = quants.quantize(w, qtype).tobytes(), "gguf-py's"
         checked[qtype.name] = checked.get(qtype.name, 0) + 1
         if ours != theirs:
-            problems.append(f"{name}: bytes differ from gguf-py's {qtype.name} encoding")
+            problems.append(f"{name}: bytes differ from {source} {qtype.name} encoding")
         if list(reversed([int(d) for d in t.shape])) != list(w.shape):
             problems.append(f"{name}: shape {list(t.shape)} (GGUF order) for {list(w.shape)}")
     print(f"{path}: {len(tensors)} tensors, checked {checked}, pre-tokenizer {scalar('tokenizer.ggml.pre')}")

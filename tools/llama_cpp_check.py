@@ -55,7 +55,6 @@ def main():
     same_text, same_prompt, agree, positions, max_diff = 0, 0, 0, 0, 0.0
     for r in data:
         prompt, want = list(r["prompt_token_ids"]), list(r["completion_token_ids"])
-        # special=True: a chat template's markers are its special tokens, as kdllm reads them.
         same_prompt += int(tokenize(llm, r["prompt"], prompt) == prompt)
         llm.reset()
         llm.eval(prompt)

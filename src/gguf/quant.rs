@@ -100,7 +100,7 @@ fn q4_k_block(x: &[f32]) -> Vec<u8> {
     for (j, sub) in x.chunks(32).enumerate() {
         let sum_x2 = sub.iter().fold(0f32, |s, v| s + v * v);
         let av_x = (sum_x2 / 32.0).sqrt();
-        let weights: Vec<f32> = sub.iter().map(|v| av_x + v.abs()).collect();
+        let weights: [f32; 32] = std::array::from_fn(|l| av_x + sub[l].abs());
         (scales[j], mins[j]) = scale_and_min(sub, &weights, &mut codes[32 * j..32 * (j + 1)]);
     }
     let max_scale = scales.iter().fold(0f32, |m, &s| if s > m { s } else { m });
@@ -247,7 +247,7 @@ mod tests {
 
     /// The bytes agree with candle's port of ggml's quantizers, an implementation kdllm does
     /// not use for writing. (Its Q4_K port is of an older ggml search, `make_qkx1_quants`;
-    /// `tools/check_gguf.py --llama-quantize` checks Q4_K against llama.cpp's own.)
+    /// `tools/check_gguf.py --f32` checks Q4_K against llama.cpp's own.)
     #[test]
     fn bytes_match_candles_ggml_port() {
         let values: Vec<f32> = (0..4 * 256).map(|i| ((i as f32 * 0.37).sin() * 3.0) + (i % 7) as f32 * 0.1).collect();

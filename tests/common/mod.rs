@@ -28,15 +28,24 @@ pub fn tiny_teacher(dir: &Path) -> LlamaConfig {
 /// [`tiny_teacher`] with the weights drawn from `seed` (the same tokenizer).
 #[allow(dead_code)]
 pub fn tiny_teacher_seeded(dir: &Path, seed: u64) -> LlamaConfig {
+    tiny_teacher_with(dir, seed, serde_json::json!({}))
+}
+
+/// [`tiny_teacher_seeded`] with the keys of `patch` (config.json names) replacing its config's.
+pub fn tiny_teacher_with(dir: &Path, seed: u64, patch: serde_json::Value) -> LlamaConfig {
+    std::fs::create_dir_all(dir).unwrap();
     let tok = Tokenizer::train_bpe(&corpus(), 300).unwrap();
     tok.save(dir).unwrap();
-    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+    let mut config = serde_json::json!({
         "vocab_size": tok.vocab_size(), "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 128, "tie_word_embeddings": true,
         "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_ids()[0],
-    }))
-    .unwrap();
+    });
+    for (k, v) in patch.as_object().expect("a JSON object") {
+        config[k] = v.clone();
+    }
+    let cfg: LlamaConfig = serde_json::from_value(config).unwrap();
     let (vm, _) = Llama::trainable(&cfg, &Device::Cpu).unwrap();
     llama::init_weights(&vm, seed).unwrap();
     // Sharper than HF's init so the teacher's distributions are far from uniform.
@@ -45,6 +54,21 @@ pub fn tiny_teacher_seeded(dir: &Path, seed: u64) -> LlamaConfig {
     }
     llama::save(&cfg, &vm, dir).unwrap();
     cfg
+}
+
+/// stories260K (a real pretrained llama) from ../shared or `$KDLLM_SHARED`; `None`, with a
+/// message, when it is absent.
+pub fn stories260k() -> Option<PathBuf> {
+    let shared = std::env::var_os("KDLLM_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let dir = shared.join("models/stories260K");
+    if dir.join("model.safetensors").is_file() {
+        Some(dir)
+    } else {
+        eprintln!("skipping: {} not found (set KDLLM_SHARED to the shared folder)", dir.display());
+        None
+    }
 }
 
 /// `n` JSONL prompts with ids `p0..`.
