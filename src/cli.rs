@@ -27,6 +27,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Write a model as one llama GGUF file that llama.cpp and ollama load.
     Export(ExportArgs),
+    /// Write report.html for a recipe's run folder: loss curves, tables and answers side by side.
+    Report(ReportArgs),
     /// Look at a recipe without running it.
     #[command(subcommand)]
     Recipe(RecipeCommand),
@@ -277,6 +279,15 @@ pub struct ExportArgs {
     pub overwrite: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run folder: a recipe's `workdir` (it holds summary.json).
+    pub run_dir: PathBuf,
+    /// Where to write the page; `<run_dir>/report.html` by default.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum RecipeCommand {
     /// Print the recipe as it would run: every step with every key, defaults filled in.
@@ -345,7 +356,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Train(args) => {
-            crate::recipe::run(&args.recipe, args.resume, &args.set)?;
+            let summary = crate::recipe::run(&args.recipe, args.resume, &args.set)?;
+            println!("report written to {}", crate::report::write(&summary.workdir, None)?.display());
+        }
+        Command::Report(a) => {
+            println!("report written to {}", crate::report::write(&a.run_dir, a.output.as_deref())?.display());
         }
         Command::Export(a) => {
             let job = crate::export::ExportJob { model: a.model, output: a.gguf, ty: a.ty, overwrite: a.overwrite };

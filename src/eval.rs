@@ -2,9 +2,10 @@
 //! and on a task (accuracy of greedy answers).
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{Device, D};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data;
 use crate::generate::{decode, row_rng, DecodeSettings};
@@ -38,6 +39,31 @@ pub struct EvalReport {
     pub top1_agreement: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task_accuracy: Option<f64>,
+    /// Greedy decoding speed on the task prompts, at `batch_size` (tokens written per second).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_tokens_per_sec: Option<f64>,
+    /// The model's greedy answers to the first few task prompts, for a person to read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<Answer>,
+}
+
+/// One task prompt, the expected completion and the model's greedy one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub prompt: String,
+    pub expected: String,
+    pub answer: String,
+    pub correct: bool,
+}
+
+/// How many answers a report keeps.
+pub const ANSWERS_KEPT: usize = 4;
+
+/// What greedy decoding on the task test set gave.
+struct TaskScore {
+    accuracy: f64,
+    tokens_per_sec: f64,
+    answers: Vec<Answer>,
 }
 
 pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
@@ -46,8 +72,8 @@ pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
     let tokenizer = ckpt.tokenizer;
     let seqs = sequences(&job.data, &tokenizer)?;
     let m = measure(&model, &seqs, job.batch_size.max(1))?;
-    let task_accuracy = match &job.task {
-        Some(path) => Some(task_accuracy(&model, &tokenizer, path, job.batch_size.max(1))?),
+    let task = match &job.task {
+        Some(path) => Some(task_score(&model, &tokenizer, path, job.batch_size.max(1))?),
         None => None,
     };
     Ok(EvalReport {
@@ -58,7 +84,9 @@ pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
         perplexity: m.nll.exp(),
         kl_to_teacher: m.kl,
         top1_agreement: m.top1,
-        task_accuracy,
+        task_accuracy: task.as_ref().map(|t| t.accuracy),
+        decode_tokens_per_sec: task.as_ref().map(|t| t.tokens_per_sec),
+        answers: task.map(|t| t.answers).unwrap_or_default(),
     })
 }
 
@@ -125,8 +153,9 @@ fn measure(model: &Llama, seqs: &[Sequence], batch_size: usize) -> anyhow::Resul
     })
 }
 
-/// Fraction of task examples whose greedy completion is the expected answer.
-fn task_accuracy(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: usize) -> anyhow::Result<f64> {
+/// Fraction of task examples whose greedy completion is the expected answer, the decoding speed,
+/// and the first few answers.
+fn task_score(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: usize) -> anyhow::Result<TaskScore> {
     let examples = data::read_examples(path)?;
     let prompts: Vec<Vec<u32>> =
         examples.iter().map(|e| tokenizer.encode(&e.prompt, true)).collect::<Result<_, _>>()?;
@@ -143,15 +172,29 @@ fn task_accuracy(model: &Llama, tokenizer: &Tokenizer, path: &Path, batch_size: 
         eos_ids: tokenizer.eos_ids().to_vec(),
     };
     let bar = crate::progress::bar(examples.len() as u64, "task");
-    let mut correct = 0;
+    let (mut correct, mut written, mut secs) = (0, 0, 0.0);
+    let mut answers = Vec::new();
     for (chunk, exs) in prompts.chunks(batch_size).zip(examples.chunks(batch_size)) {
         // Greedy decoding never draws from these; decode wants one per row.
         let mut rngs: Vec<_> = (0..chunk.len()).map(|i| row_rng(0, "", i as u32)).collect();
-        for (c, e) in decode(model, chunk, &mut rngs, &settings)?.iter().zip(exs) {
-            correct += usize::from(crate::task::is_correct(&e.completion, &tokenizer.decode(c.text_ids())?));
+        let t = Instant::now();
+        let completions = decode(model, chunk, &mut rngs, &settings)?;
+        secs += t.elapsed().as_secs_f64();
+        for (c, e) in completions.iter().zip(exs) {
+            let answer = tokenizer.decode(c.text_ids())?;
+            let ok = crate::task::is_correct(&e.completion, &answer);
+            correct += usize::from(ok);
+            written += c.ids.len();
+            if answers.len() < ANSWERS_KEPT {
+                answers.push(Answer { prompt: e.prompt.clone(), expected: e.completion.clone(), answer, correct: ok });
+            }
         }
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(correct as f64 / examples.len().max(1) as f64)
+    Ok(TaskScore {
+        accuracy: correct as f64 / examples.len().max(1) as f64,
+        tokens_per_sec: written as f64 / secs.max(1e-9),
+        answers,
+    })
 }

@@ -19,6 +19,7 @@ pub mod interrupt;
 pub mod model;
 pub mod progress;
 pub mod recipe;
+pub mod report;
 pub mod task;
 pub mod teacher;
 pub mod tokenizer;

@@ -757,3 +757,13 @@ fn samples_folder_without_parquet_files_is_refused() {
     let err = fails("samples_folder_without_parquet_files_is_refused", &eval(&f, &dir));
     has_all(one_error_line(&err), &[s(&dir), "contains no *.parquet files", "written by `kdllm generate`"]);
 }
+
+#[test]
+fn report_of_a_folder_that_is_not_a_run_is_refused() {
+    let f = Fixture::bare();
+    let dir = f.path("not-a-run");
+    std::fs::create_dir(&dir).unwrap();
+    let err = fails("report_of_a_folder_that_is_not_a_run_is_refused", &["report", s(&dir)]);
+    has_all(one_error_line(&err), &[s(&dir), "is not a kdllm run: it has no summary.json", "kdllm train --recipe"]);
+    assert!(!dir.join("report.html").exists());
+}

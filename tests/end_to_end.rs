@@ -273,6 +273,7 @@ fn a_tiny_recipe_runs_every_step_kind_and_reruns_only_what_changed() {
         serde_json::from_str(&std::fs::read_to_string(workdir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["models"].as_array().map(Vec::len), Some(2), "{summary}");
     assert!(Llama::load(&workdir.join("student"), &Device::Cpu, DType::F32).is_ok());
+    check_report(&workdir, &stdout);
     let student_weights = std::fs::read(workdir.join("student/model.safetensors")).unwrap();
 
     let (ok, stdout, stderr) = run_recipe(&recipe, &[]);
@@ -300,6 +301,49 @@ fn a_tiny_recipe_runs_every_step_kind_and_reruns_only_what_changed() {
     let (ok, stdout, stderr) = run_recipe(&recipe, &[]);
     assert!(ok, "{stdout}\n{stderr}");
     assert_eq!(steps_run(&stdout), ["eval"], "{stdout}");
+}
+
+/// The recipe wrote report.html: the two tables, a loss and a learning-rate chart per training
+/// step (with the validation points), and each model's answers to the same held-out prompts.
+fn check_report(workdir: &Path, stdout: &str) {
+    let path = workdir.join("report.html");
+    assert!(stdout.contains(&format!("report written to {}", path.display())), "{stdout}");
+    let html = std::fs::read_to_string(&path).unwrap();
+    for needle in
+        ["<h2>Models</h2>", "<h2>Steps</h2>", "<h3>teacher</h3>", "<h3>student</h3>", "Held-out answers (eval)"]
+    {
+        assert!(html.contains(needle), "no `{needle}` in report.html");
+    }
+    assert_eq!(html.matches("<svg").count(), 4, "loss and learning rate for two training steps");
+    for legend in ["total", "cross-entropy", "divergence to teacher", "validation", "learning rate"] {
+        assert!(html.contains(&format!(">\n{legend}\n</text>")), "no `{legend}` text in the charts");
+    }
+    for outside in ["<script", "src=", "href=", "url("] {
+        assert!(!html.contains(outside), "report.html is not self-contained: it has `{outside}`");
+    }
+    // The answers table: a header with both models, then one row per kept answer.
+    let table = &html[html.find("Held-out answers").unwrap()..];
+    assert!(table.contains("<th>teacher</th><th>student</th>"), "{table}");
+    assert_eq!(table.matches("<tr><td><pre>").count(), kdllm::eval::ANSWERS_KEPT, "{table}");
+
+    // `kdllm report` writes the same page again, anywhere.
+    let again = workdir.join("again.html");
+    let out = Command::new(env!("CARGO_BIN_EXE_kdllm"))
+        .args(["report", workdir.to_str().unwrap(), "-o", again.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), html);
+
+    // In a real browser (opt-in: where Debian's chromium is installed), with no console errors.
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("skipping the headless-browser check: no `chromium` on PATH (apt-get install chromium)");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/check_report.sh");
+    let out = Command::new("bash").args([script, workdir.to_str().unwrap()]).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && workdir.join("report.png").is_file(), "{said}");
 }
 
 /// Chat prompts are rendered with the teacher's template; the rendered text is what the Parquet

@@ -80,7 +80,9 @@ pub use steps::{
     DistillStep, EvalStep, ExportStep, FinetuneStep, GenerateStep, ScoreStep, StepConfig, StepKind, TaskStep,
     TeacherSet,
 };
-pub use summary::{format_summary, model_rows, ModelGroup, ModelRow, RecipeSummary, StepRow};
+pub use summary::{
+    format_summary, model_rows, model_table, step_table, ModelGroup, ModelRow, RecipeSummary, StepRow, Table,
+};
 
 /// A parsed and validated recipe: every reference names an earlier step.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::StepKind;
 use crate::eval::EvalReport;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecipeSummary {
     pub name: String,
     pub workdir: PathBuf,
@@ -36,6 +36,9 @@ pub struct ModelRow {
     pub nll_per_token: f64,
     pub kl_to_teacher: Option<f64>,
     pub top1_agreement: Option<f64>,
+    /// Greedy decoding speed on the task prompts (tokens/s at the eval step's batch size).
+    #[serde(default)]
+    pub decode_tokens_per_sec: Option<f64>,
     /// Training wall time, from the model's train_report.json.
     #[serde(default)]
     pub train_secs: Option<f64>,
@@ -96,6 +99,7 @@ fn row(eval_step: &str, g: &ModelGroup) -> ModelRow {
     let acc = all(&|r| r.task_accuracy);
     let kl = all(&|r| r.kl_to_teacher);
     let top1 = all(&|r| r.top1_agreement);
+    let speed = all(&|r| r.decode_tokens_per_sec);
     let nll = all(&|r| Some(r.nll_per_token)).unwrap_or_default();
     let secs = (g.train_secs.len() == g.reports.len()).then(|| g.train_secs.clone());
     let first = g.reports.first();
@@ -110,6 +114,7 @@ fn row(eval_step: &str, g: &ModelGroup) -> ModelRow {
         nll_per_token: mean(&nll).unwrap_or(f64::NAN),
         kl_to_teacher: kl.as_deref().and_then(mean),
         top1_agreement: top1.as_deref().and_then(mean),
+        decode_tokens_per_sec: speed.as_deref().and_then(mean),
         train_secs: secs.as_deref().and_then(mean),
         seeds: g.reports.len(),
         task_accuracy_std: acc.as_deref().and_then(std),
@@ -143,74 +148,88 @@ fn std(v: &[f64]) -> Option<f64> {
     (v.len() > 1).then(|| (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt())
 }
 
-/// The summary as plain text: the model table (when something was evaluated), the step table
-/// and the total wall time. Columns are aligned; a missing value is `-`.
-pub fn format_summary(s: &RecipeSummary) -> String {
-    let mut out = String::new();
-    if !s.models.is_empty() {
-        let seeded = s.models.iter().any(|m| m.seeds > 1);
-        let sized = s.models.iter().any(|m| m.size_bytes.is_some());
-        let header = [
-            "model",
-            "seeds",
-            "params",
-            "size MB",
-            "task acc",
-            "acc vs first",
-            "nll/token",
-            "kl to teacher",
-            "top-1 agree",
-            "train s",
-        ];
-        let rows: Vec<Vec<String>> = s
-            .models
-            .iter()
-            .map(|m| {
-                // With seeds: mean ± sample standard deviation (in the column's unit).
-                let pm = |v: Option<f64>, sd: Option<f64>, f: &dyn Fn(f64) -> String| match (v, sd) {
-                    (Some(v), Some(sd)) => format!("{} ±{}", f(v), f(sd).trim_end_matches('%')),
-                    (v, _) => opt(v, f),
-                };
-                let mut row = vec![
-                    m.name.clone(),
-                    m.seeds.to_string(),
-                    human(m.params as f64),
-                    opt(m.size_bytes.map(|b| b as f64 / 1e6), |v| format!("{v:.2}")),
-                    pm(m.task_accuracy, m.task_accuracy_std, &percent),
-                    opt(m.accuracy_vs_first, percent),
-                    format!("{:.3}", m.nll_per_token),
-                    pm(m.kl_to_teacher, m.kl_to_teacher_std, &|v| format!("{v:.3}")),
-                    pm(m.top1_agreement, m.top1_agreement_std, &percent),
-                    pm(m.train_secs, m.train_secs_std, &|v| format!("{v:.1}")),
-                ];
-                if !sized {
-                    row.remove(3);
-                }
-                if !seeded {
-                    row.remove(1);
-                }
-                row
-            })
-            .collect();
-        let mut header = header.to_vec();
-        if !sized {
-            header.remove(3);
-        }
-        if !seeded {
-            header.remove(1);
-        }
-        out.push_str(&table(&header, &rows, 1));
-        out.push('\n');
-    }
-    let header = ["step", "kind", "wall s", "tokens/s"];
-    let rows: Vec<Vec<String>> = s
-        .steps
+/// A table: its header and its rows of cells, formatted for reading.
+pub struct Table {
+    pub header: Vec<&'static str>,
+    pub rows: Vec<Vec<String>>,
+}
+
+/// The model table (empty when nothing was evaluated). Columns that no row fills (seeds, size,
+/// decoding speed) are left out; a missing value is `-`.
+pub fn model_table(models: &[ModelRow]) -> Table {
+    let header = [
+        "model",
+        "seeds",
+        "params",
+        "size MB",
+        "task acc",
+        "acc vs first",
+        "nll/token",
+        "kl to teacher",
+        "top-1 agree",
+        "tokens/s",
+        "train s",
+    ];
+    let keep = [
+        true,
+        models.iter().any(|m| m.seeds > 1),
+        true,
+        models.iter().any(|m| m.size_bytes.is_some()),
+        true,
+        true,
+        true,
+        true,
+        true,
+        models.iter().any(|m| m.decode_tokens_per_sec.is_some()),
+        true,
+    ];
+    let rows = models
+        .iter()
+        .map(|m| {
+            // With seeds: mean ± sample standard deviation (in the column's unit).
+            let pm = |v: Option<f64>, sd: Option<f64>, f: &dyn Fn(f64) -> String| match (v, sd) {
+                (Some(v), Some(sd)) => format!("{} ±{}", f(v), f(sd).trim_end_matches('%')),
+                (v, _) => opt(v, f),
+            };
+            let row = [
+                m.name.clone(),
+                m.seeds.to_string(),
+                human(m.params as f64),
+                opt(m.size_bytes.map(|b| b as f64 / 1e6), |v| format!("{v:.2}")),
+                pm(m.task_accuracy, m.task_accuracy_std, &percent),
+                opt(m.accuracy_vs_first, percent),
+                format!("{:.3}", m.nll_per_token),
+                pm(m.kl_to_teacher, m.kl_to_teacher_std, &|v| format!("{v:.3}")),
+                pm(m.top1_agreement, m.top1_agreement_std, &percent),
+                opt(m.decode_tokens_per_sec, human),
+                pm(m.train_secs, m.train_secs_std, &|v| format!("{v:.1}")),
+            ];
+            row.into_iter().zip(keep).filter(|(_, k)| *k).map(|(c, _)| c).collect()
+        })
+        .collect();
+    Table { header: header.into_iter().zip(keep).filter(|(_, k)| *k).map(|(h, _)| h).collect(), rows }
+}
+
+/// The step table: what each step was, how long it took and its throughput.
+pub fn step_table(steps: &[StepRow]) -> Table {
+    let rows = steps
         .iter()
         .map(|st| {
             vec![st.name.clone(), st.kind.to_string(), format!("{:.1}", st.wall_secs), opt(st.tokens_per_sec, human)]
         })
         .collect();
-    out.push_str(&table(&header, &rows, 2));
+    Table { header: vec!["step", "kind", "wall s", "tokens/s"], rows }
+}
+
+/// The summary as plain text: the model table (when something was evaluated), the step table
+/// and the total wall time. Columns are aligned.
+pub fn format_summary(s: &RecipeSummary) -> String {
+    let mut out = String::new();
+    if !s.models.is_empty() {
+        out.push_str(&text_table(&model_table(&s.models), 1));
+        out.push('\n');
+    }
+    out.push_str(&text_table(&step_table(&s.steps), 2));
     out.push_str(&format!("\ntotal wall time: {:.1} s\n", s.total_wall_secs));
     out
 }
@@ -235,7 +254,8 @@ fn human(v: f64) -> String {
 
 /// Aligned columns, two spaces apart: the first `text_columns` left-aligned, the (numeric)
 /// others right-aligned.
-fn table(header: &[&str], rows: &[Vec<String>], text_columns: usize) -> String {
+fn text_table(t: &Table, text_columns: usize) -> String {
+    let (header, rows) = (&t.header, &t.rows);
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -251,7 +271,7 @@ fn table(header: &[&str], rows: &[Vec<String>], text_columns: usize) -> String {
             .collect();
         parts.join("  ").trim_end().to_string() + "\n"
     };
-    let mut out = line(header.to_vec());
+    let mut out = line(header.clone());
     for row in rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
@@ -272,6 +292,8 @@ mod tests {
             kl_to_teacher: kl,
             top1_agreement: kl.map(|_| 0.9),
             task_accuracy: acc,
+            decode_tokens_per_sec: acc.map(|_| 2500.0),
+            answers: Vec::new(),
         }
     }
 
@@ -335,9 +357,9 @@ mod tests {
     fn summary_table_is_aligned() {
         let text = format_summary(&summary());
         let expected = "\
-model    params  task acc  acc vs first  nll/token  kl to teacher  top-1 agree  train s
-teacher  812.3k     96.0%        100.0%      0.250          0.000        90.0%     95.0
-student  150.0k     72.0%         75.0%      0.250              -            -        -
+model    params  task acc  acc vs first  nll/token  kl to teacher  top-1 agree  tokens/s  train s
+teacher  812.3k     96.0%        100.0%      0.250          0.000        90.0%      2.5k     95.0
+student  150.0k     72.0%         75.0%      0.250              -            -      2.5k        -
 
 step     kind      wall s  tokens/s
 task     task         1.2         -
