@@ -33,11 +33,19 @@ struct Curves {
     title: String,
     /// (step, lr) at every logged step.
     lr: Vec<(f64, f64)>,
-    /// (label, (step, value) points) for each loss term that was logged.
-    terms: Vec<(&'static str, Vec<(f64, f64)>)>,
+    /// Each loss term that was logged.
+    terms: Vec<Term>,
 }
 
-/// The loss terms `metrics.jsonl` holds, and their legends.
+/// One loss term's curve: its legend, its colour (the same in every chart) and its points.
+struct Term {
+    label: &'static str,
+    color: RGBColor,
+    /// (step, value).
+    points: Vec<(f64, f64)>,
+}
+
+/// The loss terms `metrics.jsonl` holds, and their legends; colours in the same order.
 const TERMS: [(&str, &str); 5] = [
     ("loss", "total"),
     ("ce", "cross-entropy"),
@@ -107,6 +115,7 @@ fn read_curves(run_dir: &Path, summary: &RecipeSummary) -> Result<Vec<Curves>, R
 }
 
 /// The curves of one `metrics.jsonl`. A line that does not parse (a crash mid-write) is skipped.
+/// The total is left out where it is the cross-entropy alone (no other term).
 fn parse_metrics(title: String, text: &str) -> Curves {
     let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let series = |key: &str| -> Vec<(f64, f64)> {
@@ -116,7 +125,14 @@ fn parse_metrics(title: String, text: &str) -> Curves {
             .filter(|(_, y)| y.is_finite())
             .collect()
     };
-    let terms = TERMS.iter().map(|(key, label)| (*label, series(key))).filter(|(_, pts)| !pts.is_empty()).collect();
+    let only_ce = series("kl").is_empty() && series("hidden").is_empty();
+    let terms = TERMS
+        .iter()
+        .enumerate()
+        .filter(|(_, (key, _))| !(only_ce && *key == "loss"))
+        .map(|(i, (key, label))| Term { label, color: COLORS[i], points: series(key) })
+        .filter(|t| !t.points.is_empty())
+        .collect();
     Curves { title, lr: series("lr"), terms }
 }
 
@@ -192,12 +208,12 @@ fn chart_error(what: &str) -> impl Fn(String) -> ReportError + '_ {
 /// differ). Validation points are marked.
 fn loss_chart(c: &Curves) -> Result<String, ReportError> {
     let err = chart_error(&c.title);
-    let positive = || c.terms.iter().flat_map(|(_, p)| p.iter()).filter(|(_, y)| *y > 0.0);
+    let positive = || c.terms.iter().flat_map(|t| t.points.iter()).filter(|(_, y)| *y > 0.0);
     let (lo, hi) = positive().fold((f64::MAX, f64::MIN), |(lo, hi), (_, y)| (lo.min(*y), hi.max(*y)));
     if lo > hi {
         return Ok(String::new());
     }
-    let (x0, x1) = x_range(c.terms.iter().flat_map(|(_, p)| p.iter()));
+    let (x0, x1) = x_range(c.terms.iter().flat_map(|t| t.points.iter()));
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
@@ -205,15 +221,24 @@ fn loss_chart(c: &Curves) -> Result<String, ReportError> {
         let mut chart = ChartBuilder::on(&root)
             .caption("loss", ("sans-serif", 18))
             .margin(12)
+            .margin_right(24)
             .x_label_area_size(36)
             .y_label_area_size(60)
             .build_cartesian_2d(x0..x1, (lo * 0.9..hi * 1.1).log_scale())
             .map_err(|e| err(e.to_string()))?;
-        chart.configure_mesh().x_desc("step").y_desc("loss (log)").draw().map_err(|e| err(e.to_string()))?;
-        for (i, (label, points)) in c.terms.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
-            let points: Vec<(f64, f64)> = points.iter().copied().filter(|(_, y)| *y > 0.0).collect();
-            let series = if *label == "validation" {
+        chart
+            .configure_mesh()
+            .max_light_lines(1)
+            .x_desc("step")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_desc("loss (log)")
+            .y_label_formatter(&|v| short(*v))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        for t in &c.terms {
+            let color = t.color;
+            let points: Vec<(f64, f64)> = t.points.iter().copied().filter(|(_, y)| *y > 0.0).collect();
+            let series = if t.label == "validation" {
                 chart
                     .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                     .map_err(|e| err(e.to_string()))?
@@ -221,7 +246,7 @@ fn loss_chart(c: &Curves) -> Result<String, ReportError> {
                 chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|e| err(e.to_string()))?
             };
             series
-                .label(*label)
+                .label(t.label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         }
         chart
@@ -248,13 +273,16 @@ fn lr_chart(c: &Curves) -> Result<String, ReportError> {
         let mut chart = ChartBuilder::on(&root)
             .caption("learning rate", ("sans-serif", 18))
             .margin(12)
+            .margin_right(24)
             .x_label_area_size(36)
             .y_label_area_size(70)
             .build_cartesian_2d(x0..x1, 0.0..(hi * 1.1).max(1e-12))
             .map_err(|e| err(e.to_string()))?;
         chart
             .configure_mesh()
+            .max_light_lines(1)
             .x_desc("step")
+            .x_label_formatter(&|v| format!("{v:.0}"))
             .y_label_formatter(&|v| format!("{v:.1e}"))
             .draw()
             .map_err(|e| err(e.to_string()))?;
@@ -264,6 +292,16 @@ fn lr_chart(c: &Curves) -> Result<String, ReportError> {
         root.present().map_err(|e| err(e.to_string()))?;
     }
     Ok(svg)
+}
+
+/// A log-axis label: `0.5`, `20`, `1e-4`.
+fn short(v: f64) -> String {
+    if (0.01..1e4).contains(&v) {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.0e}")
+    }
 }
 
 /// The span of the steps, never empty.
@@ -355,11 +393,17 @@ mod tests {
                     not json\n\
                     {\"step\":2,\"loss\":1.5,\"ce\":1.5,\"kl\":null,\"lr\":0.002,\"valid_loss\":1.7}\n";
         let c = parse_metrics("t".into(), text);
-        let labels: Vec<&str> = c.terms.iter().map(|(l, _)| *l).collect();
-        assert_eq!(labels, ["total", "cross-entropy", "validation"]);
-        assert_eq!(c.terms[0].1, [(1.0, 2.0), (2.0, 1.5)]);
-        assert_eq!(c.terms[2].1, [(2.0, 1.7)]);
+        let labels: Vec<&str> = c.terms.iter().map(|t| t.label).collect();
+        assert_eq!(labels, ["cross-entropy", "validation"], "the total is the cross-entropy: shown once");
+        assert_eq!(c.terms[0].points, [(1.0, 2.0), (2.0, 1.5)]);
+        assert_eq!(c.terms[1].points, [(2.0, 1.7)]);
+        assert_eq!(c.terms[1].color, COLORS[4], "each term keeps its colour");
         assert_eq!(c.lr, [(1.0, 0.001), (2.0, 0.002)]);
+    }
+
+    #[test]
+    fn log_axis_labels_are_short() {
+        assert_eq!([short(0.5), short(20.0), short(1.25), short(1e-4), short(0.001)], ["0.5", "20", "1.25", "1e-4", "1e-3"]);
     }
 
     #[test]
@@ -383,16 +427,16 @@ mod tests {
     fn a_chart_is_svg_with_a_line_per_term() {
         let c = parse_metrics(
             "t".into(),
-            "{\"step\":1,\"loss\":2.0,\"ce\":1.0,\"lr\":0.001}\n{\"step\":5,\"loss\":1.0,\"ce\":0.5,\"lr\":0.002}\n",
+            "{\"step\":1,\"loss\":2.0,\"ce\":1.0,\"kl\":3.0,\"lr\":0.001}\n{\"step\":5,\"loss\":1.0,\"ce\":0.5,\"kl\":1.5,\"lr\":0.002}\n",
         );
         let svg = loss_chart(&c).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
         // Each term: its curve and its legend mark, in its own colour.
-        for color in ["#1F77B4", "#FF7F0E"] {
+        for color in ["#1F77B4", "#FF7F0E", "#2CA02C"] {
             assert_eq!(svg.matches(&format!("stroke=\"{color}\" stroke-width=\"2\"")).count(), 2, "{svg}");
         }
-        assert!(!svg.contains("#2CA02C"), "no third term was logged");
-        for text in ["total", "cross-entropy", "step", "loss (log)"] {
+        assert!(!svg.contains("#9467BD"), "no hidden-state term was logged");
+        for text in ["total", "cross-entropy", "divergence to teacher", "step", "loss (log)"] {
             assert!(svg.contains(&format!(">\n{text}\n</text>")), "no text `{text}` in {svg}");
         }
     }

@@ -24,7 +24,7 @@ fi
 # --enable-logging=stderr prints every console message, whatever its level, as
 # `...:INFO:CONSOLE:line] "text", source: ...`.
 "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --enable-logging=stderr --v=0 \
-  --window-size=1400,2600 --screenshot="$png" "file://$(realpath "$page")" 2>"$log" >/dev/null
+  --window-size=1400,3400 --screenshot="$png" "file://$(realpath "$page")" 2>"$log" >/dev/null
 console=$(grep -E ':CONSOLE[:(]' "$log" || true)
 if [ -n "$console" ]; then
   echo "console errors in $page:" >&2
