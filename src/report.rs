@@ -403,7 +403,10 @@ mod tests {
 
     #[test]
     fn log_axis_labels_are_short() {
-        assert_eq!([short(0.5), short(20.0), short(1.25), short(1e-4), short(0.001)], ["0.5", "20", "1.25", "1e-4", "1e-3"]);
+        assert_eq!(
+            [short(0.5), short(20.0), short(1.25), short(1e-4), short(0.001)],
+            ["0.5", "20", "1.25", "1e-4", "1e-3"]
+        );
     }
 
     #[test]
