@@ -204,6 +204,23 @@ fn chart_error(what: &str) -> impl Fn(String) -> ReportError + '_ {
     move |message| ReportError::Chart { what: what.to_string(), message }
 }
 
+/// A chart's caption and margins, the same for every chart; `y_labels` is the width of the
+/// y-axis labels.
+fn frame<'a, 'b, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    y_labels: u32,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .margin_right(24)
+        .x_label_area_size(36)
+        .y_label_area_size(y_labels);
+    builder
+}
+
 /// Every loss term against the step, on a log scale (the tail of a loss curve is where runs
 /// differ). Validation points are marked.
 fn loss_chart(c: &Curves) -> Result<String, ReportError> {
@@ -218,12 +235,7 @@ fn loss_chart(c: &Curves) -> Result<String, ReportError> {
     {
         let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("loss", ("sans-serif", 18))
-            .margin(12)
-            .margin_right(24)
-            .x_label_area_size(36)
-            .y_label_area_size(60)
+        let mut chart = frame(&root, "loss", 60)
             .build_cartesian_2d(x0..x1, (lo * 0.9..hi * 1.1).log_scale())
             .map_err(|e| err(e.to_string()))?;
         chart
@@ -270,12 +282,7 @@ fn lr_chart(c: &Curves) -> Result<String, ReportError> {
     {
         let root = SVGBackend::with_string(&mut svg, (CHART_SIZE.0 * 3 / 4, CHART_SIZE.1)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("learning rate", ("sans-serif", 18))
-            .margin(12)
-            .margin_right(24)
-            .x_label_area_size(36)
-            .y_label_area_size(70)
+        let mut chart = frame(&root, "learning rate", 70)
             .build_cartesian_2d(x0..x1, 0.0..(hi * 1.1).max(1e-12))
             .map_err(|e| err(e.to_string()))?;
         chart
