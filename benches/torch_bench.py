@@ -2,7 +2,7 @@
 """PyTorch eager reference for `kdllm bench`: the same llama configs, batch and sequence.
 
 Optional, not run by CI:  pip install torch transformers
-    python3 benches/torch_bench.py --config 5M --dtype f32 [--threads 2] [--json out.json]
+    python3 benches/torch_bench.py --config 5M --dtype f32 [--threads 2] [--device cuda] [--json out.json]
 
 Training: forward, cross-entropy, backward and an AdamW step on random (8, 256) batches, timed
 over --train-steps steps after one warm-up step, in the given dtype (bf16 = weights, activations
@@ -19,18 +19,25 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-VOCAB, SEQ, BATCH = 8192, 256, 8
-# Same shapes as src/bench.rs CONFIGS: (hidden, layers, heads, ffn), tied embeddings.
-CONFIGS = {"1M": (64, 6, 4, 256), "5M": (256, 4, 4, 768), "20M": (512, 5, 8, 1536)}
+SEQ, BATCH = 256, 8
+# Same shapes as src/bench.rs CONFIGS: (hidden, layers, heads, kv heads, ffn, vocab), tied embeddings.
+CONFIGS = {"1M": (64, 6, 4, 4, 256, 8192), "5M": (256, 4, 4, 4, 768, 8192), "20M": (512, 5, 8, 8, 1536, 8192),
+           "135M": (576, 30, 9, 3, 1536, 49152)}
+DEVICE = "cpu"
 
 
 def model_for(name, dtype):
-    hidden, layers, heads, ffn = CONFIGS[name]
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+    hidden, layers, heads, kv_heads, ffn, vocab = CONFIGS[name]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                       tie_word_embeddings=True, attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(dtype)
+    return LlamaForCausalLM(cfg).to(dtype).to(DEVICE)
+
+
+def sync():
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
 
 
 def train_speed(model, steps):
@@ -40,12 +47,14 @@ def train_speed(model, steps):
     for step in range(steps + 1):
         if step == 1:
             start = time.perf_counter()
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g).to(DEVICE)
         logits = model(ids[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    sync()
     return steps * BATCH * SEQ / (time.perf_counter() - start)
 
 
@@ -53,7 +62,8 @@ def train_speed(model, steps):
 def gen_speed(model, batch, new_tokens):
     model.eval()
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (batch, 16), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), generator=g).to(DEVICE)
+    sync()
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -68,8 +78,11 @@ def main():
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gen-batches", default="1,8,32")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     torch.set_num_threads(a.threads)
     dtype = torch.float32 if a.dtype == "f32" else torch.bfloat16
     model = model_for(a.config, dtype)

@@ -18,17 +18,27 @@ use crate::model::{Checkpoint, Precision};
 use crate::train::optim::AdamW;
 use crate::train::{loss, TrainConfig};
 
-/// The benchmarked shapes: vocabulary 8192, sequences of 256, batches of 8.
-pub const VOCAB: usize = 8192;
+/// The benchmarked batches: sequences of 256, batches of 8.
 pub const SEQ: usize = 256;
 pub const BATCH: usize = 8;
 
-/// (name, hidden, layers, heads, ffn): about 1M, 5M and 20M parameters with tied embeddings.
-pub const CONFIGS: [(&str, usize, usize, usize, usize); 3] =
-    [("1M", 64, 6, 4, 256), ("5M", 256, 4, 4, 768), ("20M", 512, 5, 8, 1536)];
+/// (name, hidden, layers, heads, kv heads, ffn, vocab), tied embeddings: about 1M, 5M and 20M
+/// parameters over a vocabulary of 8192, and the shape of SmolLM2-135M (random weights), which
+/// `--configs` names alone (it is slow on a CPU).
+pub const CONFIGS: [(&str, usize, usize, usize, usize, usize, usize); 4] = [
+    ("1M", 64, 6, 4, 4, 256, 8192),
+    ("5M", 256, 4, 4, 4, 768, 8192),
+    ("20M", 512, 5, 8, 8, 1536, 8192),
+    ("135M", 576, 30, 9, 3, 1536, 49152),
+];
+
+/// The configs `kdllm bench` runs without `--configs`.
+const DEFAULT_CONFIGS: [&str; 3] = ["1M", "5M", "20M"];
 
 #[derive(Debug, Clone)]
 pub struct BenchJob {
+    /// Where the tensors live (`--device`).
+    pub device: crate::device::DeviceChoice,
     /// Only these configs (by name); all when empty.
     pub configs: Vec<String>,
     /// A GGUF teacher to measure as well.
@@ -94,20 +104,27 @@ pub fn run(job: &BenchJob) -> anyhow::Result<Report> {
     if let Some(bad) = job.configs.iter().find(|c| !known.contains(&c.as_str()) && c.as_str() != "none") {
         anyhow::bail!("--configs: unknown config `{bad}`; known: {} (or `none`, with --gguf)", known.join(", "));
     }
+    let device = crate::device::resolve(job.device)?;
+    crate::device::check_dtype(&device, job.precision.dtype())?;
+    eprintln!("models on {}", crate::device::name(&device));
     let mut models = Vec::new();
-    for (name, hidden, layers, heads, ffn) in CONFIGS {
-        if !job.configs.is_empty() && !job.configs.iter().any(|c| c == name) {
+    for (name, hidden, layers, heads, kv_heads, ffn, vocab) in CONFIGS {
+        let wanted = match job.configs.as_slice() {
+            [] => DEFAULT_CONFIGS.contains(&name),
+            some => some.iter().any(|c| c == name),
+        };
+        if !wanted {
             continue;
         }
-        let cfg = config(hidden, layers, heads, ffn);
-        let (varmap, model) = random_model(&cfg)?;
+        let cfg = config(hidden, layers, (heads, kv_heads), ffn, vocab);
+        let (varmap, model) = random_model(&cfg, &device)?;
         let r = measure(name, &cfg, varmap, &model, job)?;
         print_row(&r, &machine);
         models.push(r);
     }
     if let Some(path) = &job.gguf {
         let ckpt = Checkpoint::open(&path.to_string_lossy(), None)?;
-        let (cfg, varmap, model) = ckpt.trainable(&Device::Cpu, None)?;
+        let (cfg, varmap, model) = ckpt.trainable(&device, None)?;
         drop(ckpt);
         let name = path.file_name().map_or("gguf".into(), |n| n.to_string_lossy().into_owned());
         let r = measure(&name, &cfg, varmap, &model, job)?;
@@ -124,25 +141,31 @@ pub fn run(job: &BenchJob) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-fn config(hidden: usize, layers: usize, heads: usize, ffn: usize) -> LlamaConfig {
+fn config(hidden: usize, layers: usize, (heads, kv_heads): (usize, usize), ffn: usize, vocab: usize) -> LlamaConfig {
     serde_json::from_value(serde_json::json!({
-        "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "max_position_embeddings": 1024, "tie_word_embeddings": true,
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 1024,
+        "tie_word_embeddings": true,
     }))
     .expect("bench configs are valid")
 }
 
 /// A trainable model with HF's random initialization, seeded.
-fn random_model(cfg: &LlamaConfig) -> anyhow::Result<(candle_nn::VarMap, Llama)> {
-    let (varmap, model) = Llama::trainable(cfg, &Device::Cpu)?;
+fn random_model(cfg: &LlamaConfig, device: &Device) -> anyhow::Result<(candle_nn::VarMap, Llama)> {
+    let (varmap, model) = Llama::trainable(cfg, device)?;
     llama::init_weights(&varmap, 0)?;
     Ok((varmap, model))
 }
 
 /// The inference model `generate` would build from the same weights.
-fn inference_copy(cfg: &LlamaConfig, varmap: &candle_nn::VarMap, precision: Precision) -> anyhow::Result<Llama> {
+fn inference_copy(
+    cfg: &LlamaConfig,
+    varmap: &candle_nn::VarMap,
+    precision: Precision,
+    device: &Device,
+) -> anyhow::Result<Llama> {
     let weights = llama::Weights::Tensors(llama::tensors(varmap));
-    Ok(Llama::from_weights(cfg, &weights, &Device::Cpu, precision.dtype())?)
+    Ok(Llama::from_weights(cfg, &weights, device, precision.dtype())?)
 }
 
 fn measure(
@@ -163,7 +186,7 @@ fn measure(
     };
     let train_peak_mb = peak_memory_mb();
 
-    let teacher = inference_copy(cfg, &varmap, job.precision)?;
+    let teacher = inference_copy(cfg, &varmap, job.precision, model.device())?;
     let mut gen = Vec::new();
     for &b in &job.gen_batches {
         gen.push((b, gen_speed(&teacher, b, job.new_tokens)?));
@@ -196,7 +219,8 @@ fn train_speed(
         varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut opt = AdamW::new(vars, &TrainConfig::default())?;
     let mut rng = StdRng::seed_from_u64(0);
-    let every_position = Tensor::arange(0, (BATCH * SEQ) as u32, &Device::Cpu)?;
+    let device = model.device();
+    let every_position = Tensor::arange(0, (BATCH * SEQ) as u32, device)?;
     let mut started = Instant::now();
     let mut phases = Phases::default();
     let mut activations_mb = 0.0;
@@ -206,7 +230,7 @@ fn train_speed(
             phases = Phases::default();
         }
         let ids: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
-        let ids = Tensor::from_vec(ids, (BATCH, SEQ + 1), &Device::Cpu)?;
+        let ids = Tensor::from_vec(ids, (BATCH, SEQ + 1), device)?;
         let (inputs, targets) = (ids.narrow(1, 0, SEQ)?, ids.narrow(1, 1, SEQ)?.flatten_all()?);
         let (rss0, t0) = (resident_memory_mb(), Instant::now());
         let logits = model.forward_at(&inputs, &every_position)?;
@@ -222,6 +246,8 @@ fn train_speed(
             .map(|(name, v)| grads.get(v).cloned().with_context(|| format!("no gradient for {name}")))
             .collect::<anyhow::Result<_>>()?;
         opt.step(&grads, 1e-4, 1.0)?;
+        // A GPU runs the step asynchronously: wait for it before reading the clock.
+        device.synchronize()?;
         phases.forward += (t1 - t0).as_secs_f64() / steps as f64;
         phases.backward += (t2 - t1).as_secs_f64() / steps as f64;
         phases.optimizer += t2.elapsed().as_secs_f64() / steps as f64;
@@ -266,9 +292,9 @@ fn gemm_peak() -> anyhow::Result<f64> {
 
 /// Bytes per completion token of a Parquet file of samples at K = 20 from the 5M config.
 fn parquet_size() -> anyhow::Result<f64> {
-    let (_, hidden, layers, heads, ffn) = CONFIGS[1];
-    let cfg = config(hidden, layers, heads, ffn);
-    let model = inference_copy(&cfg, &random_model(&cfg)?.0, Precision::F32)?;
+    let (_, hidden, layers, heads, kv_heads, ffn, vocab) = CONFIGS[1];
+    let cfg = config(hidden, layers, (heads, kv_heads), ffn, vocab);
+    let model = inference_copy(&cfg, &random_model(&cfg, &Device::Cpu)?.0, Precision::F32, &Device::Cpu)?;
     let path = std::env::temp_dir().join(format!("kdllm-bench-{}.parquet", std::process::id()));
     let mut writer = SampleWriter::create(&path, &FileMetadata::new("bench", 20, serde_json::json!({})))?;
     let settings = DecodeSettings {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::data::Shard;
+use crate::device::DeviceChoice;
 use crate::engine::{Engine, ServerOptions};
 use crate::eval::EvalJob;
 use crate::generate::{GenerateJob, LongPrompts, SamplingConfig, ScoreJob, DEFAULT_PART_SIZE, DEFAULT_SCORE_BATCH};
@@ -40,7 +41,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Only these configs (1M, 5M, 20M); all by default.
+    /// Only these configs (1M, 5M, 20M, or 135M: the shape of SmolLM2-135M); 1M, 5M and 20M by default.
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Also measure this GGUF teacher (e.g. the SmolLM2 file from tools/fetch-smollm2.sh).
@@ -61,6 +62,9 @@ pub struct BenchArgs {
     /// Write the results as JSON here (what benches/compare.py reads).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 /// How to reach a server teacher (`--teacher http://HOST:PORT/v1`).
@@ -165,6 +169,9 @@ pub struct GenerateArgs {
     /// Compute dtype of the teacher: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 impl GenerateArgs {
@@ -195,6 +202,7 @@ impl GenerateArgs {
             long_prompts: self.long_prompts,
             part_size: self.part_size,
             overwrite: self.overwrite,
+            device: self.device,
         }
     }
 }
@@ -225,6 +233,9 @@ pub struct ScoreArgs {
     /// Rows per Parquet part file.
     #[arg(long, default_value_t = DEFAULT_PART_SIZE)]
     pub part_size: usize,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 impl ScoreArgs {
@@ -243,6 +254,7 @@ impl ScoreArgs {
             batch_size: self.batch_size,
             part_size: self.part_size,
             overwrite: self.overwrite,
+            device: self.device,
         }
     }
 }
@@ -261,6 +273,9 @@ pub struct TrainArgs {
     /// YAML). The step's cache identity changes with it, so it runs again.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Where every step computes: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 #[derive(Debug, Args)]
@@ -316,6 +331,9 @@ pub struct EvalArgs {
     pub task: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 impl EvalArgs {
@@ -326,6 +344,7 @@ impl EvalArgs {
             data: self.data,
             task: self.task,
             batch_size: self.batch_size,
+            device: self.device,
         }
     }
 }
@@ -356,7 +375,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Train(args) => {
-            let summary = crate::recipe::run(&args.recipe, args.resume, &args.set)?;
+            let summary = crate::recipe::run(&args.recipe, args.resume, &args.set, args.device)?;
             println!("report written to {}", crate::report::write(&summary.workdir, None)?.display());
         }
         Command::Report(a) => {
@@ -385,6 +404,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 gen_batches: a.gen_batches,
                 precision: a.dtype,
                 json: a.json,
+                device: a.device,
             };
             crate::bench::run(&job)?;
         }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, D};
+use candle_core::D;
 use serde::{Deserialize, Serialize};
 
 use crate::data;
@@ -16,6 +16,8 @@ use crate::train::{encode_example, loss};
 
 #[derive(Debug, Clone)]
 pub struct EvalJob {
+    /// Where the tensors live (`--device`).
+    pub device: crate::device::DeviceChoice,
     /// A model folder, alias or Hub repo id.
     pub model: String,
     pub precision: Precision,
@@ -68,7 +70,9 @@ struct TaskScore {
 
 pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
     let ckpt = Checkpoint::open(&job.model, None)?;
-    let model = ckpt.model(&Device::Cpu, job.precision)?;
+    let device = crate::device::resolve(job.device)?;
+    crate::device::check_dtype(&device, job.precision.dtype())?;
+    let model = ckpt.model(&device, job.precision)?;
     let tokenizer = ckpt.tokenizer;
     let seqs = sequences(&job.data, &tokenizer)?;
     let m = measure(&model, &seqs, job.batch_size.max(1))?;

@@ -767,3 +767,22 @@ fn report_of_a_folder_that_is_not_a_run_is_refused() {
     has_all(one_error_line(&err), &[s(&dir), "is not a kdllm run: it has no summary.json", "kdllm train --recipe"]);
     assert!(!dir.join("report.html").exists());
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_on_a_cpu_build_says_how_to_rebuild() {
+    let f = Fixture::new();
+    let err = fails("cuda_device_on_a_cpu_build_says_how_to_rebuild", &f.generate(&["--device", "cuda"]));
+    has_all(
+        one_error_line(&err),
+        &["--device cuda:0: this kdllm was built without CUDA", "tools/build-cuda.sh", "--device cpu"],
+    );
+    assert_no_samples(&f.out());
+}
+
+#[test]
+fn unknown_device_names_the_choices() {
+    let f = Fixture::bare();
+    let err = fails("unknown_device_names_the_choices", &f.generate(&["--device", "gpu"]));
+    has_all(&err, &["--device", "`gpu` is not a device: use auto, cpu, cuda or cuda:N"]);
+}

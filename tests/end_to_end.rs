@@ -16,6 +16,7 @@ mod common;
 
 fn gen_job(teacher: &Path, prompts: &Path, out: PathBuf) -> GenerateJob {
     GenerateJob {
+        device: Default::default(),
         teacher: teacher.display().to_string(),
         revision: None,
         tokenizer: None,
@@ -72,6 +73,7 @@ fn teacher_samples_then_a_student_learns_from_them() {
     .unwrap();
     let out = tmp.path().join("student");
     let report = distill(&DistillJob {
+        device: Default::default(),
         teacher: None,
         teachers: Vec::new(),
         server: Default::default(),
@@ -115,6 +117,7 @@ fn teacher_samples_then_a_student_learns_from_them() {
     );
 
     let eval = kdllm::eval::evaluate(&kdllm::eval::EvalJob {
+        device: Default::default(),
         model: out.to_string_lossy().into_owned(),
         precision: Precision::F32,
         data: a.output,
@@ -183,6 +186,7 @@ fn another_tokenizer_is_refused_for_kl_and_retokenized_for_sequence_level() {
     Tokenizer::train_bpe(&texts, 300).unwrap().save(&other).unwrap();
     let out = tmp.path().join("student");
     let job = |alpha: f64| DistillJob {
+        device: Default::default(),
         teacher: None,
         teachers: Vec::new(),
         server: Default::default(),
@@ -414,6 +418,7 @@ fn an_in_process_teacher_scores_its_own_samples_as_it_sampled_them() {
     write_prompts(&prompts, 6);
     let samples = generate(&gen_job(&teacher, &prompts, tmp.path().join("samples"))).unwrap().output;
     let job = kdllm::generate::ScoreJob {
+        device: Default::default(),
         teacher: teacher.display().to_string(),
         revision: None,
         tokenizer: None,

@@ -38,6 +38,7 @@ impl Setup {
     fn samples_with_seed(&self, name: &str, k: usize, seed: u64) -> PathBuf {
         let out = self.root.join(name);
         generate(&GenerateJob {
+            device: Default::default(),
             teacher: self.teacher.display().to_string(),
             revision: None,
             tokenizer: None,
@@ -59,6 +60,7 @@ impl Setup {
     fn scored(&self, teacher: &Path, samples: &Path, name: &str, k: usize) -> PathBuf {
         let out = self.root.join(name);
         score(&ScoreJob {
+            device: Default::default(),
             teacher: teacher.display().to_string(),
             revision: None,
             tokenizer: None,
@@ -83,6 +85,7 @@ impl Setup {
         }))
         .unwrap();
         DistillJob {
+            device: Default::default(),
             data: data.to_path_buf(),
             teacher: None,
             teachers: Vec::new(),

@@ -30,6 +30,7 @@ fn setup() -> ServerSetup {
 impl ServerSetup {
     fn job(&self, teacher: &str, out: &Path) -> GenerateJob {
         GenerateJob {
+            device: Default::default(),
             teacher: teacher.to_string(),
             revision: None,
             tokenizer: Some(self.teacher.display().to_string()),
@@ -55,6 +56,7 @@ impl ServerSetup {
 impl ServerSetup {
     fn score_job(&self, teacher: &str, data: &Path, out: &Path) -> ScoreJob {
         ScoreJob {
+            device: Default::default(),
             teacher: teacher.to_string(),
             revision: None,
             tokenizer: Some(self.teacher.display().to_string()),
@@ -293,6 +295,7 @@ fn on_policy_job(t: &ServerSetup, url: &str, data: &Path, name: &str, overlap: b
     .unwrap();
     let on_policy = OnPolicyConfig { lambda: 1.0, max_new_tokens: 6, refresh_every: 2, overlap, ..Default::default() };
     DistillJob {
+        device: Default::default(),
         data: data.to_path_buf(),
         teacher: Some(url.to_string()),
         teachers: Vec::new(),

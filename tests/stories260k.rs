@@ -32,7 +32,7 @@ const CONTINUATION: &str = ", there was a little girl named Lily. She loved to p
 fn greedy_decoding_reproduces_the_reference_continuation() {
     let Some(dir) = common::stories260k() else { return };
     let tok = Tokenizer::from_folder(&dir).unwrap();
-    let model = Llama::load(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
+    let model = Llama::load(&dir, &common::test_device(), candle_core::DType::F32).unwrap();
     let with_bos = tok.encode("Once upon a time", true).unwrap();
     assert_eq!(with_bos[0], 1, "tokenizer_config.json says add_bos_token: true");
     assert_eq!(greedy(&model, &tok, with_bos, 60), format!("Once upon a time{CONTINUATION}"));

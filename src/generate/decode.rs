@@ -2,7 +2,7 @@
 //! left-pad a batch of prompts, prefill them through the KV cache, then extend every
 //! unfinished row one token per forward pass.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
@@ -40,7 +40,7 @@ pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &Deco
         padded.extend(std::iter::repeat_n(0u32, pad));
         padded.extend(p);
     }
-    let dev = Device::Cpu;
+    let dev = model.device().clone();
     let mut cache = KvCache::new(model.config(), pads);
     let mut last = model.forward_last(&Tensor::from_vec(padded, (b, width), &dev)?, Some(&mut cache))?;
     let mut done = vec![false; b];

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::Device;
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +76,8 @@ impl std::str::FromStr for LongPrompts {
 
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
+    /// Where the tensors live (`--device`).
+    pub device: crate::device::DeviceChoice,
     /// Alias, Hub repo id, local folder, GGUF file, or an `http(s)://` server.
     pub teacher: String,
     pub revision: Option<String>,
@@ -249,7 +250,9 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
     let tokens = match &teacher {
         Teacher::Local(checkpoint) => {
             // Loaded only now: a refused or finished job costs no weights in memory.
-            let model = checkpoint.model(&Device::Cpu, job.precision)?;
+            let device = crate::device::resolve(job.device)?;
+            crate::device::check_dtype(&device, job.precision.dtype())?;
+            let model = checkpoint.model(&device, job.precision)?;
             let settings = cfg.decode_settings(tokenizer.eos_ids().to_vec());
             let mut tokens = 0;
             // Batches are fixed slices of the work list, whatever run (or shard) computes them,

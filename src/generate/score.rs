@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use super::{sampler, GenerateError};
@@ -24,6 +24,8 @@ use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone)]
 pub struct ScoreJob {
+    /// Where the tensors live (`--device`).
+    pub device: crate::device::DeviceChoice,
     /// A model (folder, Hub id, alias, GGUF) or an `http(s)://` server.
     pub teacher: String,
     pub revision: Option<String>,
@@ -150,7 +152,9 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
     let mut tokens = 0;
     match &teacher {
         Teacher::Local(checkpoint) => {
-            let model = checkpoint.model(&Device::Cpu, job.precision)?;
+            let device = crate::device::resolve(job.device)?;
+            crate::device::check_dtype(&device, job.precision.dtype())?;
+            let model = checkpoint.model(&device, job.precision)?;
             for chunk in todo.chunks(job.batch_size) {
                 for (r, c) in chunk.iter().zip(score_batch(&model, chunk, job.logprobs)?) {
                     tokens += r.completion_ids.len();

@@ -70,6 +70,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::device::DeviceChoice;
 use crate::eval::{self, EvalJob, EvalReport};
 use crate::generate::{self, GenerateJob, GenerateReport, ScoreJob};
 use crate::task;
@@ -240,7 +241,7 @@ impl Recipe {
     }
 
     /// Runs one step; what it did, for the log line and the summary.
-    fn run_step(&self, step: &Step, strict: bool) -> anyhow::Result<Outcome> {
+    fn run_step(&self, step: &Step, strict: bool, device: DeviceChoice) -> anyhow::Result<Outcome> {
         let output = self.output(step);
         // A step that runs again continues its own interrupted work when its configuration is
         // unchanged, and replaces it otherwise; `strict` (--resume) refuses to replace anything.
@@ -274,6 +275,7 @@ impl Recipe {
                     train: s.train.clone(),
                     output,
                     resume,
+                    device,
                 };
                 train_outcome(over_seeds(&s.seeds, &job.train, &job.output, |train, output| {
                     train::finetune(&FinetuneJob { train, output, ..job.clone() })
@@ -291,6 +293,7 @@ impl Recipe {
                     train: s.train.clone(),
                     output,
                     resume,
+                    device,
                 };
                 train_outcome(over_seeds(&s.seeds, &job.train, &job.output, |train, output| {
                     train::distill(&DistillJob { train, output, ..job.clone() })
@@ -310,6 +313,7 @@ impl Recipe {
                     long_prompts: s.long_prompts,
                     part_size: s.part_size,
                     overwrite: !strict,
+                    device,
                 };
                 let r: GenerateReport = generate::generate(&job)?;
                 let what = format!("{} samples, {} completion tokens", r.samples, r.completion_tokens);
@@ -329,6 +333,7 @@ impl Recipe {
                     part_size: s.part_size,
                     overwrite: !strict,
                     shard: None,
+                    device,
                 };
                 let r = generate::score(&job)?;
                 let what = format!("{} rows, {} tokens scored", r.rows, r.tokens);
@@ -379,6 +384,7 @@ impl Recipe {
                             data: self.resolve(&s.data),
                             task: s.task.as_deref().map(|t| self.resolve(t)),
                             batch_size: s.batch_size,
+                            device,
                         };
                         let report = eval::evaluate(&job).with_context(|| format!("evaluating `{model}`"))?;
                         group.train_secs.extend(train_secs(&folder));
@@ -511,7 +517,7 @@ fn train_outcome(reports: Vec<TrainReport>) -> anyhow::Result<Outcome> {
 /// Runs a recipe's steps in order, skipping those already done with the same configuration and
 /// inputs, then prints the summary table and writes `<workdir>/summary.json`. With `strict`
 /// (`--resume`), nothing already done is replaced: a changed step is an error.
-pub fn run(path: &Path, strict: bool, sets: &[String]) -> anyhow::Result<RecipeSummary> {
+pub fn run(path: &Path, strict: bool, sets: &[String], device: DeviceChoice) -> anyhow::Result<RecipeSummary> {
     let recipe = load_with(path, sets)?;
     let start = Instant::now();
     let mut steps = Vec::new();
@@ -547,7 +553,7 @@ pub fn run(path: &Path, strict: bool, sets: &[String]) -> anyhow::Result<RecipeS
                 ran += 1;
                 let t = Instant::now();
                 let outcome = recipe
-                    .run_step(step, strict)
+                    .run_step(step, strict, device)
                     .with_context(|| format!("step `{}` ({}) failed", step.name, step.kind()))?;
                 let wall_secs = t.elapsed().as_secs_f64();
                 let output_hash =

@@ -221,6 +221,8 @@ pub enum Resume {
 /// Fine-tune (or pre-train) a model with cross-entropy on task data (JSONL/text examples).
 #[derive(Debug, Clone)]
 pub struct FinetuneJob {
+    /// Where the tensors live (`--device`).
+    pub device: crate::device::DeviceChoice,
     pub data: PathBuf,
     pub model: ModelInit,
     /// Folder with tokenizer.json; required when the model is built from a config.
@@ -233,6 +235,8 @@ pub struct FinetuneJob {
 /// Distill a student on teacher samples (a Parquet file or folder written by `generate`).
 #[derive(Debug, Clone)]
 pub struct DistillJob {
+    /// Where the tensors live (`--device`).
+    pub device: crate::device::DeviceChoice,
     pub data: PathBuf,
     /// A teacher held in memory: its full-vocabulary logits replace the stored top-k. Or a
     /// server (`http(s)://`) that grades the on-policy batches (`kd.on_policy`).

@@ -40,8 +40,10 @@ impl Sampler {
         Self::from_tensors(cfg, tensors)
     }
 
+    /// The sampler of `tensors` (HF names), on their device.
     pub fn from_tensors(cfg: &LlamaConfig, tensors: HashMap<String, Tensor>) -> anyhow::Result<Self> {
-        let model = Llama::from_weights(cfg, &Weights::Tensors(tensors.clone()), &Device::Cpu, DType::F32)?;
+        let device = tensors.values().next().map_or(Device::Cpu, |t| t.device().clone());
+        let model = Llama::from_weights(cfg, &Weights::Tensors(tensors.clone()), &device, DType::F32)?;
         Ok(Self { tensors, model })
     }
 }

@@ -12,8 +12,8 @@ use crate::model::ops::adamw_step;
 struct Param {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    m: Var,
+    v: Var,
     decay: bool,
 }
 
@@ -34,7 +34,8 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let decay = var.rank() >= 2 && !name.contains("embed_tokens");
-                Ok(Param { m: var.zeros_like()?, v: var.zeros_like()?, decay, name, var })
+                let zeros = || Var::from_tensor(&var.zeros_like()?);
+                Ok(Param { m: zeros()?, v: zeros()?, decay, name, var })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { params, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay, step: 0 })
@@ -53,8 +54,8 @@ impl AdamW {
     pub fn moments(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("m.{}", p.name), p.m.clone());
-            out.insert(format!("v.{}", p.name), p.v.clone());
+            out.insert(format!("m.{}", p.name), p.m.as_tensor().clone());
+            out.insert(format!("v.{}", p.name), p.v.as_tensor().clone());
         }
         out
     }
@@ -73,8 +74,9 @@ impl AdamW {
                         slot.shape()
                     );
                 }
-                // A copy of its own: the in-place update must not write into the loaded buffer's sharers.
-                *slot = t.copy()?;
+                // A copy of its own, on the model's device: the in-place update must not write into
+                // the loaded buffer's sharers.
+                *slot = Var::from_tensor(&t.to_device(p.var.device())?.copy()?)?;
             }
         }
         self.step = steps_done;
@@ -90,7 +92,7 @@ impl AdamW {
         for (p, g) in self.params.iter_mut().zip(grads) {
             let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
             // In place: weights and moments are updated where they lie, in one fused pass each.
-            adamw_step(p.var.as_tensor(), &p.m, &p.v, g, grad_scale, (b1, b2), (bc1, bc2), lr, self.eps, decay)?;
+            adamw_step(&p.var, &p.m, &p.v, g, grad_scale, (b1, b2), (bc1, bc2), lr, self.eps, decay)?;
         }
         Ok(())
     }

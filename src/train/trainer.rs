@@ -41,7 +41,8 @@ pub fn finetune(job: &FinetuneJob) -> anyhow::Result<TrainReport> {
     let keys: Vec<String> = examples.iter().map(|e| format!("{}\u{0}{}", e.prompt, e.completion)).collect();
     let sampling = serde_json::json!({"do_sample": true, "temperature": 1.0, "top_p": 1.0, "top_k": 0});
     let run_id = identity("finetune", &job.data, &job.model, source.as_ref(), &tokenizer, &kd, &job.train)?;
-    let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
+    let device = crate::device::resolve(job.device)?;
+    let out = Output { dir: &job.output, sampling, run_id, resume: job.resume, device };
     run(&job.model, source, tokenizer, seqs, keys, Guide { kd: &kd, teacher: None, grader: None }, &job.train, out)
 }
 
@@ -54,7 +55,8 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         Some(t) if engine::is_server(t) => (Some(t), None),
         t => (None, t),
     };
-    let teacher = model.map(|spec| load_teacher(spec, &tokenizer)).transpose()?;
+    let device = crate::device::resolve(job.device)?;
+    let teacher = model.map(|spec| load_teacher(spec, &tokenizer, &device)).transpose()?;
     let grader = server.map(|url| connect_grader(url, job, &tokenizer, set.meta.logprobs_k)).transpose()?;
     if job.kd.on_policy.is_some() && teacher.is_none() && grader.is_none() {
         bail!(TrainError::Config(
@@ -152,7 +154,7 @@ pub fn distill(job: &DistillJob) -> anyhow::Result<TrainReport> {
         }
         run_id["teachers"] = teachers.into();
     }
-    let out = Output { dir: &job.output, sampling, run_id, resume: job.resume };
+    let out = Output { dir: &job.output, sampling, run_id, resume: job.resume, device };
     let guide = Guide { kd: &job.kd, teacher: teacher.map(|(t, _)| t), grader };
     run(&job.student, source, tokenizer, seqs, keys, guide, &job.train, out)
 }
@@ -185,7 +187,7 @@ fn connect_grader(url: &str, job: &DistillJob, tokenizer: &Tokenizer, data_k: us
 }
 
 /// The teacher held in memory during distillation, and its fingerprint (for the run identity).
-fn load_teacher(spec: &str, tokenizer: &Tokenizer) -> anyhow::Result<(Llama, String)> {
+fn load_teacher(spec: &str, tokenizer: &Tokenizer, device: &Device) -> anyhow::Result<(Llama, String)> {
     let ckpt = Checkpoint::open(spec, None).with_context(|| format!("opening the teacher `{spec}`"))?;
     if ckpt.tokenizer.vocab_hash() != tokenizer.vocab_hash() {
         bail!(TrainError::Config(format!(
@@ -194,7 +196,7 @@ fn load_teacher(spec: &str, tokenizer: &Tokenizer) -> anyhow::Result<(Llama, Str
         )));
     }
     let fingerprint = ckpt.fingerprint()?;
-    Ok((ckpt.model(&Device::Cpu, crate::model::Precision::F32)?, fingerprint))
+    Ok((ckpt.model(device, crate::model::Precision::F32)?, fingerprint))
 }
 
 /// Prompt tokens (with BOS) followed by completion tokens and EOS; only the completion counts.
@@ -335,10 +337,10 @@ fn build_model(
     source: Option<&Checkpoint>,
     tok: &Tokenizer,
     seed: u64,
+    dev: &Device,
 ) -> anyhow::Result<(LlamaConfig, VarMap, Llama)> {
-    let dev = Device::Cpu;
     if let Some(ckpt) = source {
-        return ckpt.trainable(&dev, init.layers.as_deref());
+        return ckpt.trainable(dev, init.layers.as_deref());
     }
     let mut cfg = init.config.clone().expect("checked by tokenizer_for");
     let vocab = tok.vocab_size();
@@ -352,7 +354,7 @@ fn build_model(
     }
     cfg.bos_token_id = tok.bos_id();
     cfg.eos_token_id = Some(llama::TokenIds::Many(tok.eos_ids().to_vec()));
-    let (vm, model) = Llama::trainable(&cfg, &dev)?;
+    let (vm, model) = Llama::trainable(&cfg, dev)?;
     llama::init_weights(&vm, seed)?;
     Ok((cfg, vm, model))
 }
@@ -463,7 +465,7 @@ struct Guide<'a> {
 
 /// One learned projection (teacher width × student width) per `kd.hidden` layer pair,
 /// seeded; trained with the student, saved in checkpoints, left out of the exported model.
-fn projections(guide: &Guide, student: &LlamaConfig, seed: u64) -> anyhow::Result<(VarMap, Vec<Var>)> {
+fn projections(guide: &Guide, student: &LlamaConfig, seed: u64, device: &Device) -> anyhow::Result<(VarMap, Vec<Var>)> {
     let varmap = VarMap::new();
     let (Some(h), Some(teacher)) = (&guide.kd.hidden, &guide.teacher) else {
         return Ok((varmap, Vec::new()));
@@ -481,7 +483,7 @@ fn projections(guide: &Guide, student: &LlamaConfig, seed: u64) -> anyhow::Resul
             )));
         }
         let values: Vec<f32> = (0..ct * cs).map(|_| (std * llama::standard_normal(&mut rng)) as f32).collect();
-        let var = Var::from_tensor(&Tensor::from_vec(values, (ct, cs), &Device::Cpu)?)?;
+        let var = Var::from_tensor(&Tensor::from_vec(values, (ct, cs), device)?)?;
         varmap.data().lock().expect("varmap lock").insert(format!("{PROJECTION}.{i}.weight"), var.clone());
         vars.push(var);
     }
@@ -502,6 +504,7 @@ struct Output<'a> {
     /// [`identity`] of the run.
     run_id: serde_json::Value,
     resume: Resume,
+    device: Device,
 }
 
 /// The picks of one step, by micro-batch, moving the data cursor (epoch, position) on and
@@ -597,8 +600,14 @@ fn run(
         ));
     }
     let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
-    let (model_cfg, varmap, model) = build_model(init, source.as_ref(), &tokenizer, cfg.seed)?;
-    let (projection_map, projections) = projections(&guide, &model_cfg, cfg.seed)?;
+    let (model_cfg, varmap, model) = build_model(init, source.as_ref(), &tokenizer, cfg.seed, &out.device)?;
+    let (projection_map, projections) = projections(&guide, &model_cfg, cfg.seed, &out.device)?;
+    let state = (model_cfg.num_params() * 12) as u64;
+    let what = format!(
+        "training {:.0}M parameters (their gradients and AdamW moments, f32)",
+        model_cfg.num_params() as f64 / 1e6
+    );
+    crate::device::check_memory(&out.device, state, &what)?;
     let vars: Vec<(String, Var)> = [&varmap, &projection_map]
         .iter()
         .flat_map(|m| {
@@ -636,7 +645,7 @@ fn run(
     let mut sampler = match (on_policy, &checkpoint_dir) {
         (Some(o), Some(dir)) if o.overlap || st.step % o.refresh_every != 0 => {
             let file = dir.join(SAMPLER_FILE);
-            let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+            let tensors = candle_core::safetensors::load(&file, &out.device)
                 .with_context(|| format!("restoring the on-policy sampler from {}", file.display()))?;
             Some(Sampler::from_tensors(&model_cfg, tensors)?)
         }

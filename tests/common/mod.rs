@@ -11,6 +11,16 @@ use candle_core::Device;
 use kdllm::model::llama::{self, Llama, LlamaConfig};
 use kdllm::tokenizer::Tokenizer;
 
+/// The device the model tests run on: the CPU, or what `KDLLM_TEST_DEVICE` names (`cuda`:
+/// tools/gpu-check.sh runs the parity and stories260K tests of a CUDA build on a GPU).
+pub fn test_device() -> Device {
+    let choice = match std::env::var("KDLLM_TEST_DEVICE") {
+        Ok(v) => v.parse().unwrap_or_else(|e| panic!("KDLLM_TEST_DEVICE: {e}")),
+        Err(_) => kdllm::device::DeviceChoice::Cpu,
+    };
+    kdllm::device::resolve(choice).unwrap_or_else(|e| panic!("KDLLM_TEST_DEVICE: {e}"))
+}
+
 pub const WORDS: &[&str] =
     &["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "big", "red", "ball", "and", "is"];
 

@@ -312,3 +312,38 @@ fn shape_mismatch_names_the_tensor() {
     let err = load_weights(&vm2, &Weights::Files(vec![dir.path().join("model.safetensors")])).unwrap_err().to_string();
     assert!(err.contains("model.layers.0.mlp.down_proj.weight") && err.contains("[32, 48]"), "{err}");
 }
+
+/// The device-generic ops (what a GPU runs) through the whole model, on the CPU: the logits of a
+/// left-padded batch, the KV-cache decode, and the gradient of every parameter under a loss
+/// through the fused cross-entropy equal the fused kernels'.
+#[test]
+fn generic_ops_give_the_fused_models_logits_and_gradients() {
+    use crate::model::ops::with_generic_ops;
+    let cfg = tiny_config();
+    let (vm, m) = tiny_model(&cfg);
+    let ids = ids(2, 12);
+    let run = || {
+        let logits = m.forward(&ids, None).unwrap();
+        let rows = Tensor::arange(0u32, 24, &Device::Cpu).unwrap();
+        let loss = crate::model::ops::nll_rows(&m.forward_at(&ids, &rows).unwrap(), &ids.flatten_all().unwrap())
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let mut cache = KvCache::new(&cfg, vec![3, 0]);
+        let mut parts = vec![m.forward(&ids.narrow(1, 0, 5).unwrap(), Some(&mut cache)).unwrap()];
+        for t in 5..12 {
+            parts.push(m.forward(&ids.narrow(1, t, 1).unwrap(), Some(&mut cache)).unwrap());
+        }
+        (logits, Tensor::cat(&parts, 1).unwrap(), grads)
+    };
+    let (fused_logits, fused_decode, fused_grads) = run();
+    let (generic_logits, generic_decode, generic_grads) = with_generic_ops(run);
+    assert!(max_abs_diff(&fused_logits, &generic_logits) <= 1e-4, "{}", max_abs_diff(&fused_logits, &generic_logits));
+    assert!(max_abs_diff(&fused_decode, &generic_decode) <= 1e-4, "{}", max_abs_diff(&fused_decode, &generic_decode));
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        let (a, b) = (fused_grads.get(var).unwrap(), generic_grads.get(var).unwrap_or_else(|| panic!("{name}")));
+        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        assert!(max_abs_diff(a, b) / scale <= 1e-4, "{name}: gradients differ by {}", max_abs_diff(a, b));
+    }
+}

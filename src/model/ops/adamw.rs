@@ -1,6 +1,7 @@
 //! AdamW updating weights and moments in place.
 
 use super::*;
+use candle_core::Var;
 
 // ---------------------------------------------------------------- AdamW, in place
 
@@ -9,9 +10,9 @@ use super::*;
 /// factor theta is multiplied by first (1 − lr·weight_decay, or 1).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step(
-    theta: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
+    theta: &Var,
+    m: &Var,
+    v: &Var,
     g: &Tensor,
     grad_scale: f64,
     (beta1, beta2): (f64, f64),
@@ -20,6 +21,9 @@ pub fn adamw_step(
     eps: f64,
     decay: f64,
 ) -> Result<()> {
+    if !fused(theta) {
+        return generic::adamw_step(theta, m, v, g, grad_scale, (beta1, beta2), (bias1, bias2), lr, eps, decay);
+    }
     let g = f32_contiguous(g)?;
     if g.shape() != theta.shape() {
         bail!("adamw: gradient {:?} for a parameter of {:?}", g.shape(), theta.shape());
@@ -28,8 +32,8 @@ pub fn adamw_step(
     m.inplace_op2(&g, &Moment { beta: beta1 as f32, scale: s, squared: false })?;
     v.inplace_op2(&g, &Moment { beta: beta2 as f32, scale: s, squared: true })?;
     theta.inplace_op3(
-        m,
-        v,
+        m.as_tensor(),
+        v.as_tensor(),
         &AdamUpdate { lr: lr as f32, eps: eps as f32, bias1: bias1 as f32, bias2: bias2 as f32, decay: decay as f32 },
     )
 }

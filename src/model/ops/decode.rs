@@ -9,6 +9,9 @@ use super::*;
 /// additive and `scale` applied to the scores. No gradient: decoding only. Replaces B·K tiny
 /// GEMM calls per layer and step with one pass.
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    if !fused(q) {
+        return generic::decode_attention(q, k, v, scale, mask);
+    }
     f32_contiguous(q)?.apply_op3_no_bwd(k, v, &DecodeAttention { scale: scale as f32, mask: mask_values(mask)? })
 }
 
@@ -101,8 +104,12 @@ pub const FEW_ROWS: usize = 8;
 /// gradient; the result has x's dtype. The GEMM packs the whole weight matrix at every call,
 /// which dominates a decode step; this kernel streams each weight row once and reuses it for
 /// every row of x, widening bf16 weights to f32 as it loads them (half the bytes to stream).
-/// `None` where it does not apply (no AVX-512, more rows, other dtypes): the caller uses the GEMM.
+/// `None` where it does not apply (not the CPU, no AVX-512, more rows, other dtypes): the caller
+/// uses the GEMM.
 pub fn matmul_few_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !fused(x) {
+        return Ok(None);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         let fits = x.rank() == 2 && x.dim(0)? <= FEW_ROWS && w.rank() == 2 && x.dim(1)? == w.dim(1)?;

@@ -1,5 +1,6 @@
 //! Fused CPU kernels: with a hand-written backward for the ops training spends its time in,
 //! forward-only ones for decoding (few-row matmul, one-token attention), and AdamW in place.
+//! On any other device each op runs its composition of candle primitives ([`generic`]) instead.
 //!
 //! candle's own fused RMSNorm, softmax and RoPE have no backward, and their differentiable
 //! compositions allocate and sweep one tensor per elementary op (page faults and memory
@@ -9,7 +10,26 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout};
 use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::sync::Arc;
+
+thread_local! {
+    static GENERIC: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the device-generic ops ([`generic`], what a GPU runs) on this thread even for
+/// CPU tensors: how the tests check the GPU's code path on a machine without one.
+pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    let before = GENERIC.replace(true);
+    let out = f();
+    GENERIC.set(before);
+    out
+}
+
+/// Whether `t` takes the fused CPU kernels.
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && !GENERIC.get()
+}
 
 /// Below this many elements one thread does the work (decode steps are tiny).
 const PAR_MIN: usize = 1 << 15;
@@ -77,6 +97,7 @@ fn mask_values(mask: Option<&Tensor>) -> Result<Option<Arc<Vec<f32>>>> {
 
 mod adamw;
 mod decode;
+pub mod generic;
 #[cfg(test)]
 mod tests;
 mod train;

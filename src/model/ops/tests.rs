@@ -1,5 +1,5 @@
 use super::*;
-use candle_core::{Device, Var, D};
+use candle_core::{Device, Var};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // Deterministic values without a RNG dependency: a scrambled sine.
@@ -36,13 +36,14 @@ where
 
 #[test]
 fn rms_norm_matches_composed() {
-    let composed = |t: &[Tensor]| {
-        let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        t[0].broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&t[1]).unwrap()
-    };
     // Large enough to take the parallel path too.
     for rows in [3, 300] {
-        check(&[randn(&[rows, 128], 1), randn(&[128], 2)], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(), composed, 1e-4);
+        check(
+            &[randn(&[rows, 128], 1), randn(&[128], 2)],
+            |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| generic::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            1e-4,
+        );
     }
 }
 
@@ -52,26 +53,20 @@ fn log_softmax_and_nll_match_composed() {
     check(
         std::slice::from_ref(&z),
         |t| log_softmax(&t[0], 0.5).unwrap(),
-        |t| candle_nn::ops::log_softmax(&(&t[0] * 0.5).unwrap(), D::Minus1).unwrap(),
+        |t| generic::log_softmax(&t[0], 0.5).unwrap(),
         1e-5,
     );
     let y = Tensor::new(&[0u32, 5, 299, 17, 3, 3, 100], &Device::Cpu).unwrap();
     let y2 = y.clone();
-    check(
-        &[z],
-        move |t| nll_rows(&t[0], &y).unwrap(),
-        move |t| {
-            let lp = candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap();
-            lp.gather(&y2.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap()
-        },
-        1e-5,
-    );
+    check(&[z], move |t| nll_rows(&t[0], &y).unwrap(), move |t| generic::nll_rows(&t[0], &y2).unwrap(), 1e-5);
 }
 
 #[test]
 fn nll_refuses_targets_outside_the_vocabulary() {
-    let err = nll_rows(&randn(&[2, 4], 1), &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap()).unwrap_err();
-    assert!(err.to_string().contains("target id 4"), "{err}");
+    let (z, y) = (randn(&[2, 4], 1), Tensor::new(&[1u32, 4], &Device::Cpu).unwrap());
+    for err in [nll_rows(&z, &y).unwrap_err(), generic::nll_rows(&z, &y).unwrap_err()] {
+        assert!(err.to_string().contains("target id 4"), "{err}");
+    }
 }
 
 #[test]
@@ -80,15 +75,8 @@ fn rope_matches_rotate_half() {
     let x = randn(&[b, t, h, d], 5);
     let ang = randn(&[b, t, d], 6);
     let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
-    let (c2, s2) = (cos.unsqueeze(1).unwrap(), sin.unsqueeze(1).unwrap());
-    let composed = move |ts: &[Tensor]| {
-        let x = ts[0].transpose(1, 2).unwrap();
-        let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
-        let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
-        (x.broadcast_mul(&c2).unwrap() + rot.broadcast_mul(&s2).unwrap()).unwrap()
-    };
-    check(&[x], |ts| rope(&ts[0], &cos, &sin).unwrap(), composed, 1e-5);
+    let (c2, s2) = (cos.clone(), sin.clone());
+    check(&[x], |ts| rope(&ts[0], &cos, &sin).unwrap(), move |ts| generic::rope(&ts[0], &c2, &s2).unwrap(), 1e-5);
 }
 
 #[test]
@@ -96,52 +84,51 @@ fn silu_mul_matches_composed() {
     check(
         &[randn(&[4, 33], 7), randn(&[4, 33], 8)],
         |t| silu_mul(&t[0], &t[1]).unwrap(),
-        |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+        |t| generic::silu_mul(&t[0], &t[1]).unwrap(),
         1e-5,
     );
 }
 
 #[test]
 fn adamw_step_matches_the_formula() {
-    let theta = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
-    let (m, v) = (
-        Tensor::new(&[0.1f32, 0.0, -0.2], &Device::Cpu).unwrap(),
-        Tensor::new(&[0.01f32, 0.0, 0.04], &Device::Cpu).unwrap(),
-    );
-    let g = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
-    let (b1, b2, lr, eps, decay, scale) = (0.9f32, 0.99f32, 0.1f32, 1e-8f32, 0.95f32, 0.5f32);
-    let (bc1, bc2) = (1.0 - b1 * b1, 1.0 - b2 * b2);
-    let (th0, m0, v0, g0) = (
-        theta.to_vec1::<f32>().unwrap(),
-        m.to_vec1::<f32>().unwrap(),
-        v.to_vec1::<f32>().unwrap(),
-        g.to_vec1::<f32>().unwrap(),
-    );
-    adamw_step(
-        &theta,
-        &m,
-        &v,
-        &g,
-        scale as f64,
-        (b1 as f64, b2 as f64),
-        (bc1 as f64, bc2 as f64),
-        lr as f64,
-        eps as f64,
-        decay as f64,
-    )
-    .unwrap();
-    let (th, m1, v1) = (theta.to_vec1::<f32>().unwrap(), m.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap());
-    for i in 0..3 {
-        let gs = g0[i] * scale;
-        let em = b1 * m0[i] + (1.0 - b1) * gs;
-        let ev = b2 * v0[i] + (1.0 - b2) * gs * gs;
-        let et = decay * th0[i] - lr * (em / bc1) / ((ev / bc2).sqrt() + eps);
-        assert!(
-            (m1[i] - em).abs() < 1e-6 && (v1[i] - ev).abs() < 1e-6 && (th[i] - et).abs() < 1e-6,
-            "{i}: {th:?} {m1:?} {v1:?}"
-        );
+    // The fused in-place step and the generic one (what a GPU runs).
+    for generic in [false, true] {
+        let var = |v: &[f32]| Var::new(v, &Device::Cpu).unwrap();
+        let (theta, m, v) = (var(&[1.0, -2.0, 0.5]), var(&[0.1, 0.0, -0.2]), var(&[0.01, 0.0, 0.04]));
+        let g = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
+        let (b1, b2, lr, eps, decay, scale) = (0.9f32, 0.99f32, 0.1f32, 1e-8f32, 0.95f32, 0.5f32);
+        let (bc1, bc2) = (1.0 - b1 * b1, 1.0 - b2 * b2);
+        let values = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        let (th0, m0, v0, g0) = (values(&theta), values(&m), values(&v), values(&g));
+        let step = || {
+            adamw_step(
+                &theta,
+                &m,
+                &v,
+                &g,
+                scale as f64,
+                (b1 as f64, b2 as f64),
+                (bc1 as f64, bc2 as f64),
+                lr as f64,
+                eps as f64,
+                decay as f64,
+            )
+        };
+        if generic { with_generic_ops(step) } else { step() }.unwrap();
+        let (th, m1, v1) = (values(&theta), values(&m), values(&v));
+        for i in 0..3 {
+            let gs = g0[i] * scale;
+            let em = b1 * m0[i] + (1.0 - b1) * gs;
+            let ev = b2 * v0[i] + (1.0 - b2) * gs * gs;
+            let et = decay * th0[i] - lr * (em / bc1) / ((ev / bc2).sqrt() + eps);
+            assert!(
+                (m1[i] - em).abs() < 1e-6 && (v1[i] - ev).abs() < 1e-6 && (th[i] - et).abs() < 1e-6,
+                "generic {generic}, {i}: {th:?} {m1:?} {v1:?}"
+            );
+        }
     }
 }
+
 #[test]
 fn few_row_matmul_matches_the_gemm() {
     // Odd sizes exercise every tile shape and the scalar tail of K.
@@ -163,6 +150,8 @@ fn few_row_matmul_matches_the_gemm() {
         assert_eq!(yb.dtype(), DType::BF16);
     }
     assert!(matmul_few_rows(&randn(&[FEW_ROWS + 1, 8], 1), &randn(&[4, 8], 2)).unwrap().is_none());
+    let generic = with_generic_ops(|| matmul_few_rows(&randn(&[1, 8], 1), &randn(&[4, 8], 2)).unwrap());
+    assert!(generic.is_none(), "off the fused path, the GEMM");
 }
 
 #[test]
@@ -177,9 +166,8 @@ fn decode_attention_matches_the_composed_attention() {
     m[s] = -1e9; // row 1 is left-padded by one position
     let mask = Tensor::from_vec(m, (b, 1, 1, s), &Device::Cpu).unwrap();
     let got = decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap();
-    let rep = |t: &Tensor| t.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, s, d)).unwrap();
-    let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() * 0.25).unwrap().broadcast_add(&mask).unwrap();
-    let want = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&rep(&v)).unwrap();
+    let want = generic::decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap();
+    assert_eq!(got.dims(), want.dims());
     assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
 }
 
@@ -198,13 +186,7 @@ fn attention_matches_composed_with_grouped_heads_and_a_mask() {
     }
     let mask = Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap();
     let mk = mask.clone();
-    let composed = move |ts: &[Tensor]| {
-        let rep =
-            |x: &Tensor| x.unsqueeze(2).unwrap().repeat((1, 1, h / kh, 1, 1)).unwrap().reshape((b, h, t, d)).unwrap();
-        let scores = (ts[0].matmul(&rep(&ts[1]).t().unwrap()).unwrap() * 0.3).unwrap().broadcast_add(&mk).unwrap();
-        let out = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&rep(&ts[2])).unwrap();
-        out.transpose(1, 2).unwrap().contiguous().unwrap()
-    };
+    let composed = move |ts: &[Tensor]| generic::attention(&ts[0], &ts[1], &ts[2], 0.3, Some(&mk)).unwrap();
     check(
         &[randn(&[b, h, t, d], 30), randn(&[b, kh, t, d], 31), randn(&[b, kh, t, d], 32)],
         |ts| attention(&ts[0], &ts[1], &ts[2], 0.3, Some(&mask)).unwrap(),

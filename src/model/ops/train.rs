@@ -6,6 +6,9 @@ use super::*;
 
 /// `x / sqrt(mean(x²) + eps) * w` over the last dimension of x; w has that dimension's size.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(x) {
+        return generic::rms_norm(x, w, eps);
+    }
     f32_contiguous(x)?.apply_op2(&f32_contiguous(w)?, RmsNorm { eps: eps as f32 })
 }
 
@@ -103,6 +106,9 @@ impl CustomOp3 for RmsNormBwd {
 
 /// `log_softmax(x · scale)` over the last dimension.
 pub fn log_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if !fused(x) {
+        return generic::log_softmax(x, scale);
+    }
     f32_contiguous(x)?.apply_op1(LogSoftmax { scale: scale as f32 })
 }
 
@@ -171,6 +177,9 @@ impl CustomOp2 for LogSoftmaxBwd {
 pub fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if targets.dtype() != DType::U32 {
         bail!("nll_rows: targets must be u32, got {:?}", targets.dtype());
+    }
+    if !fused(logits) {
+        return generic::nll_rows(logits, targets);
     }
     f32_contiguous(logits)?.apply_op2(&targets.contiguous()?, CrossEntropy)
 }
@@ -254,6 +263,9 @@ impl CustomOp3 for CrossEntropyBwd {
 /// Rotates `x` (B, T, H, D) in HF's rotate-half layout and returns it as (B, H, T, D): the
 /// head transpose attention needs, in the same pass. `cos`/`sin` are (B, T, D).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return generic::rope(x, cos, sin);
+    }
     f32_contiguous(x)?.apply_op3(&f32_contiguous(cos)?, &f32_contiguous(sin)?, Rope)
 }
 
@@ -359,6 +371,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() {
         bail!("silu_mul: gate {:?} and up {:?} differ", gate.shape(), up.shape());
     }
+    if !fused(gate) {
+        return generic::silu_mul(gate, up);
+    }
     f32_contiguous(gate)?.apply_op2(&f32_contiguous(up)?, SiluMul)
 }
 
@@ -441,6 +456,9 @@ impl CustomOp3 for SiluMulBwd {
 /// never stored: the backward recomputes them per head, so neither the tensors nor candle's
 /// per-node gradient bookkeeping of the composed attention are paid for.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    if !fused(q) {
+        return generic::attention(q, k, v, scale, mask);
+    }
     let (q, k, v) = (f32_contiguous(q)?, f32_contiguous(k)?, f32_contiguous(v)?);
     q.apply_op3(&k, &v, Attention { scale: scale as f32, mask: mask_values(mask)? })
 }
