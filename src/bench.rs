@@ -49,7 +49,7 @@ pub struct BenchJob {
     pub new_tokens: usize,
     /// Batch sizes to sample at; the best is reported beside batch 1.
     pub gen_batches: Vec<usize>,
-    /// Compute dtype of the sampled model.
+    /// Compute dtype of sampling and training (bf16 training: f32 weights and optimizer).
     pub precision: Precision,
     pub json: Option<PathBuf>,
 }
@@ -182,7 +182,7 @@ fn measure(
     reset_peak_memory();
     let (train_tokens_per_sec, train_phase_secs, train_activations_mb) = match job.train_steps {
         0 => (0.0, Phases::default(), 0.0),
-        steps => train_speed(cfg, &varmap, model, steps)?,
+        steps => train_speed(cfg, &varmap, model, steps, job.precision)?,
     };
     let train_peak_mb = peak_memory_mb();
 
@@ -214,6 +214,7 @@ fn train_speed(
     varmap: &candle_nn::VarMap,
     model: &Llama,
     steps: usize,
+    precision: Precision,
 ) -> anyhow::Result<(f64, Phases, f64)> {
     let vars: Vec<(String, Var)> =
         varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -233,7 +234,8 @@ fn train_speed(
         let ids = Tensor::from_vec(ids, (BATCH, SEQ + 1), device)?;
         let (inputs, targets) = (ids.narrow(1, 0, SEQ)?, ids.narrow(1, 1, SEQ)?.flatten_all()?);
         let (rss0, t0) = (resident_memory_mb(), Instant::now());
-        let logits = model.forward_at(&inputs, &every_position)?;
+        // bf16: mixed precision as `train.dtype: bf16` runs it (a cast of the f32 weights per step).
+        let logits = model.cast(precision.dtype())?.forward_at(&inputs, &every_position)?;
         let loss = loss::cross_entropy(&logits, &targets)?;
         let t1 = Instant::now();
         if step == 0 {

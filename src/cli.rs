@@ -56,7 +56,7 @@ pub struct BenchArgs {
     /// Batch sizes to sample at.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub gen_batches: Vec<usize>,
-    /// Compute dtype of the sampled model, as `generate --dtype` (training is always f32).
+    /// Compute dtype, as `generate --dtype` for sampling and `train.dtype` for training (bf16: mixed precision).
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
     /// Write the results as JSON here (what benches/compare.py reads).

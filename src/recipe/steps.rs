@@ -292,6 +292,9 @@ impl Step {
         };
         let seeds = |obj: &mut serde_json::Map<String, Value>| {
             obj.entry("seeds").or_insert(Value::Array(Vec::new()));
+            if let Some(train) = obj.get_mut("train").and_then(Value::as_object_mut) {
+                train.entry("dtype").or_insert(Value::String("f32".into()));
+            }
         };
         match &self.config {
             StepConfig::Finetune(_) => seeds(obj),

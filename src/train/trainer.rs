@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
@@ -436,7 +436,7 @@ fn batch_loss(
             if let Some(h) = &kd.hidden {
                 let mut sum: Option<Tensor> = None;
                 for ((s, t), w) in student_states.iter().zip(&teacher_states).zip(projections) {
-                    let term = hidden_alignment(s, w.as_tensor(), t, h.loss)?;
+                    let term = hidden_alignment(&s.to_dtype(DType::F32)?, w.as_tensor(), t, h.loss)?;
                     sum = Some(match sum {
                         Some(acc) => (acc + term)?,
                         None => term,
@@ -602,6 +602,7 @@ fn run(
     let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
     let (model_cfg, varmap, model) = build_model(init, source.as_ref(), &tokenizer, cfg.seed, &out.device)?;
     let (projection_map, projections) = projections(&guide, &model_cfg, cfg.seed, &out.device)?;
+    crate::device::check_dtype(&out.device, cfg.dtype.dtype())?;
     let state = (model_cfg.num_params() * 12) as u64;
     let what = format!(
         "training {:.0}M parameters (their gradients and AdamW moments, f32)",
@@ -677,6 +678,9 @@ fn run(
     bar.set_position(st.step as u64);
     for step in st.step..cfg.steps {
         let t0 = Instant::now();
+        // The model this step computes with: the f32 weights as they are, or cast to bf16 (the
+        // casts are in the graph, so the gradients come back to the f32 weights).
+        let compute = model.cast(cfg.dtype.dtype())?;
         let lr = lr_at(step, cfg);
         let before = (st.epoch, st.cursor);
         let plan = take_picks(&train, cfg, (&mut st.epoch, &mut st.cursor), &mut order);
@@ -743,7 +747,7 @@ fn run(
                 };
                 step_tokens += batch.tokens;
                 let (terms, teacher_secs) =
-                    batch_loss(&model, &batch, &guide, &projections, student_written.is_some())?;
+                    batch_loss(&compute, &batch, &guide, &projections, student_written.is_some())?;
                 st.teacher_secs += teacher_secs;
                 on_policy_batches += usize::from(student_written.is_some());
                 let scale = 1.0 / cfg.grad_accum as f64;
@@ -811,7 +815,7 @@ fn run(
         let last = st.step == cfg.steps;
         let validate = !valid.is_empty() && (last || (cfg.eval_every > 0 && st.step % cfg.eval_every == 0));
         if validate {
-            st.valid_loss = Some(mean_loss(&model, &valid, &guide, &projections, cfg.batch_size)?.0);
+            st.valid_loss = Some(mean_loss(&compute, &valid, &guide, &projections, cfg.batch_size)?.0);
         }
         if validate || step % cfg.log_every.max(1) == 0 || last {
             let tok_s = st.tokens as f64 / st.train_secs.max(1e-9);

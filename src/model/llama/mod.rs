@@ -353,6 +353,34 @@ impl Llama {
         self.embed.dtype()
     }
 
+    /// The same model computing in `dtype`: its projections and embeddings cast, the norms kept
+    /// in f32 (they compute in f32 anyway). The casts are in the graph, so the gradients reach
+    /// the original (f32 master) weights: mixed-precision training is a cast per step.
+    pub fn cast(&self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let lin = |l: &Linear| -> Result<Linear> {
+            let cast = |t: &Tensor| t.to_dtype(dtype);
+            Ok(Linear {
+                weight: cast(&l.weight)?,
+                bias: l.bias.as_ref().map(cast).transpose()?,
+                weight_t: l.weight_t.as_ref().map(cast).transpose()?,
+            })
+        };
+        let mut out = self.clone();
+        out.embed = self.embed.to_dtype(dtype)?;
+        out.lm_head = lin(&self.lm_head)?;
+        out.rope.dtype = dtype;
+        for layer in &mut out.layers {
+            let (a, m) = (&mut layer.attn, &mut layer.mlp);
+            for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down] {
+                *l = lin(l)?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Logits (B, T, V), in f32, for every position of `ids` (B, T). With a cache, `ids`
     /// continue the cached sequence and the cache grows by T.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
