@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{Result, Tensor, Var};
 
 use super::TrainConfig;
-use crate::model::ops::adamw_step;
+use crate::model::ops::{adamw_step, AdamwStep};
 
 struct Param {
     name: String,
@@ -92,7 +92,8 @@ impl AdamW {
         for (p, g) in self.params.iter_mut().zip(grads) {
             let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
             // In place: weights and moments are updated where they lie, in one fused pass each.
-            adamw_step(&p.var, &p.m, &p.v, g, grad_scale, (b1, b2), (bc1, bc2), lr, self.eps, decay)?;
+            let step = AdamwStep { grad_scale, betas: (b1, b2), bias: (bc1, bc2), lr, eps: self.eps, decay };
+            adamw_step(&p.var, &p.m, &p.v, g, &step)?;
         }
         Ok(())
     }

@@ -5,37 +5,40 @@ use candle_core::Var;
 
 // ---------------------------------------------------------------- AdamW, in place
 
+/// The numbers of one AdamW update: the gradient is multiplied by `grad_scale` first; `bias`
+/// holds 1 − β₁ᵗ and 1 − β₂ᵗ; `decay` is the factor theta is multiplied by first
+/// (1 − lr·weight_decay, or 1).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamwStep {
+    pub grad_scale: f64,
+    pub betas: (f64, f64),
+    pub bias: (f64, f64),
+    pub lr: f64,
+    pub eps: f64,
+    pub decay: f64,
+}
+
 /// One AdamW update of `theta` in place, with its moments `m` and `v` updated in place from
-/// gradient `g` (each multiplied by `grad_scale` first). `bias1`/`bias2` are 1 − βᵗ; `decay` the
-/// factor theta is multiplied by first (1 − lr·weight_decay, or 1).
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_step(
-    theta: &Var,
-    m: &Var,
-    v: &Var,
-    g: &Tensor,
-    grad_scale: f64,
-    (beta1, beta2): (f64, f64),
-    (bias1, bias2): (f64, f64),
-    lr: f64,
-    eps: f64,
-    decay: f64,
-) -> Result<()> {
+/// gradient `g`.
+pub fn adamw_step(theta: &Var, m: &Var, v: &Var, g: &Tensor, a: &AdamwStep) -> Result<()> {
     if !fused(theta) {
-        return generic::adamw_step(theta, m, v, g, grad_scale, (beta1, beta2), (bias1, bias2), lr, eps, decay);
+        return generic::adamw_step(theta, m, v, g, a);
     }
     let g = f32_contiguous(g)?;
     if g.shape() != theta.shape() {
         bail!("adamw: gradient {:?} for a parameter of {:?}", g.shape(), theta.shape());
     }
-    let s = grad_scale as f32;
-    m.inplace_op2(&g, &Moment { beta: beta1 as f32, scale: s, squared: false })?;
-    v.inplace_op2(&g, &Moment { beta: beta2 as f32, scale: s, squared: true })?;
-    theta.inplace_op3(
-        m.as_tensor(),
-        v.as_tensor(),
-        &AdamUpdate { lr: lr as f32, eps: eps as f32, bias1: bias1 as f32, bias2: bias2 as f32, decay: decay as f32 },
-    )
+    let s = a.grad_scale as f32;
+    m.inplace_op2(&g, &Moment { beta: a.betas.0 as f32, scale: s, squared: false })?;
+    v.inplace_op2(&g, &Moment { beta: a.betas.1 as f32, scale: s, squared: true })?;
+    let update = AdamUpdate {
+        lr: a.lr as f32,
+        eps: a.eps as f32,
+        bias1: a.bias.0 as f32,
+        bias2: a.bias.1 as f32,
+        decay: a.decay as f32,
+    };
+    theta.inplace_op3(m.as_tensor(), v.as_tensor(), &update)
 }
 
 /// m ← β·m + (1 − β)·(s·g), or with (s·g)² when `squared`.

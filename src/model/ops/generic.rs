@@ -75,27 +75,16 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Op
 }
 
 /// [`super::adamw_step`], writing the new weights and moments through `Var::set`.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_step(
-    theta: &Var,
-    m: &Var,
-    v: &Var,
-    g: &Tensor,
-    grad_scale: f64,
-    (beta1, beta2): (f64, f64),
-    (bias1, bias2): (f64, f64),
-    lr: f64,
-    eps: f64,
-    decay: f64,
-) -> Result<()> {
+pub fn adamw_step(theta: &Var, m: &Var, v: &Var, g: &Tensor, a: &super::AdamwStep) -> Result<()> {
     if g.shape() != theta.shape() {
         bail!("adamw: gradient {:?} for a parameter of {:?}", g.shape(), theta.shape());
     }
-    let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+    let ((beta1, beta2), (bias1, bias2)) = (a.betas, a.bias);
+    let g = (g.to_dtype(DType::F32)? * a.grad_scale)?;
     let m_new = ((m.as_tensor() * beta1)? + (&g * (1.0 - beta1))?)?;
     let v_new = ((v.as_tensor() * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-    let step = ((&m_new / bias1)? / ((&v_new / bias2)?.sqrt()? + eps)?)?;
-    let theta_new = ((theta.as_tensor() * decay)? - (step * lr)?)?;
+    let step = ((&m_new / bias1)? / ((&v_new / bias2)?.sqrt()? + a.eps)?)?;
+    let theta_new = ((theta.as_tensor() * a.decay)? - (step * a.lr)?)?;
     m.set(&m_new)?;
     v.set(&v_new)?;
     theta.set(&theta_new)

@@ -102,6 +102,6 @@ pub mod generic;
 mod tests;
 mod train;
 
-pub use adamw::adamw_step;
+pub use adamw::{adamw_step, AdamwStep};
 pub use decode::{decode_attention, matmul_few_rows, FEW_ROWS};
 pub use train::{attention, log_softmax, nll_rows, rms_norm, rope, silu_mul};

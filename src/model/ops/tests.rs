@@ -100,20 +100,15 @@ fn adamw_step_matches_the_formula() {
         let (bc1, bc2) = (1.0 - b1 * b1, 1.0 - b2 * b2);
         let values = |t: &Tensor| t.to_vec1::<f32>().unwrap();
         let (th0, m0, v0, g0) = (values(&theta), values(&m), values(&v), values(&g));
-        let step = || {
-            adamw_step(
-                &theta,
-                &m,
-                &v,
-                &g,
-                scale as f64,
-                (b1 as f64, b2 as f64),
-                (bc1 as f64, bc2 as f64),
-                lr as f64,
-                eps as f64,
-                decay as f64,
-            )
+        let a = AdamwStep {
+            grad_scale: scale as f64,
+            betas: (b1 as f64, b2 as f64),
+            bias: (bc1 as f64, bc2 as f64),
+            lr: lr as f64,
+            eps: eps as f64,
+            decay: decay as f64,
         };
+        let step = || adamw_step(&theta, &m, &v, &g, &a);
         if generic { with_generic_ops(step) } else { step() }.unwrap();
         let (th, m1, v1) = (values(&theta), values(&m), values(&v));
         for i in 0..3 {
