@@ -59,7 +59,7 @@ mkdir -p "$out"
 
 echo "== 1. parity fixtures and stories260K on CUDA"
 export KDLLM_SHARED=$PWD/$bundle/shared
-KDLLM_TEST_DEVICE=cuda "$bin/parity" --test-threads 1 2>&1 | grep -E 'max abs diff|test result|panicked'
+KDLLM_TEST_DEVICE=cuda "$bin/parity" --test-threads 1 --nocapture 2>&1 | grep -E 'max abs diff|test result|panicked'
 KDLLM_TEST_DEVICE=cuda "$bin/stories260k" greedy_decoding_reproduces_the_reference_continuation 2>&1 | grep -E 'test result|panicked'
 
 echo "== 2. the quickstart on the GPU"
