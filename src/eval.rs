@@ -71,7 +71,6 @@ struct TaskScore {
 pub fn evaluate(job: &EvalJob) -> anyhow::Result<EvalReport> {
     let ckpt = Checkpoint::open(&job.model, None)?;
     let device = crate::device::resolve(job.device)?;
-    crate::device::check_dtype(&device, job.precision.dtype())?;
     let model = ckpt.model(&device, job.precision)?;
     let tokenizer = ckpt.tokenizer;
     let seqs = sequences(&job.data, &tokenizer)?;

@@ -251,7 +251,6 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
         Teacher::Local(checkpoint) => {
             // Loaded only now: a refused or finished job costs no weights in memory.
             let device = crate::device::resolve(job.device)?;
-            crate::device::check_dtype(&device, job.precision.dtype())?;
             let model = checkpoint.model(&device, job.precision)?;
             let settings = cfg.decode_settings(tokenizer.eos_ids().to_vec());
             let mut tokens = 0;

@@ -153,7 +153,6 @@ pub fn score(job: &ScoreJob) -> anyhow::Result<ScoreReport> {
     match &teacher {
         Teacher::Local(checkpoint) => {
             let device = crate::device::resolve(job.device)?;
-            crate::device::check_dtype(&device, job.precision.dtype())?;
             let model = checkpoint.model(&device, job.precision)?;
             for chunk in todo.chunks(job.batch_size) {
                 for (r, c) in chunk.iter().zip(score_batch(&model, chunk, job.logprobs)?) {

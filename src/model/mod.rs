@@ -98,6 +98,7 @@ impl Checkpoint {
         let dtype = precision.dtype();
         let params = self.config.num_params();
         let what = format!("{} ({:.0}M parameters in {dtype:?})", self.id, params as f64 / 1e6);
+        crate::device::check_dtype(device, dtype)?;
         crate::device::check_memory(device, (params * dtype.size_in_bytes()) as u64, &what)?;
         Llama::from_weights(&self.config, &self.weights, device, precision.dtype())
             .with_context(|| format!("loading the weights of {}", self.id))

@@ -370,7 +370,13 @@ impl Llama {
         };
         let mut out = self.clone();
         out.embed = self.embed.to_dtype(dtype)?;
-        out.lm_head = lin(&self.lm_head)?;
+        // Tied: the head is the embeddings, cast once.
+        out.lm_head = if self.cfg.tie_word_embeddings {
+            let weight_t = self.lm_head.weight_t.as_ref().map(|t| t.to_dtype(dtype)).transpose()?;
+            Linear { weight: out.embed.clone(), bias: None, weight_t }
+        } else {
+            lin(&self.lm_head)?
+        };
         out.rope.dtype = dtype;
         for layer in &mut out.layers {
             let (a, m) = (&mut layer.attn, &mut layer.mlp);
