@@ -66,6 +66,9 @@ def main():
         gguf = (json.loads(kg.read_text()), json.loads(lg.read_text()))
 
     first = rows[0][1] if rows else gguf[0]
+    m = first['machine']
+    if 'cpu' in m:
+        print(f"\ncpu: {m['cpu']} ({' '.join(m['cpu_flags'])}); kdllm kernels: {m['kernels']}")
     print(f"\nmachine: {first['machine']['threads']} threads, GEMM peak "
           f"{first['machine']['gemm_peak_gflops']:.0f} GFLOP/s; Parquet "
           f"{first['parquet_bytes_per_token']:.1f} B/token at k=20")

@@ -64,6 +64,13 @@ pub struct Report {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
+    /// The CPU's model name (`/proc/cpuinfo`).
+    pub cpu: String,
+    /// The vector extensions kdllm's kernels can use, as the CPU reports them.
+    pub cpu_flags: Vec<&'static str>,
+    /// The path kdllm's hand-written kernels ran: `avx512`, `avx2` or `scalar` (capped by
+    /// `KDLLM_SIMD`).
+    pub kernels: &'static str,
     pub threads: usize,
     /// Best of 5 f32 1024³ matmuls through candle.
     pub gemm_peak_gflops: f64,
@@ -98,7 +105,16 @@ pub struct ModelReport {
 }
 
 pub fn run(job: &BenchJob) -> anyhow::Result<Report> {
-    let machine = Machine { threads: candle_core::utils::get_num_threads(), gemm_peak_gflops: gemm_peak()? };
+    let (cpu, cpu_flags) = crate::model::ops::simd::cpu_description();
+    let kernels = crate::model::ops::simd::level().name();
+    let machine = Machine {
+        cpu,
+        cpu_flags,
+        kernels,
+        threads: candle_core::utils::get_num_threads(),
+        gemm_peak_gflops: gemm_peak()?,
+    };
+    eprintln!("{} ({}); kdllm kernels: {}", machine.cpu, machine.cpu_flags.join(" "), machine.kernels);
     eprintln!("{} threads, GEMM peak {:.0} GFLOP/s (f32 1024³, best of 5)", machine.threads, machine.gemm_peak_gflops);
     let known: Vec<&str> = CONFIGS.iter().map(|c| c.0).collect();
     if let Some(bad) = job.configs.iter().find(|c| !known.contains(&c.as_str()) && c.as_str() != "none") {

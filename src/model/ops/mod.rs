@@ -98,6 +98,7 @@ fn mask_values(mask: Option<&Tensor>) -> Result<Option<Arc<Vec<f32>>>> {
 mod adamw;
 mod decode;
 pub mod generic;
+pub mod simd;
 #[cfg(test)]
 mod tests;
 mod train;

@@ -124,29 +124,42 @@ fn adamw_step_matches_the_formula() {
     }
 }
 
+/// The vector paths this CPU can run, lowest first; says which it cannot.
+fn simd_paths() -> Vec<simd::Level> {
+    let paths: Vec<simd::Level> =
+        [simd::Level::Avx2, simd::Level::Avx512].into_iter().filter(|&l| l <= simd::detected()).collect();
+    if paths.len() < 2 {
+        eprintln!("this CPU runs only {:?}: the other paths are compiled, not run", paths);
+    }
+    paths
+}
+
 #[test]
-fn few_row_matmul_matches_the_gemm() {
-    // Odd sizes exercise every tile shape and the scalar tail of K.
-    for (m, k, n) in [(1, 40, 9), (3, 37, 130), (8, 512, 1536), (7, 64, 70)] {
-        let x = randn(&[m, k], 11);
-        let w = randn(&[n, k], 12);
-        let Some(y) = matmul_few_rows(&x, &w).unwrap() else {
-            eprintln!("no AVX-512 here: the GEMM is used instead");
-            return;
-        };
-        let reference = x.matmul(&w.t().unwrap()).unwrap();
-        assert!(max_diff(&y, &reference) < 1e-3, "{m}x{k}x{n}: {}", max_diff(&y, &reference));
-        // bf16 weights: exactly the f32 product of the rounded weights, in x's dtype.
-        let wb = w.to_dtype(DType::BF16).unwrap();
-        let y = matmul_few_rows(&x, &wb).unwrap().unwrap();
-        let reference = x.matmul(&wb.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
-        assert!(max_diff(&y, &reference) < 1e-3, "bf16 {m}x{k}x{n}: {}", max_diff(&y, &reference));
-        let yb = matmul_few_rows(&x.to_dtype(DType::BF16).unwrap(), &wb).unwrap().unwrap();
-        assert_eq!(yb.dtype(), DType::BF16);
+fn few_row_matmul_matches_the_gemm_on_every_path() {
+    for level in simd_paths() {
+        simd::with_level(level, || {
+            // Odd sizes exercise every tile shape and the scalar tail of K.
+            for (m, k, n) in [(1, 40, 9), (3, 37, 130), (8, 512, 1536), (7, 64, 70)] {
+                let x = randn(&[m, k], 11);
+                let w = randn(&[n, k], 12);
+                let y = matmul_few_rows(&x, &w).unwrap().expect("a vector path");
+                let reference = x.matmul(&w.t().unwrap()).unwrap();
+                assert!(max_diff(&y, &reference) < 1e-3, "{level:?} {m}x{k}x{n}: {}", max_diff(&y, &reference));
+                // bf16 weights: exactly the f32 product of the rounded weights, in x's dtype.
+                let wb = w.to_dtype(DType::BF16).unwrap();
+                let y = matmul_few_rows(&x, &wb).unwrap().unwrap();
+                let reference = x.matmul(&wb.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+                assert!(max_diff(&y, &reference) < 1e-3, "{level:?} bf16 {m}x{k}x{n}: {}", max_diff(&y, &reference));
+                let yb = matmul_few_rows(&x.to_dtype(DType::BF16).unwrap(), &wb).unwrap().unwrap();
+                assert_eq!(yb.dtype(), DType::BF16);
+            }
+        })
     }
     assert!(matmul_few_rows(&randn(&[FEW_ROWS + 1, 8], 1), &randn(&[4, 8], 2)).unwrap().is_none());
     let generic = with_generic_ops(|| matmul_few_rows(&randn(&[1, 8], 1), &randn(&[4, 8], 2)).unwrap());
     assert!(generic.is_none(), "off the fused path, the GEMM");
+    let scalar = simd::with_level(simd::Level::Scalar, || matmul_few_rows(&randn(&[1, 8], 1), &randn(&[4, 8], 2)));
+    assert!(scalar.unwrap().is_none(), "without a vector extension, the GEMM");
 }
 
 #[test]
@@ -160,10 +173,19 @@ fn decode_attention_matches_the_composed_attention() {
     let mut m = vec![0f32; b * s];
     m[s] = -1e9; // row 1 is left-padded by one position
     let mask = Tensor::from_vec(m, (b, 1, 1, s), &Device::Cpu).unwrap();
-    let got = decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap();
     let want = generic::decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap();
-    assert_eq!(got.dims(), want.dims());
-    assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    let scalar = simd::with_level(simd::Level::Scalar, || decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap());
+    assert_eq!(scalar.dims(), want.dims());
+    assert!(max_diff(&scalar, &want) < 1e-5, "{}", max_diff(&scalar, &want));
+    // Every vector path computes the same operations in the same order: the same bits.
+    for level in simd_paths() {
+        let got = simd::with_level(level, || decode_attention(&q, &k, &v, 0.25, Some(&mask)).unwrap());
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            scalar.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{level:?}"
+        );
+    }
 }
 
 #[test]
