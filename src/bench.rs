@@ -181,7 +181,10 @@ fn inference_copy(
     device: &Device,
 ) -> anyhow::Result<Llama> {
     let weights = llama::Weights::Tensors(llama::tensors(varmap));
-    Ok(Llama::from_weights(cfg, &weights, device, precision.dtype())?)
+    Ok(match precision.scheme() {
+        Some(scheme) => Llama::quantized(cfg, &weights, scheme)?,
+        None => Llama::from_weights(cfg, &weights, device, precision.dtype())?,
+    })
 }
 
 fn measure(

@@ -1,19 +1,23 @@
 //! Llama-architecture GGUF files (llama.cpp, ollama) read as a kdllm teacher: every tensor is
-//! dequantized to f32 and renamed to its Hugging Face `LlamaForCausalLM` name, the config and
-//! tokenizer are rebuilt from the metadata. Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
+//! renamed to its Hugging Face `LlamaForCausalLM` name and kept in its own encoding (dequantized
+//! to f32 on demand, or multiplied as it is by [`super::quant`]); the config and tokenizer are
+//! rebuilt from the metadata. Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
 //!
 //! llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the rows of
 //! q_proj and k_proj so that its RoPE can rotate adjacent pairs; [`unpermute_rows`] puts them back
 //! in HF's rotate-half order, which is what [`Llama`] computes with.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Seek};
-use std::path::Path;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
-use super::llama::{LlamaConfig, ModelError, Result};
+use super::llama::{LlamaConfig, ModelError, Result, TensorStore};
+use super::quant::{self, QMatrix};
 use crate::gguf::Meta;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -21,12 +25,27 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 #[derive(Debug, Clone)]
 pub struct GgufCheckpoint {
     pub config: LlamaConfig,
-    /// f32 tensors under their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
-    pub tensors: HashMap<String, Tensor>,
+    /// The tensors under their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`,
+    /// ...), in the file's own encodings: dequantized, or multiplied as they are, on demand.
+    pub tensors: Arc<GgufTensors>,
     pub tokenizer: Tokenizer,
 }
 
-/// Reads a llama GGUF file: config and tokenizer from its metadata, every tensor dequantized.
+/// A GGUF file's tensors as it stores them, by Hugging Face name.
+#[derive(Debug)]
+pub struct GgufTensors {
+    path: PathBuf,
+    tensors: HashMap<String, Stored>,
+}
+
+#[derive(Debug)]
+struct Stored {
+    blocks: QTensor,
+    /// q and k: llama.cpp's row order over this many heads, to undo ([`unpermute_rows`]).
+    heads: Option<usize>,
+}
+
+/// Reads a llama GGUF file: config and tokenizer from its metadata, every tensor's blocks.
 pub fn read(path: &Path) -> Result<GgufCheckpoint> {
     let err = |message: String| ModelError::Gguf { path: path.to_path_buf(), message };
     let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
@@ -52,17 +71,74 @@ pub fn read(path: &Path) -> Result<GgufCheckpoint> {
     names.sort(); // the first problem reported is the same on every run
     for name in names {
         let hf = hf_name(name).map_err(&err)?;
-        let tensor = read_tensor(&content, &mut reader, name).map_err(|e| err(corrupt(e)))?;
+        let blocks = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| err(corrupt(e)))?;
         // q and k heads are counted separately under grouped-query attention.
-        let tensor = match name.strip_prefix("blk.").and_then(|rest| rest.split('.').nth(1)) {
-            Some("attn_q") => unpermute_rows(&tensor, config.num_attention_heads)?,
-            Some("attn_k") => unpermute_rows(&tensor, config.num_kv_heads())?,
-            _ => tensor,
+        let heads = match name.strip_prefix("blk.").and_then(|rest| rest.split('.').nth(1)) {
+            Some("attn_q") => Some(config.num_attention_heads),
+            Some("attn_k") => Some(config.num_kv_heads()),
+            _ => None,
         };
-        tensors.insert(hf, tensor);
+        tensors.insert(hf, Stored { blocks, heads });
     }
     check_tensors(&config, &tensors).map_err(&err)?;
+    let tensors = Arc::new(GgufTensors { path: path.to_path_buf(), tensors });
     Ok(GgufCheckpoint { config, tensors, tokenizer })
+}
+
+impl GgufTensors {
+    fn err(&self, name: &str, message: String) -> ModelError {
+        ModelError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {message}") }
+    }
+
+    /// Every tensor, dequantized to f32 (what a Hugging Face folder holds).
+    pub fn all_dense(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::with_capacity(self.tensors.len());
+        for name in self.names() {
+            let t = self.dense(&name)?.expect("listed");
+            out.insert(name, t);
+        }
+        Ok(out)
+    }
+}
+
+impl TensorStore for GgufTensors {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn dense(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(s) = self.tensors.get(name) else { return Ok(None) };
+        let t = s.blocks.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        Ok(Some(match s.heads {
+            Some(h) => unpermute_rows(&t, h)?,
+            None => t,
+        }))
+    }
+
+    fn quantized(&self, name: &str) -> Result<Option<QMatrix>> {
+        let Some(s) = self.tensors.get(name) else { return Ok(None) };
+        let (ty, dims) = (s.blocks.dtype(), s.blocks.shape().dims());
+        let &[rows, cols] = dims else { return Ok(None) };
+        if !quant::multiplies(ty) {
+            return Ok(None);
+        }
+        let bytes = s.blocks.data()?;
+        let m = QMatrix::from_ggml(ty, &bytes, rows, cols).map_err(|e| self.err(name, e))?;
+        Ok(Some(match s.heads {
+            Some(h) => {
+                let order = unpermute_rows(&Tensor::arange(0u32, rows as u32, &Device::Cpu)?, h)?;
+                let order: Vec<usize> = order.to_vec1::<u32>()?.into_iter().map(|r| r as usize).collect();
+                m.select_rows(&order)
+            }
+            None => m,
+        }))
+    }
 }
 
 /// The tokenizer of a GGUF file alone (its metadata; no tensor is read).
@@ -80,7 +156,7 @@ impl GgufCheckpoint {
     /// Writes `config.json`, `model.safetensors` and the tokenizer files: a Hugging Face folder
     /// that `Llama::load`, `Tokenizer::from_folder` and transformers read.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        super::llama::save_tensors(&self.config, &self.tensors, dir)?;
+        super::llama::save_tensors(&self.config, &self.tensors.all_dense()?, dir)?;
         self.tokenizer
             .save(dir)
             .map_err(|e| ModelError::Write { path: dir.to_path_buf(), source: std::io::Error::other(e.to_string()) })
@@ -90,10 +166,6 @@ impl GgufCheckpoint {
 /// candle's reader errors (short reads, bounds checks) as one sentence that says what to do.
 fn corrupt(e: candle_core::Error) -> String {
     format!("truncated or corrupt file ({e}); download it again")
-}
-
-fn read_tensor<R: std::io::Read + Seek>(content: &Content, reader: &mut R, name: &str) -> candle_core::Result<Tensor> {
-    content.tensor(reader, name, &Device::Cpu)?.dequantize(&Device::Cpu)?.to_dtype(DType::F32)
 }
 
 /// Variants of the llama architecture whose computation `Llama` does not reproduce.
@@ -197,7 +269,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 
 /// Every weight the config needs is there (named by its GGUF name, as the user knows the file),
 /// and the embedding has a row per token.
-fn check_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+fn check_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Stored>) -> std::result::Result<(), String> {
     let mut needed = vec![("token_embd.weight".to_string(), "model.embed_tokens.weight".to_string())];
     for i in 0..cfg.num_hidden_layers {
         for part in
@@ -213,7 +285,7 @@ fn check_tensors(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>) -> std::r
             return Err(format!("tensor `{gguf}` is missing"));
         }
     }
-    let rows = tensors["model.embed_tokens.weight"].dim(0).map_err(|e| e.to_string())?;
+    let rows = tensors["model.embed_tokens.weight"].blocks.shape().dims()[0];
     if rows != cfg.vocab_size {
         return Err(format!(
             "`token_embd.weight` has {rows} rows but `tokenizer.ggml.tokens` has {} tokens",
@@ -426,7 +498,7 @@ mod tests {
     }
 
     fn model(c: &GgufCheckpoint) -> Llama {
-        let weights = crate::model::Weights::Tensors(c.tensors.clone());
+        let weights = crate::model::Weights::Store(c.tensors.clone());
         Llama::from_weights(&c.config, &weights, &Device::Cpu, DType::F32).unwrap()
     }
 
@@ -436,7 +508,7 @@ mod tests {
             let f = fixture(GgmlDType::F32, tie, true);
             let ckpt = read(&f.path).unwrap();
             assert_eq!(ckpt.config, LlamaConfig { head_dim: Some(16), ..f.cfg.clone() }, "tie={tie}");
-            assert_eq!(ckpt.tensors.contains_key("lm_head.weight"), !tie);
+            assert_eq!(ckpt.tensors.names().contains(&"lm_head.weight".to_string()), !tie);
 
             let dir = tempfile::tempdir().unwrap();
             ckpt.save(dir.path()).unwrap();

@@ -4,6 +4,7 @@
 pub mod gguf;
 pub mod llama;
 pub mod ops;
+pub mod quant;
 
 use std::path::{Path, PathBuf};
 
@@ -23,13 +24,36 @@ pub enum Precision {
     #[default]
     F32,
     Bf16,
+    /// Decoding on the CPU with the matrices quantized to Q8_0 at load, activations in f32.
+    Q8,
+    /// Decoding on the CPU from a GGUF file's own quantized blocks, activations in f32.
+    Gguf,
 }
 
 impl Precision {
+    /// The dtype of the activations.
     pub fn dtype(self) -> DType {
         match self {
-            Precision::F32 => DType::F32,
+            Precision::F32 | Precision::Q8 | Precision::Gguf => DType::F32,
             Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    /// How the matrices are quantized, for the quantized precisions.
+    pub fn scheme(self) -> Option<llama::Scheme> {
+        match self {
+            Precision::Q8 => Some(llama::Scheme::Q8),
+            Precision::Gguf => Some(llama::Scheme::Stored),
+            Precision::F32 | Precision::Bf16 => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Q8 => "q8",
+            Precision::Gguf => "gguf",
         }
     }
 }
@@ -40,7 +64,11 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(format!("`{other}` is not a compute dtype; use f32 or bf16")),
+            "q8" => Ok(Precision::Q8),
+            "gguf" => Ok(Precision::Gguf),
+            other => Err(format!(
+                "`{other}` is not a compute dtype; use f32, bf16, q8 (quantized at load) or gguf (a GGUF file's own blocks)"
+            )),
         }
     }
 }
@@ -62,7 +90,7 @@ impl Checkpoint {
     pub fn open(spec: &str, revision: Option<&str>) -> anyhow::Result<Self> {
         if let Some(path) = gguf_file(spec, revision)? {
             let g = gguf::read(path)?;
-            let weights = Weights::Tensors(g.tensors);
+            let weights = Weights::Store(g.tensors);
             return Ok(Self { config: g.config, weights, tokenizer: g.tokenizer, id: spec.into(), revision: None });
         }
         let files = hub::resolve(spec, revision, &HubOptions::from_env()?)?;
@@ -82,7 +110,7 @@ impl Checkpoint {
         }
         let path = match &self.weights {
             Weights::Files(files) => files.first().and_then(|f| f.parent()).map(Path::to_path_buf),
-            Weights::Tensors(_) => None,
+            Weights::Tensors(_) | Weights::Store(_) => None,
         };
         let path = path.unwrap_or_else(|| PathBuf::from(&self.id));
         let not_model_file = |rel: &Path| {
@@ -97,10 +125,27 @@ impl Checkpoint {
     pub fn model(&self, device: &Device, precision: Precision) -> anyhow::Result<Llama> {
         let dtype = precision.dtype();
         let params = self.config.num_params();
-        let what = format!("{} ({:.0}M parameters in {dtype:?})", self.id, params as f64 / 1e6);
-        crate::device::check_dtype(device, dtype)?;
-        crate::device::check_memory(device, (params * dtype.size_in_bytes()) as u64, &what)?;
-        Llama::from_weights(&self.config, &self.weights, device, precision.dtype())
+        let Some(scheme) = precision.scheme() else {
+            let what = format!("{} ({:.0}M parameters in {dtype:?})", self.id, params as f64 / 1e6);
+            crate::device::check_dtype(device, dtype)?;
+            crate::device::check_memory(device, (params * dtype.size_in_bytes()) as u64, &what)?;
+            return Llama::from_weights(&self.config, &self.weights, device, dtype)
+                .with_context(|| format!("loading the weights of {}", self.id));
+        };
+        let name = precision.name();
+        if !device.is_cpu() {
+            anyhow::bail!("`--dtype {name}`: the quantized kernels run on the CPU; use --device cpu, or --dtype f32 or bf16 on the GPU");
+        }
+        if scheme == llama::Scheme::Stored && !matches!(self.weights, Weights::Store(_)) {
+            anyhow::bail!(
+                "`--dtype gguf` decodes from a GGUF file's own blocks, but {} is not a GGUF file; use --dtype q8 to quantize it at load",
+                self.id
+            );
+        }
+        let what = format!("{} ({:.0}M parameters, {name})", self.id, params as f64 / 1e6);
+        // About a byte per parameter (Q8_0: 34 bytes per 32).
+        crate::device::check_memory(device, (params * 34 / 32) as u64, &what)?;
+        Llama::quantized(&self.config, &self.weights, scheme)
             .with_context(|| format!("loading the weights of {}", self.id))
     }
 
@@ -196,6 +241,11 @@ fn keep_layers(weights: &Weights, layers: &[usize]) -> anyhow::Result<Weights> {
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
             for (name, _) in st.tensors() {
                 keep(&name, &|| Ok(st.load(&name, &Device::Cpu)?))?;
+            }
+        }
+        Weights::Store(store) => {
+            for name in store.names() {
+                keep(&name, &|| Ok(store.dense(&name)?.expect("listed")))?;
             }
         }
     }

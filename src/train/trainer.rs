@@ -602,6 +602,12 @@ fn run(
     let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
     let (model_cfg, varmap, model) = build_model(init, source.as_ref(), &tokenizer, cfg.seed, &out.device)?;
     let (projection_map, projections) = projections(&guide, &model_cfg, cfg.seed, &out.device)?;
+    if cfg.dtype.scheme().is_some() {
+        bail!(TrainError::Config(format!(
+            "`train.dtype: {}` is a decoding precision: quantized weights cannot be trained; use f32 or bf16",
+            cfg.dtype.name()
+        )));
+    }
     crate::device::check_dtype(&out.device, cfg.dtype.dtype())?;
     let state = (model_cfg.num_params() * 12) as u64;
     let what = format!(

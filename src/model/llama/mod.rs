@@ -15,8 +15,10 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::ops;
+use super::quant::QMatrix;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -119,11 +121,6 @@ fn inv_freq(cfg: &LlamaConfig) -> Result<Vec<f32>> {
     Ok(scaled.into_iter().map(|f| f as f32).collect())
 }
 
-/// `x Wᵀ (+ b)` with W stored as (out, in), HF's layout.
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    add_bias(x.matmul(&w.t()?)?, b)
-}
-
 fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
@@ -131,40 +128,91 @@ fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
+/// Quantized matrices by HF name, when the model is built for quantized decoding: the matrix
+/// for a name and its (out, in) shape, or `None` where it stays dense.
+type Quantized<'a> = &'a dyn Fn(&str, (usize, usize)) -> Result<Option<Arc<QMatrix>>>;
+
+/// A projection's weights, stored as (out, in), HF's layout.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `t` is Wᵀ stored contiguous, (in, out), for inference: the GEMM then reads the weights as
+    /// they lie instead of repacking all of them at every decode step. `None` while training.
+    Dense { w: Tensor, t: Option<Tensor> },
+    /// Decoding only: the product runs on the blocks ([`QMatrix::matmul`]).
+    Quant(Arc<QMatrix>),
+}
+
 /// A projection `y = x Wᵀ (+ b)` with HF's `<name>.weight` / `<name>.bias`.
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
-    /// Wᵀ stored contiguous, (in, out), for inference: the GEMM then reads the weights as they
-    /// lie instead of repacking all of them at every decode step. `None` while training.
-    weight_t: Option<Tensor>,
 }
 
 impl Linear {
-    fn new(vb: &VarBuilder, out: usize, inp: usize, name: &str, bias: bool) -> Result<Self> {
+    fn new(vb: &VarBuilder, out: usize, inp: usize, name: &str, bias: bool, quant: Quantized) -> Result<Self> {
         let vb = vb.pp(name);
-        let weight = vb.get_with_hints((out, inp), "weight", candle_nn::Init::Const(0.0))?;
+        let weight = match quant(&vb.pp("weight").prefix(), (out, inp))? {
+            Some(q) => Weight::Quant(q),
+            None => Weight::Dense { w: vb.get_with_hints((out, inp), "weight", candle_nn::Init::Const(0.0))?, t: None },
+        };
         let bias = if bias { Some(vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, bias, weight_t: None })
+        Ok(Self { weight, bias })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight_t {
-            Some(wt) => {
-                let y = match ops::matmul_few_rows(x, &self.weight)? {
-                    Some(y) => y,
-                    None => x.matmul(wt)?,
-                };
-                add_bias(y, self.bias.as_ref())
-            }
-            None => linear(x, &self.weight, self.bias.as_ref()),
-        }
+        let y = match &self.weight {
+            Weight::Quant(q) => q.matmul(x)?,
+            Weight::Dense { w, t: Some(wt) } => match ops::matmul_few_rows(x, w)? {
+                Some(y) => y,
+                None => x.matmul(wt)?,
+            },
+            Weight::Dense { w, t: None } => x.matmul(&w.t()?)?,
+        };
+        add_bias(y, self.bias.as_ref())
     }
 
     fn freeze(&mut self) -> Result<()> {
-        self.weight_t = Some(self.weight.t()?.contiguous()?);
+        if let Weight::Dense { w, t } = &mut self.weight {
+            *t = Some(w.t()?.contiguous()?);
+        }
         Ok(())
+    }
+
+    /// The same projection computing in `dtype` (dense weights only).
+    fn cast(&self, dtype: DType) -> Result<Self> {
+        let cast = |t: &Tensor| t.to_dtype(dtype);
+        let weight = match &self.weight {
+            Weight::Dense { w, t } => Weight::Dense { w: cast(w)?, t: t.as_ref().map(cast).transpose()? },
+            Weight::Quant(_) => return Err(ModelError::Invalid("a quantized model computes in f32 only".into())),
+        };
+        Ok(Self { weight, bias: self.bias.as_ref().map(cast).transpose()? })
+    }
+}
+
+/// The token embeddings (V, C): a tensor, or quantized rows dequantized as they are looked up.
+#[derive(Debug, Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Quant(Arc<QMatrix>),
+}
+
+impl Embedding {
+    /// Rows (N, C) for the flat ids (N,).
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(t) => t.index_select(ids, 0)?,
+            Embedding::Quant(q) => {
+                let ids = ids.to_vec1::<u32>()?;
+                if let Some(bad) = ids.iter().find(|&&i| i as usize >= q.rows()) {
+                    return Err(ModelError::Invalid(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        q.rows()
+                    )));
+                }
+                Tensor::from_vec(q.dequantize_rows(&ids), (ids.len(), q.cols()), &Device::Cpu)?
+            }
+        })
     }
 }
 
@@ -194,12 +242,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder, quant: Quantized) -> Result<Self> {
         let (c, f, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias());
         Ok(Self {
-            gate: Linear::new(&vb, f, c, "gate_proj", bias)?,
-            up: Linear::new(&vb, f, c, "up_proj", bias)?,
-            down: Linear::new(&vb, c, f, "down_proj", bias)?,
+            gate: Linear::new(&vb, f, c, "gate_proj", bias, quant)?,
+            up: Linear::new(&vb, f, c, "up_proj", bias, quant)?,
+            down: Linear::new(&vb, c, f, "down_proj", bias, quant)?,
         })
     }
 
@@ -222,14 +270,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder, quant: Quantized) -> Result<Self> {
         let (c, h, k, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let qkv_bias = cfg.qkv_bias();
         Ok(Self {
-            q: Linear::new(&vb, h * d, c, "q_proj", qkv_bias)?,
-            k: Linear::new(&vb, k * d, c, "k_proj", qkv_bias)?,
-            v: Linear::new(&vb, k * d, c, "v_proj", qkv_bias)?,
-            o: Linear::new(&vb, c, h * d, "o_proj", cfg.o_bias())?,
+            q: Linear::new(&vb, h * d, c, "q_proj", qkv_bias, quant)?,
+            k: Linear::new(&vb, k * d, c, "k_proj", qkv_bias, quant)?,
+            v: Linear::new(&vb, k * d, c, "v_proj", qkv_bias, quant)?,
+            o: Linear::new(&vb, c, h * d, "o_proj", cfg.o_bias(), quant)?,
             heads: h,
             kv_heads: k,
             head_dim: d,
@@ -278,13 +326,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &LlamaConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &LlamaConfig, layer: usize, vb: VarBuilder, quant: Quantized) -> Result<Self> {
         let (c, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_norm: RmsNorm::new(c, eps, vb.pp("input_layernorm"))?,
-            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            attn: Attention::new(cfg, vb.pp("self_attn"), quant)?,
             post_attn_norm: RmsNorm::new(c, eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), quant)?,
             window: cfg.window(layer),
         })
     }
@@ -311,7 +359,7 @@ impl KvCache {
 
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -323,17 +371,29 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from `vb`, whose dtype is the compute dtype.
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, vb, &|_, _| Ok(None))
+    }
+
+    /// Builds the model from `vb`, with the matrices `quant` gives quantized.
+    fn build(cfg: &LlamaConfig, vb: VarBuilder, quant: Quantized) -> Result<Self> {
         cfg.validate()?;
         let (v, c) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = vb.pp("model.embed_tokens").get_with_hints((v, c), "weight", candle_nn::Init::Const(0.0))?;
+        let embed = match quant("model.embed_tokens.weight", (v, c))? {
+            Some(q) => Embedding::Quant(q),
+            None => Embedding::Dense(vb.pp("model.embed_tokens").get_with_hints(
+                (v, c),
+                "weight",
+                candle_nn::Init::Const(0.0),
+            )?),
+        };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, vb.pp(format!("model.layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, i, vb.pp(format!("model.layers.{i}")), quant))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(c, cfg.rms_norm_eps, vb.pp("model.norm"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear { weight: embed.clone(), bias: None, weight_t: None }
-        } else {
-            Linear::new(&vb, v, c, "lm_head", false)?
+        let lm_head = match (&embed, cfg.tie_word_embeddings) {
+            (Embedding::Dense(w), true) => Linear { weight: Weight::Dense { w: w.clone(), t: None }, bias: None },
+            (Embedding::Quant(q), true) => Linear { weight: Weight::Quant(q.clone()), bias: None },
+            (_, false) => Linear::new(&vb, v, c, "lm_head", false, quant)?,
         };
         let device = vb.device().clone();
         let rope = Rope::new(cfg, vb.dtype(), &device)?;
@@ -350,7 +410,10 @@ impl Llama {
 
     /// The compute dtype (the dtype of the weights).
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        match &self.embed {
+            Embedding::Dense(t) => t.dtype(),
+            Embedding::Quant(_) => DType::F32,
+        }
     }
 
     /// The same model computing in `dtype`: its projections and embeddings cast, the norms kept
@@ -360,28 +423,25 @@ impl Llama {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        let lin = |l: &Linear| -> Result<Linear> {
-            let cast = |t: &Tensor| t.to_dtype(dtype);
-            Ok(Linear {
-                weight: cast(&l.weight)?,
-                bias: l.bias.as_ref().map(cast).transpose()?,
-                weight_t: l.weight_t.as_ref().map(cast).transpose()?,
-            })
+        let Embedding::Dense(embed) = &self.embed else {
+            return Err(ModelError::Invalid("a quantized model computes in f32 only".into()));
         };
         let mut out = self.clone();
-        out.embed = self.embed.to_dtype(dtype)?;
+        let embed = embed.to_dtype(dtype)?;
         // Tied: the head is the embeddings, cast once.
-        out.lm_head = if self.cfg.tie_word_embeddings {
-            let weight_t = self.lm_head.weight_t.as_ref().map(|t| t.to_dtype(dtype)).transpose()?;
-            Linear { weight: out.embed.clone(), bias: None, weight_t }
-        } else {
-            lin(&self.lm_head)?
+        out.lm_head = match (&self.lm_head.weight, self.cfg.tie_word_embeddings) {
+            (Weight::Dense { t, .. }, true) => {
+                let t = t.as_ref().map(|t| t.to_dtype(dtype)).transpose()?;
+                Linear { weight: Weight::Dense { w: embed.clone(), t }, bias: None }
+            }
+            _ => self.lm_head.cast(dtype)?,
         };
+        out.embed = Embedding::Dense(embed);
         out.rope.dtype = dtype;
         for layer in &mut out.layers {
             let (a, m) = (&mut layer.attn, &mut layer.mlp);
             for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down] {
-                *l = lin(l)?;
+                *l = l.cast(dtype)?;
             }
         }
         Ok(out)
@@ -463,7 +523,7 @@ impl Llama {
             }
         }
 
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let mut x = self.embed.lookup(&ids.flatten_all()?)?;
         let mut states: Vec<Option<Tensor>> = vec![None; self.layers.len() + 1];
         let mut keep = |i: usize, x: &Tensor| {
             if taps.contains(&i) {
@@ -508,7 +568,41 @@ impl Llama {
         Ok(model)
     }
 
-    /// Lays the projections out for inference (see [`Linear::weight_t`]). The model must not be
+    /// A model for decoding on the CPU with its matrices quantized as `scheme` says: the
+    /// projections, embeddings and head whose rows are whole blocks of 32; the rest (norms,
+    /// biases, odd-sized matrices) in f32. No f32 copy of a quantized matrix is kept.
+    pub fn quantized(cfg: &LlamaConfig, weights: &Weights, scheme: Scheme) -> Result<Self> {
+        let reader = Reader::new(weights)?;
+        let quant = |name: &str, (rows, cols): (usize, usize)| -> Result<Option<Arc<QMatrix>>> {
+            let stored = match scheme {
+                Scheme::Stored => reader.quantized(name)?,
+                Scheme::Q8 => None,
+            };
+            let q = match stored {
+                Some(q) => Some(q),
+                // Q8 at load, and a stored encoding without a kernel (Q6_K, F16, ...): Q8_0 of its
+                // f32 values (its error, ≤ amax/254 per block of 32, is below any 6-bit code's).
+                None => {
+                    let t = reader.require(name)?;
+                    check_shape(name, &t, &[rows, cols])?;
+                    QMatrix::q8_0(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, rows, cols)
+                }
+            };
+            if let Some(q) = &q {
+                if (q.rows(), q.cols()) != (rows, cols) {
+                    let (found, expected) = (vec![q.rows(), q.cols()], vec![rows, cols]);
+                    return Err(ModelError::ShapeMismatch { name: name.to_string(), found, expected });
+                }
+            }
+            Ok(q.map(Arc::new))
+        };
+        let vb = VarBuilder::from_backend(Box::new(Lazy(&reader)), DType::F32, Device::Cpu);
+        let mut model = Self::build(cfg, vb, &quant)?;
+        model.freeze()?;
+        Ok(model)
+    }
+
+    /// Lays the projections out for inference (see [`Weight::Dense`]). The model must not be
     /// trained afterwards: the transposed copies would not follow the weights.
     fn freeze(&mut self) -> Result<()> {
         for layer in &mut self.layers {
@@ -530,6 +624,53 @@ impl Llama {
         let vb = VarBuilder::from_varmap(&varmap, dtype, device);
         let model = Self::new(cfg, vb)?;
         Ok((varmap, model))
+    }
+}
+
+/// How [`Llama::quantized`] quantizes the matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Q8_0 of the f32 weights, at load.
+    Q8,
+    /// The blocks the file stores (a GGUF file's Q8_0, Q4_0, Q4_1, Q4_K).
+    Stored,
+}
+
+fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(ModelError::ShapeMismatch {
+            name: name.into(),
+            found: t.dims().to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// The dense tensors of a quantized model, read from the weights as the model asks for them.
+struct Lazy<'a>(&'a Reader<'a>);
+
+impl candle_nn::var_builder::SimpleBackend for Lazy<'_> {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        check_shape(name, &t, shape.dims()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.0.require(name).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).ok().flatten().is_some()
     }
 }
 

@@ -2,13 +2,86 @@
 //! initialisation, saving in the Hub's layout.
 
 use super::*;
+use crate::model::quant::QMatrix;
+use std::sync::Arc;
 
 /// Where a checkpoint's tensors come from, by HF name.
+#[derive(Clone)]
 pub enum Weights {
     /// safetensors files (one, or the shards of an index); stored dtypes f32, f16 or bf16.
     Files(Vec<PathBuf>),
-    /// Tensors already in memory (e.g. dequantized from a GGUF file).
+    /// Tensors already in memory.
     Tensors(HashMap<String, Tensor>),
+    /// Tensors decoded on demand (a GGUF file's blocks).
+    Store(Arc<dyn TensorStore>),
+}
+
+/// Tensors kept in a file's own encoding, by HF name, decoded when asked for.
+pub trait TensorStore: Send + Sync {
+    /// Where they come from, for messages.
+    fn describe(&self) -> String;
+    /// Every tensor's name, sorted.
+    fn names(&self) -> Vec<String>;
+    /// The tensor as f32; `None` when there is no such tensor.
+    fn dense(&self, name: &str) -> Result<Option<Tensor>>;
+    /// The matrix in its own blocks; `None` when there is no such matrix or kdllm has no
+    /// kernel for its encoding ([`crate::model::quant::multiplies`]).
+    fn quantized(&self, name: &str) -> Result<Option<QMatrix>>;
+}
+
+impl Weights {
+    /// Where the tensors come from, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Weights::Files(files) => files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+            Weights::Tensors(_) => "the loaded checkpoint".to_string(),
+            Weights::Store(store) => store.describe(),
+        }
+    }
+}
+
+/// Reads tensors of `weights` by name, as f32 or their stored dtype.
+pub(crate) struct Reader<'a> {
+    weights: &'a Weights,
+    files: Option<candle_core::safetensors::MmapedSafetensors>,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(weights: &'a Weights) -> Result<Self> {
+        let files = match weights {
+            // SAFETY: the files are opened read-only and not modified while mapped.
+            Weights::Files(files) => Some(
+                unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+                    .map_err(|e| ModelError::Safetensors { path: weights.describe(), message: e.to_string() })?,
+            ),
+            _ => None,
+        };
+        Ok(Self { weights, files })
+    }
+
+    /// The tensor `name`, or `None` when there is none.
+    pub fn get(&self, name: &str) -> Result<Option<Tensor>> {
+        Ok(match (self.weights, &self.files) {
+            (_, Some(st)) => st.load(name, &Device::Cpu).ok(),
+            (Weights::Tensors(map), _) => map.get(name).cloned(),
+            (Weights::Store(store), _) => store.dense(name)?,
+            (Weights::Files(_), None) => unreachable!("mapped in new"),
+        })
+    }
+
+    /// The tensor `name`, which must be there.
+    pub fn require(&self, name: &str) -> Result<Tensor> {
+        self.get(name)?
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), files: self.weights.describe() })
+    }
+
+    /// The matrix `name` in its stored blocks, where the store keeps it so.
+    pub fn quantized(&self, name: &str) -> Result<Option<QMatrix>> {
+        match self.weights {
+            Weights::Store(store) => store.quantized(name),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// The safetensors files of a checkpoint folder (single file or sharded with an index).
@@ -41,24 +114,13 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 /// Fills every Var of `varmap` from `weights`, checking names and shapes, converting dtypes.
 pub fn load_weights(varmap: &VarMap, weights: &Weights) -> Result<()> {
-    type Get<'a> = Box<dyn Fn(&str) -> Option<Tensor> + 'a>;
-    let (get, describe): (Get, String) = match weights {
-        Weights::Files(files) => {
-            let describe = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
-            // SAFETY: the files are opened read-only and not modified while mapped.
-            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
-                .map_err(|e| ModelError::Safetensors { path: describe.clone(), message: e.to_string() })?;
-            (Box::new(move |name| st.load(name, &Device::Cpu).ok()), describe)
-        }
-        Weights::Tensors(map) => (Box::new(|name| map.get(name).cloned()), "the loaded checkpoint".to_string()),
-    };
+    let reader = Reader::new(weights)?;
     let data = varmap.data().lock().expect("varmap lock");
     // Sorted, so the first problem reported is the same on every run.
     let mut vars: Vec<(&String, &Var)> = data.iter().collect();
     vars.sort_by_key(|(name, _)| *name);
     for (name, var) in vars {
-        let tensor =
-            get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone(), files: describe.clone() })?;
+        let tensor = reader.require(name)?;
         if tensor.dims() != var.dims() {
             return Err(ModelError::ShapeMismatch {
                 name: name.clone(),

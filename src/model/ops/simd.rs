@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 pub enum Level {
     /// Portable code (what the compiler makes of it for the build target).
     Scalar,
-    /// AVX2 and FMA (every x86 CPU since Haswell / Zen 1).
+    /// AVX2, FMA and F16C (every x86 CPU since Haswell / Zen 1).
     Avx2,
     /// AVX-512 F and BW (Skylake-SP and later Xeons, Zen 4 and later).
     Avx512,
@@ -53,7 +53,8 @@ fn cpu_level() -> Level {
         if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
             return Level::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2");
+        if avx2 && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
             return Level::Avx2;
         }
     }
@@ -64,6 +65,16 @@ fn cpu_level() -> Level {
 pub fn level() -> Level {
     let best = detected();
     CAP.get().map_or(best, |cap| cap.min(best))
+}
+
+/// Every level this CPU runs, lowest first (what the tests sweep); says which it cannot.
+pub fn available() -> Vec<Level> {
+    let all = [Level::Scalar, Level::Avx2, Level::Avx512];
+    let paths: Vec<Level> = all.into_iter().filter(|&l| l <= detected()).collect();
+    if paths.len() < all.len() {
+        eprintln!("this CPU runs only {paths:?}: the other paths are compiled, not run");
+    }
+    paths
 }
 
 /// Runs `f` with the kernels on this thread capped at `cap` (and what runs on rayon's pool
