@@ -134,16 +134,16 @@ pub fn run(job: &BenchJob) -> anyhow::Result<Report> {
         }
         let cfg = config(hidden, layers, (heads, kv_heads), ffn, vocab);
         let (varmap, model) = random_model(&cfg, &device)?;
-        let r = measure(name, &cfg, varmap, &model, job)?;
+        let r = measure(name, &cfg, varmap, &model, job, |vm| inference_copy(&cfg, vm, job.precision, &device))?;
         print_row(&r, &machine);
         models.push(r);
     }
     if let Some(path) = &job.gguf {
         let ckpt = Checkpoint::open(&path.to_string_lossy(), None)?;
         let (cfg, varmap, model) = ckpt.trainable(&device, None)?;
-        drop(ckpt);
         let name = path.file_name().map_or("gguf".into(), |n| n.to_string_lossy().into_owned());
-        let r = measure(&name, &cfg, varmap, &model, job)?;
+        // Sampled as `generate` samples it: from the file, in --dtype (gguf: its own blocks).
+        let r = measure(&name, &cfg, varmap, &model, job, |_| ckpt.model(&device, job.precision))?;
         print_row(&r, &machine);
         models.push(r);
     }
@@ -180,6 +180,11 @@ fn inference_copy(
     precision: Precision,
     device: &Device,
 ) -> anyhow::Result<Llama> {
+    if precision == Precision::Gguf {
+        anyhow::bail!(
+            "--dtype gguf samples a GGUF file's own blocks: give --gguf FILE --configs none, or use --dtype q8"
+        );
+    }
     let weights = llama::Weights::Tensors(llama::tensors(varmap));
     Ok(match precision.scheme() {
         Some(scheme) => Llama::quantized(cfg, &weights, scheme)?,
@@ -193,6 +198,7 @@ fn measure(
     varmap: candle_nn::VarMap,
     model: &Llama,
     job: &BenchJob,
+    teacher: impl FnOnce(&candle_nn::VarMap) -> anyhow::Result<Llama>,
 ) -> anyhow::Result<ModelReport> {
     let params = cfg.num_params();
     // Training first, so that its peak and activations are measured on a fresh heap (the
@@ -205,7 +211,7 @@ fn measure(
     };
     let train_peak_mb = peak_memory_mb();
 
-    let teacher = inference_copy(cfg, &varmap, job.precision, model.device())?;
+    let teacher = teacher(&varmap)?;
     let mut gen = Vec::new();
     for &b in &job.gen_batches {
         gen.push((b, gen_speed(&teacher, b, job.new_tokens)?));

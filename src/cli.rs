@@ -56,7 +56,8 @@ pub struct BenchArgs {
     /// Batch sizes to sample at.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub gen_batches: Vec<usize>,
-    /// Compute dtype, as `generate --dtype` for sampling and `train.dtype` for training (bf16: mixed precision).
+    /// Compute dtype, as `generate --dtype` for sampling and `train.dtype` for training (bf16: mixed
+    /// precision). q8 and gguf apply to sampling; training then runs in f32.
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
     /// Write the results as JSON here (what benches/compare.py reads).
@@ -166,7 +167,8 @@ pub struct GenerateArgs {
     /// Teacher top-k log-probs stored per completion token.
     #[arg(long)]
     pub logprobs: Option<usize>,
-    /// Compute dtype of the teacher: f32 or bf16.
+    /// Compute dtype of the teacher: f32, bf16, q8 (its matrices quantized to Q8_0 at load) or gguf
+    /// (a GGUF teacher's own quantized blocks). q8 and gguf run on the CPU.
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
     /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
@@ -224,7 +226,7 @@ pub struct ScoreArgs {
     /// Top-k log-probs stored per completion token.
     #[arg(long, default_value_t = 20)]
     pub logprobs: usize,
-    /// Compute dtype of an in-process teacher: f32 or bf16.
+    /// Compute dtype of an in-process teacher: f32, bf16, q8 or gguf (as `generate --dtype`).
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
     /// Rows per forward pass of an in-process teacher.

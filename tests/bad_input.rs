@@ -192,6 +192,10 @@ fn set_on_an_unknown_key_or_with_a_wrong_type_names_the_flag() {
         ("steps.teacher.train.stepz=3", &["unknown field `stepz`", "expected one of"][..]),
         ("steps.teacher.train.steps=ten", &["`train.steps`", "invalid type: string \"ten\""][..]),
         ("steps.teacher.train.lr=-1", &["step `teacher`", "`train.lr` must be a positive number"][..]),
+        (
+            "steps.teacher.train.dtype=q8",
+            &["step `teacher`", "`train.dtype: q8`", "cannot be trained; use f32 or bf16"][..],
+        ),
     ] {
         let err = fails("set_on_an_unknown_key_or_with_a_wrong_type", &["train", "--recipe", s(&recipe), "--set", set]);
         let line = one_error_line(&err);
@@ -426,7 +430,15 @@ fn negative_batch_size_flag_names_the_flag() {
 fn f16_dtype_is_refused_with_the_choices() {
     let f = Fixture::new();
     let err = fails("f16_dtype_is_refused_with_the_choices", &f.generate(&["--dtype", "f16"]));
-    has_all(one_error_line(&err), &["invalid value 'f16'", "--dtype", "use f32 or bf16"]);
+    has_all(one_error_line(&err), &["invalid value 'f16'", "--dtype", "use f32, bf16, q8"]);
+    assert_no_samples(&f.out());
+}
+
+#[test]
+fn gguf_dtype_on_a_safetensors_teacher_points_to_q8() {
+    let f = Fixture::new();
+    let err = fails("gguf_dtype_on_a_safetensors_teacher_points_to_q8", &f.generate(&["--dtype", "gguf"]));
+    has_all(one_error_line(&err), &["`--dtype gguf`", "is not a GGUF file", "use --dtype q8"]);
     assert_no_samples(&f.out());
 }
 

@@ -28,6 +28,17 @@ const PARALLEL_SAMPLING: usize = 1 << 17;
 /// Completes each prompt; `rngs[i]` drives row i, so a row's tokens do not depend on
 /// which other prompts share its batch.
 pub fn decode(model: &Llama, prompts: &[Vec<u32>], rngs: &mut [StdRng], s: &DecodeSettings) -> Result<Vec<Completion>> {
+    // On a worker of rayon's pool: the kernels' parallel loops (hundreds per token) then split
+    // by work stealing instead of each waking the pool from outside and sleeping until it ends.
+    rayon::scope(|_| decode_on_pool(model, prompts, rngs, s))
+}
+
+fn decode_on_pool(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    rngs: &mut [StdRng],
+    s: &DecodeSettings,
+) -> Result<Vec<Completion>> {
     let b = prompts.len();
     let mut out: Vec<Completion> = (0..b).map(|_| Completion::empty()).collect();
     if b == 0 || s.max_new_tokens == 0 {

@@ -550,6 +550,39 @@ mod tests {
         assert!(wrong >= 10.0 * quantized, "wrong q/k order differs by only {wrong} vs {quantized}");
     }
 
+    /// Decoding from the file's blocks against the dequantized f32 model of the same file: the
+    /// only difference is the 8-bit rounding of the activations.
+    #[test]
+    fn quantized_decoding_stays_close_to_the_dequantized_model() {
+        use crate::model::llama::{KvCache, Scheme};
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let f = fixture(dtype, true, true);
+            let ckpt = read(&f.path).unwrap();
+            let weights = crate::model::Weights::Store(ckpt.tensors.clone());
+            let dense = model(&ckpt);
+            let quant = Llama::quantized(&ckpt.config, &weights, Scheme::Stored).unwrap();
+            let ids =
+                Tensor::from_vec((0..48u32).map(|i| (i * 37 + 5) % 200).collect(), (2, 24), &Device::Cpu).unwrap();
+            let (want, got) = (dense.forward(&ids, None).unwrap(), quant.forward(&ids, None).unwrap());
+            let (diff, scale) = (max_abs_diff(&want, &got), max_abs(&want));
+            let (a, b) = (want.argmax(2).unwrap(), got.argmax(2).unwrap());
+            let agree = a.eq(&b).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("{dtype:?}: max |Δlogit| {diff:.4} of {scale:.2}, top-1 agreement {agree:.3}");
+            assert!(diff <= 0.1 * scale, "{dtype:?}: logits differ by {diff} (max |logit| {scale})");
+            assert!(agree >= 0.9, "{dtype:?}: top-1 agrees at {agree} of the positions");
+
+            // The KV-cache decode of the quantized model is its own full forward, step by step.
+            let mut cache = KvCache::new(&ckpt.config, vec![0, 0]);
+            let mut steps = vec![quant.forward(&ids.narrow(1, 0, 20).unwrap(), Some(&mut cache)).unwrap()];
+            for t in 20..24 {
+                steps.push(quant.forward(&ids.narrow(1, t, 1).unwrap(), Some(&mut cache)).unwrap());
+            }
+            let stepped = Tensor::cat(&steps, 1).unwrap();
+            let diff = max_abs_diff(&stepped, &got);
+            assert!(diff <= 1e-4, "{dtype:?}: cached decode differs from the full forward by {diff}");
+        }
+    }
+
     #[test]
     fn gguf_tokenizer_matches_the_original() {
         let f = fixture(GgmlDType::F32, false, true);

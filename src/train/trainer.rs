@@ -260,6 +260,12 @@ pub fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainErr
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
         return bad("`train.lr` must be a positive number");
     }
+    if cfg.dtype.scheme().is_some() {
+        return bad(&format!(
+            "`train.dtype: {}` is a decoding precision: quantized weights cannot be trained; use f32 or bf16",
+            cfg.dtype.name()
+        ));
+    }
     if !(0.0..1.0).contains(&cfg.valid_fraction) {
         return bad("`train.valid_fraction` must be in [0, 1)");
     }
@@ -602,12 +608,6 @@ fn run(
     let valid: Vec<Sequence> = valid.into_iter().filter(|s| s.counted() > 0).take(1024).collect();
     let (model_cfg, varmap, model) = build_model(init, source.as_ref(), &tokenizer, cfg.seed, &out.device)?;
     let (projection_map, projections) = projections(&guide, &model_cfg, cfg.seed, &out.device)?;
-    if cfg.dtype.scheme().is_some() {
-        bail!(TrainError::Config(format!(
-            "`train.dtype: {}` is a decoding precision: quantized weights cannot be trained; use f32 or bf16",
-            cfg.dtype.name()
-        )));
-    }
     crate::device::check_dtype(&out.device, cfg.dtype.dtype())?;
     let state = (model_cfg.num_params() * 12) as u64;
     let what = format!(

@@ -163,6 +163,41 @@ fn bf16_compute_stays_close_to_f32() {
 }
 
 #[test]
+fn q8_decoding_stays_close_to_f32_and_keeps_odd_sized_matrices_dense() {
+    let cfg = tiny_config();
+    let (vm, m) = tiny_model(&cfg);
+    let weights = Weights::Tensors(tensors(&vm));
+    let q = Llama::quantized(&cfg, &weights, Scheme::Q8).unwrap();
+    // Rows of 32 are one block; down_proj's rows of 48 are not whole blocks and stay f32.
+    let layer = &q.layers[0];
+    assert!(matches!(layer.mlp.up.weight, Weight::Quant(_)) && matches!(layer.attn.q.weight, Weight::Quant(_)));
+    assert!(matches!(layer.mlp.down.weight, Weight::Dense { .. }));
+    assert!(matches!(q.embed, Embedding::Quant(_)) && matches!(q.lm_head.weight, Weight::Quant(_)));
+    assert_eq!(q.dtype(), DType::F32);
+
+    let ids = ids(2, 10);
+    let (a, b) = (m.forward(&ids, None).unwrap(), q.forward(&ids, None).unwrap());
+    let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff > 0.0 && diff < 0.1 * scale, "q8 vs f32 diff {diff} (logit scale {scale})");
+
+    // The KV-cache decode agrees with the full forward.
+    let mut cache = KvCache::new(&cfg, vec![0, 0]);
+    let mut parts = vec![q.forward(&ids.narrow(1, 0, 4).unwrap(), Some(&mut cache)).unwrap()];
+    for t in 4..10 {
+        parts.push(q.forward(&ids.narrow(1, t, 1).unwrap(), Some(&mut cache)).unwrap());
+    }
+    let diff = max_abs_diff(&Tensor::cat(&parts, 1).unwrap(), &b);
+    assert!(diff <= 1e-4, "q8: cached decode differs from the full forward by {diff}");
+
+    // Plain tensors have no stored blocks: `Stored` quantizes them as Q8 does, bit for bit.
+    let stored = Llama::quantized(&cfg, &weights, Scheme::Stored).unwrap().forward(&ids, None).unwrap();
+    assert_eq!(max_abs_diff(&stored, &b), 0.0);
+    let err = q.cast(DType::BF16).unwrap_err().to_string();
+    assert!(err.contains("quantized model computes in f32 only"), "{err}");
+}
+
+#[test]
 fn unsupported_architectures_and_broken_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");

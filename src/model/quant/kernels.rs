@@ -14,24 +14,48 @@ pub struct ActRow<'a> {
     pub q: &'a [i8],
 }
 
-pub type Dot = fn(&[u8], ActRow) -> f32;
+/// `out[i] = w · a[i]` for one weight row and any number of activation rows.
+pub type Dot = fn(&[u8], &[ActRow], &mut [f32]);
 
-/// The dot product for `format` on the path `level`.
+/// The product for `format` on the path `level`.
 pub fn dot(format: QFormat, level: simd::Level) -> Dot {
     #[cfg(target_arch = "x86_64")]
     match (format, level) {
-        (QFormat::Q8_0, simd::Level::Avx512) => return |w, a| unsafe { q8_0_avx512(w, a) },
-        (QFormat::Q4_1, simd::Level::Avx512) => return |w, a| unsafe { q4_1_avx512(w, a) },
-        // SAFETY (all four): the level never exceeds what the CPU has (simd::detected).
-        (QFormat::Q8_0, simd::Level::Avx2) => return |w, a| unsafe { q8_0_avx2(w, a) },
-        (QFormat::Q4_1, simd::Level::Avx2) => return |w, a| unsafe { q4_1_avx2(w, a) },
+        (QFormat::Q8_0, simd::Level::Avx512) => return tiles!(q8_0_avx512),
+        (QFormat::Q4_1, simd::Level::Avx512) => return tiles!(q4_1_avx512),
+        (QFormat::Q8_0, simd::Level::Avx2) => return tiles!(q8_0_avx2),
+        (QFormat::Q4_1, simd::Level::Avx2) => return tiles!(q4_1_avx2),
         _ => {}
     }
     match format {
-        QFormat::Q8_0 => q8_0_scalar,
-        QFormat::Q4_1 => q4_1_scalar,
+        QFormat::Q8_0 => |w, a, out| a.iter().zip(out).for_each(|(a, o)| *o = q8_0_scalar(w, *a)),
+        QFormat::Q4_1 => |w, a, out| a.iter().zip(out).for_each(|(a, o)| *o = q4_1_scalar(w, *a)),
     }
 }
+
+/// A vector kernel over `R` activation rows at a time (each weight block is loaded and unpacked
+/// once for all of them), called on tiles of 4 and the rest. Each row's accumulator sees the same
+/// operations in the same order whatever `R` is: a row's result never depends on its tile.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiles {
+    ($kernel:ident) => {
+        |w: &[u8], a: &[ActRow], out: &mut [f32]| {
+            for (a, out) in a.chunks(4).zip(out.chunks_mut(4)) {
+                // SAFETY: `dot` hands out this path only at a level the CPU has (simd::detected).
+                unsafe {
+                    match a.len() {
+                        4 => $kernel::<4>(w, a, out),
+                        3 => $kernel::<3>(w, a, out),
+                        2 => $kernel::<2>(w, a, out),
+                        _ => $kernel::<1>(w, a, out),
+                    }
+                }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use tiles;
 
 fn half_at(b: &[u8], at: usize) -> f32 {
     super::half_at(b, at)
@@ -99,32 +123,43 @@ unsafe fn dot_i8_256(w: __m256i, x: __m256i) -> __m256i {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_avx2(w: &[u8], a: ActRow) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..a.d.len() {
+unsafe fn q8_0_avx2<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..a[0].d.len() {
         let p = w.as_ptr().add(b * (2 + QK));
         let wq = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        let xq = _mm256_loadu_si256(a.q.as_ptr().add(b * QK) as *const __m256i);
-        let scale = _mm_cvtss_f32(halves(p)) * a.d[b];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8_256(wq, xq)), _mm256_set1_ps(scale), acc);
+        let d = _mm_cvtss_f32(halves(p));
+        for r in 0..R {
+            let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
+            let sums = _mm256_cvtepi32_ps(dot_i8_256(wq, xq));
+            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * a[r].d[b]), acc[r]);
+        }
     }
-    hsum256(acc)
+    for r in 0..R {
+        out[r] = hsum256(acc[r]);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_avx2(w: &[u8], a: ActRow) -> f32 {
-    let (mut acc, mut offsets) = (_mm256_setzero_ps(), 0f32);
-    for b in 0..a.d.len() {
+unsafe fn q4_1_avx2<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
+    let (mut acc, mut offsets) = ([_mm256_setzero_ps(); R], [0f32; R]);
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..a[0].d.len() {
         let p = w.as_ptr().add(b * (4 + QK / 2));
-        let xq = _mm256_loadu_si256(a.q.as_ptr().add(b * QK) as *const __m256i);
-        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles256(p.add(4)), xq), _mm256_set1_epi16(1));
+        let wq = nibbles256(p.add(4));
         let dm = halves(p);
-        let scale = _mm_cvtss_f32(dm) * a.d[b];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
-        offsets += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * a.s[b];
+        let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+        for r in 0..R {
+            let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones));
+            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * a[r].d[b]), acc[r]);
+            offsets[r] += m * a[r].s[b];
+        }
     }
-    hsum256(acc) + offsets
+    for r in 0..R {
+        out[r] = hsum256(acc[r]) + offsets[r];
+    }
 }
 
 /// Two blocks' scales as one vector: `lo` in lanes 0–7, `hi` in lanes 8–15.
@@ -147,12 +182,30 @@ unsafe fn hsum512(v: __m512) -> f32 {
     hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))))
 }
 
+/// The rows' last `blocks − b` blocks on the AVX2 kernel, added to `out` (an odd last block).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tail<const R: usize>(
+    kernel: unsafe fn(&[u8], &[ActRow], &mut [f32]),
+    w: &[u8],
+    a: &[ActRow],
+    b: usize,
+    out: &mut [f32],
+) {
+    let rest: [ActRow; R] = std::array::from_fn(|r| ActRow { d: &a[r].d[b..], s: &a[r].s[b..], q: &a[r].q[b * QK..] });
+    let mut more = [0f32; R];
+    kernel(&w[b * w.len() / a[0].d.len()..], &rest, &mut more);
+    for r in 0..R {
+        out[r] += more[r];
+    }
+}
+
 /// Two blocks per step in 512-bit registers; an odd last block as on AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn q8_0_avx512(w: &[u8], a: ActRow) -> f32 {
+unsafe fn q8_0_avx512<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
     const BB: usize = 2 + QK;
-    let (n, mut acc) = (a.d.len(), _mm512_setzero_ps());
+    let (n, mut acc) = (a[0].d.len(), [_mm512_setzero_ps(); R]);
     let ones = _mm512_set1_epi16(1);
     let mut b = 0;
     while b + 2 <= n {
@@ -161,46 +214,51 @@ unsafe fn q8_0_avx512(w: &[u8], a: ActRow) -> f32 {
             _mm256_loadu_si256(p.add(2) as *const __m256i),
             _mm256_loadu_si256(p.add(BB + 2) as *const __m256i),
         );
-        let xq = _mm512_loadu_si512(a.q.as_ptr().add(b * QK) as *const _);
         let aw = _mm512_abs_epi8(wq);
-        // x with w's sign: negate where w < 0.
         let neg = _mm512_movepi8_mask(wq);
-        let sx = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
-        let sums = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), ones);
-        let scale = scales512(_mm_cvtss_f32(halves(p)) * a.d[b], _mm_cvtss_f32(halves(p.add(BB))) * a.d[b + 1]);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
+        let (d0, d1) = (_mm_cvtss_f32(halves(p)), _mm_cvtss_f32(halves(p.add(BB))));
+        for r in 0..R {
+            let xq = _mm512_loadu_si512(a[r].q.as_ptr().add(b * QK) as *const _);
+            // x with w's sign: negated where w < 0.
+            let sx = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+            let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), ones));
+            acc[r] = _mm512_fmadd_ps(sums, scales512(d0 * a[r].d[b], d1 * a[r].d[b + 1]), acc[r]);
+        }
         b += 2;
     }
-    let mut sum = hsum512(acc);
-    if b < n {
-        let tail = ActRow { d: &a.d[b..], s: &a.s[b..], q: &a.q[b * QK..] };
-        sum += q8_0_avx2(&w[b * BB..], tail);
+    for r in 0..R {
+        out[r] = hsum512(acc[r]);
     }
-    sum
+    if b < n {
+        tail::<R>(q8_0_avx2::<R>, w, a, b, out);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn q4_1_avx512(w: &[u8], a: ActRow) -> f32 {
+unsafe fn q4_1_avx512<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
     const BB: usize = 4 + QK / 2;
-    let (n, mut acc, mut offsets) = (a.d.len(), _mm512_setzero_ps(), 0f32);
+    let (n, mut acc, mut offsets) = (a[0].d.len(), [_mm512_setzero_ps(); R], [0f32; R]);
     let ones = _mm512_set1_epi16(1);
     let mut b = 0;
     while b + 2 <= n {
         let p = w.as_ptr().add(b * BB);
         let wq = join512(nibbles256(p.add(4)), nibbles256(p.add(BB + 4)));
-        let xq = _mm512_loadu_si512(a.q.as_ptr().add(b * QK) as *const _);
-        let sums = _mm512_madd_epi16(_mm512_maddubs_epi16(wq, xq), ones);
         let (dm0, dm1) = (halves(p), halves(p.add(BB)));
-        let scale = scales512(_mm_cvtss_f32(dm0) * a.d[b], _mm_cvtss_f32(dm1) * a.d[b + 1]);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
-        offsets += _mm_cvtss_f32(_mm_movehdup_ps(dm0)) * a.s[b] + _mm_cvtss_f32(_mm_movehdup_ps(dm1)) * a.s[b + 1];
+        let (d0, d1) = (_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
+        let (m0, m1) = (_mm_cvtss_f32(_mm_movehdup_ps(dm0)), _mm_cvtss_f32(_mm_movehdup_ps(dm1)));
+        for r in 0..R {
+            let xq = _mm512_loadu_si512(a[r].q.as_ptr().add(b * QK) as *const _);
+            let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wq, xq), ones));
+            acc[r] = _mm512_fmadd_ps(sums, scales512(d0 * a[r].d[b], d1 * a[r].d[b + 1]), acc[r]);
+            offsets[r] += m0 * a[r].s[b] + m1 * a[r].s[b + 1];
+        }
         b += 2;
     }
-    let mut sum = hsum512(acc) + offsets;
-    if b < n {
-        let tail = ActRow { d: &a.d[b..], s: &a.s[b..], q: &a.q[b * QK..] };
-        sum += q4_1_avx2(&w[b * BB..], tail);
+    for r in 0..R {
+        out[r] = hsum512(acc[r]) + offsets[r];
     }
-    sum
+    if b < n {
+        tail::<R>(q4_1_avx2::<R>, w, a, b, out);
+    }
 }

@@ -262,12 +262,10 @@ impl CustomOp1 for QMatMul {
         let n = w.rows;
         // yᵀ (N, M): each task owns whole weight rows, streamed once for all M rows of x.
         let mut yt = vec![0f32; n * m];
+        let rows: Vec<kernels::ActRow> = (0..m).map(|i| acts.row(i)).collect();
         let task = |(t, out): (usize, &mut [f32])| {
             for (j, y) in out.chunks_mut(m).enumerate() {
-                let row = w.row(t * ROWS_PER_TASK + j);
-                for (i, yi) in y.iter_mut().enumerate() {
-                    *yi = dot(row, acts.row(i));
-                }
+                dot(w.row(t * ROWS_PER_TASK + j), &rows, y);
             }
         };
         if n * k < 1 << 16 {
