@@ -5,7 +5,7 @@ mod decode;
 pub mod sampler;
 mod score;
 
-pub use decode::{decode, DecodeSettings};
+pub use decode::{decode, decode_continuous, DecodeSettings};
 pub use score::{score, ScoreJob, ScoreReport, DEFAULT_SCORE_BATCH};
 
 use std::path::PathBuf;
@@ -253,25 +253,33 @@ pub fn generate(job: &GenerateJob) -> anyhow::Result<GenerateReport> {
             let device = crate::device::resolve(job.device)?;
             let model = checkpoint.model(&device, job.precision)?;
             let settings = cfg.decode_settings(tokenizer.eos_ids().to_vec());
-            let mut tokens = 0;
-            // Batches are fixed slices of the work list, whatever run (or shard) computes them,
-            // so a resumed job samples exactly the batches (and so the rows, bit for bit) of an
-            // uninterrupted one.
-            for chunk in todo.chunks(cfg.batch_size) {
-                let ids: Vec<Vec<u32>> = chunk.iter().map(|&(p, _)| rendered[p].1.clone()).collect();
-                let mut rngs: Vec<StdRng> = chunk.iter().map(|&(p, s)| row_rng(cfg.seed, &prompts[p].id, s)).collect();
-                for (&(p, s), c) in chunk.iter().zip(decode(&model, &ids, &mut rngs, &settings)?) {
+            let ids: Vec<Vec<u32>> = todo.iter().map(|&(p, _)| rendered[p].1.clone()).collect();
+            let rngs: Vec<StdRng> = todo.iter().map(|&(p, s)| row_rng(cfg.seed, &prompts[p].id, s)).collect();
+            // Rows end out of order and are written in work order, committed every batch_size
+            // rows: a stopped run resumes at the first row not written. A row's tokens never
+            // depend on the rows decoded beside it, so the resumed rows are, bit for bit, what
+            // an uninterrupted run writes.
+            let mut ready: std::collections::BTreeMap<usize, Completion> = Default::default();
+            let (mut written, mut tokens) = (0, 0);
+            decode_continuous(&model, &ids, rngs, cfg.batch_size, &settings, |i, c| {
+                ready.insert(i, c);
+                while let Some(c) = ready.remove(&written) {
+                    let (p, s) = todo[written];
                     tokens += c.ids.len();
                     out.push(&row(p, s, c)?)?;
+                    written += 1;
+                    bar.inc(1);
+                    if written % cfg.batch_size == 0 || written == todo.len() {
+                        crate::fault::point("generate-batch");
+                        let stop = crate::interrupt::requested();
+                        out.end_batch(stop)?;
+                        if stop {
+                            return Err(interrupted(&bar, &out));
+                        }
+                    }
                 }
-                bar.inc(chunk.len() as u64);
-                crate::fault::point("generate-batch");
-                let stop = crate::interrupt::requested();
-                out.end_batch(stop)?;
-                if stop {
-                    return Err(interrupted(&bar, &out));
-                }
-            }
+                Ok(())
+            })?;
             tokens
         }
         Teacher::Remote(remote) => {

@@ -172,6 +172,27 @@ impl Linear {
         add_bias(y, self.bias.as_ref())
     }
 
+    /// As [`Self::forward`], with each row of x computed apart from the others: the same bits
+    /// for a row whatever rows share x (the f32 product runs in chunks the few-row kernel takes).
+    fn forward_apart(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        match &self.weight {
+            Weight::Dense { w, t: Some(_) } if rows > ops::FEW_ROWS => {
+                let mut parts = Vec::with_capacity(rows.div_ceil(ops::FEW_ROWS));
+                for at in (0..rows).step_by(ops::FEW_ROWS) {
+                    let chunk = x.narrow(0, at, ops::FEW_ROWS.min(rows - at))?;
+                    match ops::matmul_few_rows(&chunk, w)? {
+                        Some(y) => parts.push(y),
+                        // No kernel for it here (a GPU, no AVX2): one product, rows may mix.
+                        None => return self.forward(x),
+                    }
+                }
+                add_bias(Tensor::cat(&parts, 0)?, self.bias.as_ref())
+            }
+            _ => self.forward(x),
+        }
+    }
+
     fn freeze(&mut self) -> Result<()> {
         if let Weight::Dense { w, t } = &mut self.weight {
             *t = Some(w.t()?.contiguous()?);
@@ -252,9 +273,13 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, Linear::forward)
+    }
+
+    fn apply(&self, x: &Tensor, lin: impl Fn(&Linear, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let dtype = x.dtype();
-        let (gate, up) = (self.gate.forward(x)?.to_dtype(DType::F32)?, self.up.forward(x)?.to_dtype(DType::F32)?);
-        self.down.forward(&ops::silu_mul(&gate, &up)?.to_dtype(dtype)?)
+        let (gate, up) = (lin(&self.gate, x)?.to_dtype(DType::F32)?, lin(&self.up, x)?.to_dtype(DType::F32)?);
+        lin(&self.down, &ops::silu_mul(&gate, &up)?.to_dtype(dtype)?)
     }
 }
 
@@ -305,14 +330,45 @@ impl Attention {
             // Written in place into a preallocated buffer (no backward; decoding only).
             (k, v) = cache.append(&k.contiguous()?, &v.contiguous()?)?;
         }
+        self.o.forward(&self.attend(&q, &k, &v, mask, decoding)?)
+    }
+
+    /// The attention output (B*T, H*D), before o_proj, of q (B, H, T, D) over k, v (B, K, S, D).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, decoding: bool) -> Result<Tensor> {
+        let (b, _, t, d) = q.dims4()?;
+        let scale = 1.0 / (d as f64).sqrt();
         if decoding && t == 1 && q.dtype() == DType::F32 {
-            let out = ops::decode_attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), mask)?;
-            return self.o.forward(&out.reshape((b, self.heads * d))?);
+            return Ok(ops::decode_attention(q, k, v, scale, mask)?.reshape((b, self.heads * d))?);
         }
         // In f32 whatever the compute dtype (HF's eager attention softmaxes in f32); out (B, T, H, D).
         let f32 = |x: &Tensor| x.to_dtype(DType::F32);
-        let out = ops::attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, 1.0 / (d as f64).sqrt(), mask)?;
-        self.o.forward(&out.to_dtype(q.dtype())?.reshape((b * t, self.heads * d))?)
+        let out = ops::attention(&f32(q)?, &f32(k)?, &f32(v)?, scale, mask)?;
+        Ok(out.to_dtype(q.dtype())?.reshape((b * t, self.heads * d))?)
+    }
+
+    /// One new token per row of x (B, C), row r with its own cache `kvs[r]` and mask `masks[r]`:
+    /// the projections take all rows at once (rows apart, [`Linear::forward_apart`]), RoPE and
+    /// attention run row by row.
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        (rope, cos, sin): (&Rope, &Tensor, &Tensor),
+        masks: &[Option<Tensor>],
+        kvs: &mut [&mut candle_nn::kv_cache::KvCache],
+    ) -> Result<Tensor> {
+        let d = self.head_dim;
+        let (q, k, v) = (self.q.forward_apart(x)?, self.k.forward_apart(x)?, self.v.forward_apart(x)?);
+        let mut out = Vec::with_capacity(kvs.len());
+        for (r, kv) in kvs.iter_mut().enumerate() {
+            let row = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.narrow(0, r, 1)?.reshape((1, 1, n, d))?) };
+            let (cr, sr) = (cos.narrow(0, r, 1)?, sin.narrow(0, r, 1)?);
+            let q = rope.apply(&row(&q, self.heads)?, &cr, &sr)?;
+            let k = rope.apply(&row(&k, self.kv_heads)?, &cr, &sr)?;
+            let v = row(&v, self.kv_heads)?.transpose(1, 2)?.contiguous()?;
+            let (k, v) = kv.append(&k.contiguous()?, &v)?;
+            out.push(self.attend(&q, &k, &v, masks[r].as_ref(), true)?);
+        }
+        self.o.forward_apart(&Tensor::cat(&out, 0)?)
     }
 }
 
@@ -485,6 +541,45 @@ impl Llama {
         let x =
             self.hidden(ids, cache, &[])?.0.reshape((b, t, self.cfg.hidden_size))?.narrow(1, t - 1, 1)?.squeeze(1)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits (B, V), in f32, of one new token per row, `tokens[r]` continuing the sequence in
+    /// `caches[r]` (a one-row cache of any length; each grows by one). Each row is computed
+    /// apart from the others: its logits are the same bits whatever rows share the step, so a
+    /// batch whose finished rows are refilled gives every row what decoding it alone gives.
+    pub fn step_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let b = tokens.len();
+        if caches.len() != b || caches.iter().any(|c| c.pads.len() != 1) {
+            return Err(ModelError::Invalid(format!("step_rows: {b} tokens need {b} one-row caches")));
+        }
+        let mut positions = Vec::with_capacity(b);
+        for c in caches.iter() {
+            if c.len + 1 > self.cfg.max_position_embeddings {
+                return Err(ModelError::Invalid(format!(
+                    "sequence of {} tokens exceeds max_position_embeddings {}",
+                    c.len + 1,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            positions.push(c.len.saturating_sub(c.pads[0]) as u32);
+        }
+        let (cos, sin) = self.rope.tables(&Tensor::from_vec(positions, (b, 1), &self.device)?)?;
+        let mut x = self.embed.lookup(&Tensor::from_vec(tokens.to_vec(), b, &self.device)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let masks = caches
+                .iter()
+                .map(|c| attention_mask(&c.pads, c.len, 1, layer.window, &self.device))
+                .collect::<Result<Vec<_>>>()?;
+            let mut kvs: Vec<&mut candle_nn::kv_cache::KvCache> = caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            let h =
+                layer.attn.forward_rows(&layer.input_norm.forward(&x)?, (&self.rope, &cos, &sin), &masks, &mut kvs)?;
+            x = (x + h)?;
+            x = (&x + layer.mlp.apply(&layer.post_attn_norm.forward(&x)?, Linear::forward_apart)?)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        Ok(self.lm_head.forward_apart(&self.norm.forward(&x)?)?.to_dtype(DType::F32)?)
     }
 
     /// Final-norm hidden states (B*T, C), and those of the layers `taps` (see [`Self::states_at`]).

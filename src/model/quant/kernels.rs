@@ -6,12 +6,23 @@
 use super::{QFormat, QK};
 use crate::model::ops::simd;
 
-/// An activation row in blocks of [`QK`]: `x ≈ d·q`, `s = d·Σq`.
+/// An activation row in blocks of [`QK`]: `x ≈ d·q`, `s = d·Σq`; `d8` and `s8` hold each block's
+/// `d` and `s / 8` eight times over, so a vector kernel loads a block's scale in its lanes.
 #[derive(Clone, Copy)]
 pub struct ActRow<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub d8: &'a [f32],
+    pub s8: &'a [f32],
     pub q: &'a [i8],
+}
+
+impl<'a> ActRow<'a> {
+    /// The row from block `b` on.
+    fn from_block(&self, b: usize) -> ActRow<'a> {
+        let (d8, s8) = (&self.d8[8 * b..], &self.s8[8 * b..]);
+        ActRow { d: &self.d[b..], s: &self.s[b..], d8, s8, q: &self.q[b * QK..] }
+    }
 }
 
 /// `out[i] = w · a[i]` for one weight row and any number of activation rows.
@@ -121,6 +132,9 @@ unsafe fn dot_i8_256(w: __m256i, x: __m256i) -> __m256i {
     _mm256_madd_epi16(p, _mm256_set1_epi16(1))
 }
 
+// The vector kernels accumulate, per activation row, `cvt(Σ w·x) · d_w · d_x` (and for Q4_1
+// `m_w · s_x / 8` in each of eight lanes) into one f32 vector, summed across lanes at the end.
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_avx2<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
@@ -128,11 +142,11 @@ unsafe fn q8_0_avx2<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
     for b in 0..a[0].d.len() {
         let p = w.as_ptr().add(b * (2 + QK));
         let wq = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        let d = _mm_cvtss_f32(halves(p));
+        let dw = _mm256_set1_ps(_mm_cvtss_f32(halves(p)));
         for r in 0..R {
             let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
-            let sums = _mm256_cvtepi32_ps(dot_i8_256(wq, xq));
-            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * a[r].d[b]), acc[r]);
+            let sums = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_i8_256(wq, xq)), dw);
+            acc[r] = _mm256_fmadd_ps(sums, _mm256_loadu_ps(a[r].d8.as_ptr().add(8 * b)), acc[r]);
         }
     }
     for r in 0..R {
@@ -143,31 +157,32 @@ unsafe fn q8_0_avx2<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_avx2<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
-    let (mut acc, mut offsets) = ([_mm256_setzero_ps(); R], [0f32; R]);
+    let mut acc = [_mm256_setzero_ps(); R];
     let ones = _mm256_set1_epi16(1);
     for b in 0..a[0].d.len() {
         let p = w.as_ptr().add(b * (4 + QK / 2));
         let wq = nibbles256(p.add(4));
         let dm = halves(p);
-        let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+        let (dw, mw) = (_mm256_broadcastss_ps(dm), _mm256_broadcastss_ps(_mm_movehdup_ps(dm)));
         for r in 0..R {
             let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones));
-            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * a[r].d[b]), acc[r]);
-            offsets[r] += m * a[r].s[b];
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+            let sums = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), dw);
+            acc[r] = _mm256_fmadd_ps(sums, _mm256_loadu_ps(a[r].d8.as_ptr().add(8 * b)), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a[r].s8.as_ptr().add(8 * b)), acc[r]);
         }
     }
     for r in 0..R {
-        out[r] = hsum256(acc[r]) + offsets[r];
+        out[r] = hsum256(acc[r]);
     }
 }
 
 /// Two blocks' scales as one vector: `lo` in lanes 0–7, `hi` in lanes 8–15.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn scales512(lo: f32, hi: f32) -> __m512 {
-    let v = _mm512_castps256_ps512(_mm256_set1_ps(lo));
-    _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(v), _mm256_castps_pd(_mm256_set1_ps(hi)), 1))
+unsafe fn scales512(lo: __m128, hi: __m128) -> __m512 {
+    let v = _mm512_castps256_ps512(_mm256_broadcastss_ps(lo));
+    _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(v), _mm256_castps_pd(_mm256_broadcastss_ps(hi)), 1))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -182,7 +197,7 @@ unsafe fn hsum512(v: __m512) -> f32 {
     hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))))
 }
 
-/// The rows' last `blocks − b` blocks on the AVX2 kernel, added to `out` (an odd last block).
+/// The rows' blocks from `b` on through the AVX2 kernel, added to `out` (an odd last block).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tail<const R: usize>(
@@ -192,7 +207,7 @@ unsafe fn tail<const R: usize>(
     b: usize,
     out: &mut [f32],
 ) {
-    let rest: [ActRow; R] = std::array::from_fn(|r| ActRow { d: &a[r].d[b..], s: &a[r].s[b..], q: &a[r].q[b * QK..] });
+    let rest: [ActRow; R] = std::array::from_fn(|r| a[r].from_block(b));
     let mut more = [0f32; R];
     kernel(&w[b * w.len() / a[0].d.len()..], &rest, &mut more);
     for r in 0..R {
@@ -216,13 +231,13 @@ unsafe fn q8_0_avx512<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
         );
         let aw = _mm512_abs_epi8(wq);
         let neg = _mm512_movepi8_mask(wq);
-        let (d0, d1) = (_mm_cvtss_f32(halves(p)), _mm_cvtss_f32(halves(p.add(BB))));
+        let dw = scales512(halves(p), halves(p.add(BB)));
         for r in 0..R {
             let xq = _mm512_loadu_si512(a[r].q.as_ptr().add(b * QK) as *const _);
             // x with w's sign: negated where w < 0.
             let sx = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
-            let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), ones));
-            acc[r] = _mm512_fmadd_ps(sums, scales512(d0 * a[r].d[b], d1 * a[r].d[b + 1]), acc[r]);
+            let sums = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), ones)), dw);
+            acc[r] = _mm512_fmadd_ps(sums, _mm512_loadu_ps(a[r].d8.as_ptr().add(8 * b)), acc[r]);
         }
         b += 2;
     }
@@ -238,25 +253,25 @@ unsafe fn q8_0_avx512<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn q4_1_avx512<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
     const BB: usize = 4 + QK / 2;
-    let (n, mut acc, mut offsets) = (a[0].d.len(), [_mm512_setzero_ps(); R], [0f32; R]);
+    let (n, mut acc) = (a[0].d.len(), [_mm512_setzero_ps(); R]);
     let ones = _mm512_set1_epi16(1);
     let mut b = 0;
     while b + 2 <= n {
         let p = w.as_ptr().add(b * BB);
         let wq = join512(nibbles256(p.add(4)), nibbles256(p.add(BB + 4)));
         let (dm0, dm1) = (halves(p), halves(p.add(BB)));
-        let (d0, d1) = (_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
-        let (m0, m1) = (_mm_cvtss_f32(_mm_movehdup_ps(dm0)), _mm_cvtss_f32(_mm_movehdup_ps(dm1)));
+        let dw = scales512(dm0, dm1);
+        let mw = scales512(_mm_movehdup_ps(dm0), _mm_movehdup_ps(dm1));
         for r in 0..R {
             let xq = _mm512_loadu_si512(a[r].q.as_ptr().add(b * QK) as *const _);
-            let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wq, xq), ones));
-            acc[r] = _mm512_fmadd_ps(sums, scales512(d0 * a[r].d[b], d1 * a[r].d[b + 1]), acc[r]);
-            offsets[r] += m0 * a[r].s[b] + m1 * a[r].s[b + 1];
+            let sums = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wq, xq), ones)), dw);
+            acc[r] = _mm512_fmadd_ps(sums, _mm512_loadu_ps(a[r].d8.as_ptr().add(8 * b)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(a[r].s8.as_ptr().add(8 * b)), acc[r]);
         }
         b += 2;
     }
     for r in 0..R {
-        out[r] = hsum512(acc[r]) + offsets[r];
+        out[r] = hsum512(acc[r]);
     }
     if b < n {
         tail::<R>(q4_1_avx2::<R>, w, a, b, out);

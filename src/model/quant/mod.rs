@@ -211,6 +211,9 @@ struct Acts {
     blocks: usize,
     d: Vec<f32>,
     s: Vec<f32>,
+    /// `d` and `s / 8`, each repeated 8 times (what the vector kernels load).
+    d8: Vec<f32>,
+    s8: Vec<f32>,
     q: Vec<i8>,
 }
 
@@ -228,12 +231,15 @@ impl Acts {
             d.push(scale);
             s.push(scale * sum as f32);
         }
-        Self { blocks: cols / QK, d, s, q }
+        let d8 = d.iter().flat_map(|&v| [v; 8]).collect();
+        let s8 = s.iter().flat_map(|&v| [v / 8.0; 8]).collect();
+        Self { blocks: cols / QK, d, s, d8, s8, q }
     }
 
     fn row(&self, i: usize) -> kernels::ActRow<'_> {
         let (a, b) = (i * self.blocks, (i + 1) * self.blocks);
-        kernels::ActRow { d: &self.d[a..b], s: &self.s[a..b], q: &self.q[a * QK..b * QK] }
+        let (d8, s8) = (&self.d8[8 * a..8 * b], &self.s8[8 * a..8 * b]);
+        kernels::ActRow { d: &self.d[a..b], s: &self.s[a..b], d8, s8, q: &self.q[a * QK..b * QK] }
     }
 }
 
