@@ -194,7 +194,7 @@ fn set_on_an_unknown_key_or_with_a_wrong_type_names_the_flag() {
         ("steps.teacher.train.lr=-1", &["step `teacher`", "`train.lr` must be a positive number"][..]),
         (
             "steps.teacher.train.dtype=q8",
-            &["step `teacher`", "`train.dtype: q8`", "cannot be trained; use f32 or bf16"][..],
+            &["step `teacher`", "`train.dtype` q8 is a decoding precision", "cannot be trained; use f32 or bf16"][..],
         ),
     ] {
         let err = fails("set_on_an_unknown_key_or_with_a_wrong_type", &["train", "--recipe", s(&recipe), "--set", set]);

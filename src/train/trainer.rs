@@ -262,7 +262,7 @@ pub fn validate(cfg: &TrainConfig, kd: Option<&KdConfig>) -> Result<(), TrainErr
     }
     if cfg.dtype.scheme().is_some() {
         return bad(&format!(
-            "`train.dtype: {}` is a decoding precision: quantized weights cannot be trained; use f32 or bf16",
+            "`train.dtype` {} is a decoding precision: quantized weights cannot be trained; use f32 or bf16",
             cfg.dtype.name()
         ));
     }
