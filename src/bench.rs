@@ -74,6 +74,9 @@ pub struct Machine {
     pub threads: usize,
     /// Best of 5 f32 1024³ matmuls through candle.
     pub gemm_peak_gflops: f64,
+    /// The same through kdllm's bf16 GEMM (what `--dtype bf16` trains with), where the CPU
+    /// has avx512_bf16.
+    pub bf16_gemm_peak_gflops: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -112,10 +115,18 @@ pub fn run(job: &BenchJob) -> anyhow::Result<Report> {
         cpu_flags,
         kernels,
         threads: candle_core::utils::get_num_threads(),
-        gemm_peak_gflops: gemm_peak()?,
+        gemm_peak_gflops: gemm_peak(|a, b| a.matmul(b))?,
+        bf16_gemm_peak_gflops: if crate::model::ops::bf16_gemm_available(&Device::Cpu) {
+            Some(gemm_peak(crate::model::ops::linear_bf16)?)
+        } else {
+            None
+        },
     };
     eprintln!("{} ({}); kdllm kernels: {}", machine.cpu, machine.cpu_flags.join(" "), machine.kernels);
     eprintln!("{} threads, GEMM peak {:.0} GFLOP/s (f32 1024³, best of 5)", machine.threads, machine.gemm_peak_gflops);
+    if let Some(bf16) = machine.bf16_gemm_peak_gflops {
+        eprintln!("bf16 GEMM peak {bf16:.0} GFLOP/s (kdllm's avx512_bf16 kernel, what --dtype bf16 trains with; 1024³, best of 5)");
+    }
     let known: Vec<&str> = CONFIGS.iter().map(|c| c.0).collect();
     if let Some(bad) = job.configs.iter().find(|c| !known.contains(&c.as_str()) && c.as_str() != "none") {
         anyhow::bail!("--configs: unknown config `{bad}`; known: {} (or `none`, with --gguf)", known.join(", "));
@@ -259,8 +270,8 @@ fn train_speed(
         let ids = Tensor::from_vec(ids, (BATCH, SEQ + 1), device)?;
         let (inputs, targets) = (ids.narrow(1, 0, SEQ)?, ids.narrow(1, 1, SEQ)?.flatten_all()?);
         let (rss0, t0) = (resident_memory_mb(), Instant::now());
-        // bf16: mixed precision as `train.dtype: bf16` runs it (a cast of the f32 weights per step).
-        let logits = model.cast(precision.dtype())?.forward_at(&inputs, &every_position)?;
+        // bf16: mixed precision as `train.dtype: bf16` runs it (bf16 GEMMs or a cast per step).
+        let logits = model.for_training(precision.dtype())?.forward_at(&inputs, &every_position)?;
         let loss = loss::cross_entropy(&logits, &targets)?;
         let t1 = Instant::now();
         if step == 0 {
@@ -303,14 +314,14 @@ fn gen_speed(model: &Llama, batch: usize, new_tokens: usize) -> anyhow::Result<f
     Ok(tokens as f64 / started.elapsed().as_secs_f64())
 }
 
-fn gemm_peak() -> anyhow::Result<f64> {
+fn gemm_peak(product: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>) -> anyhow::Result<f64> {
     let n = 1024;
     let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();
-        let c = a.matmul(&b)?;
+        let c = product(&a, &b)?;
         c.sum_all()?.to_scalar::<f32>()?;
         best = best.min(t.elapsed().as_secs_f64());
     }

@@ -235,8 +235,11 @@ mod tests {
         out.into_iter().map(|c| c.expect("every row finishes")).collect()
     }
 
+    /// Ids, logprob bits, top-k ids, top-k logprob bits, and why the row ended.
+    type Bits = (Vec<u32>, Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>, FinishReason);
+
     /// Everything a row writes, as bits.
-    fn bits(c: &Completion) -> (Vec<u32>, Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>, FinishReason) {
+    fn bits(c: &Completion) -> Bits {
         let f = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         (
             c.ids.clone(),

@@ -684,9 +684,9 @@ fn run(
     bar.set_position(st.step as u64);
     for step in st.step..cfg.steps {
         let t0 = Instant::now();
-        // The model this step computes with: the f32 weights as they are, or cast to bf16 (the
-        // casts are in the graph, so the gradients come back to the f32 weights).
-        let compute = model.cast(cfg.dtype.dtype())?;
+        // The model this step computes with: the f32 weights as they are, or in bf16 (bf16
+        // GEMMs, or casts in the graph: either way the gradients come back to the f32 weights).
+        let compute = model.for_training(cfg.dtype.dtype())?;
         let lr = lr_at(step, cfg);
         let before = (st.epoch, st.cursor);
         let plan = take_picks(&train, cfg, (&mut st.epoch, &mut st.cursor), &mut order);

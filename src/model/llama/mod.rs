@@ -140,6 +140,8 @@ enum Weight {
     Dense { w: Tensor, t: Option<Tensor> },
     /// Decoding only: the product runs on the blocks ([`QMatrix::matmul`]).
     Quant(Arc<QMatrix>),
+    /// Training only: f32 weights whose products run as bf16 GEMMs ([`ops::linear_bf16`]).
+    Bf16Gemm(Tensor),
 }
 
 /// A projection `y = x Wᵀ (+ b)` with HF's `<name>.weight` / `<name>.bias`.
@@ -168,6 +170,7 @@ impl Linear {
                 None => x.matmul(wt)?,
             },
             Weight::Dense { w, t: None } => x.matmul(&w.t()?)?,
+            Weight::Bf16Gemm(w) => ops::linear_bf16(x, w)?,
         };
         add_bias(y, self.bias.as_ref())
     }
@@ -206,6 +209,7 @@ impl Linear {
         let weight = match &self.weight {
             Weight::Dense { w, t } => Weight::Dense { w: cast(w)?, t: t.as_ref().map(cast).transpose()? },
             Weight::Quant(_) => return Err(ModelError::Invalid("a quantized model computes in f32 only".into())),
+            Weight::Bf16Gemm(_) => return Err(ModelError::Invalid("this model already computes in bf16 GEMMs".into())),
         };
         Ok(Self { weight, bias: self.bias.as_ref().map(cast).transpose()? })
     }
@@ -382,6 +386,12 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The seven projections, for changing how they compute.
+    fn projections(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down]
+    }
+
     fn new(cfg: &LlamaConfig, layer: usize, vb: VarBuilder, quant: Quantized) -> Result<Self> {
         let (c, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
@@ -494,13 +504,32 @@ impl Llama {
         };
         out.embed = Embedding::Dense(embed);
         out.rope.dtype = dtype;
-        for layer in &mut out.layers {
-            let (a, m) = (&mut layer.attn, &mut layer.mlp);
-            for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down] {
-                *l = l.cast(dtype)?;
-            }
+        for l in out.layers.iter_mut().flat_map(DecoderLayer::projections) {
+            *l = l.cast(dtype)?;
         }
         Ok(out)
+    }
+
+    /// The model a training step computes with in `dtype`: in bf16 on a CPU with avx512_bf16
+    /// ([`ops::bf16_gemm_available`]), [`Self::with_bf16_gemms`]; otherwise [`Self::cast`].
+    pub fn for_training(&self, dtype: DType) -> Result<Self> {
+        if dtype == DType::BF16 && self.dtype() == DType::F32 && ops::bf16_gemm_available(&self.device) {
+            return Ok(self.with_bf16_gemms());
+        }
+        self.cast(dtype)
+    }
+
+    /// The f32 weights with every projection a bf16 GEMM ([`ops::linear_bf16`]; activations,
+    /// norms and gradients stay f32).
+    pub fn with_bf16_gemms(&self) -> Self {
+        let mut out = self.clone();
+        let head = std::iter::once(&mut out.lm_head);
+        for l in out.layers.iter_mut().flat_map(DecoderLayer::projections).chain(head) {
+            if let Weight::Dense { w, t: None } = &l.weight {
+                l.weight = Weight::Bf16Gemm(w.clone());
+            }
+        }
+        out
     }
 
     /// Logits (B, T, V), in f32, for every position of `ids` (B, T). With a cache, `ids`

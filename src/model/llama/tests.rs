@@ -382,3 +382,35 @@ fn generic_ops_give_the_fused_models_logits_and_gradients() {
         assert!(max_abs_diff(a, b) / scale <= 1e-4, "{name}: gradients differ by {}", max_abs_diff(a, b));
     }
 }
+
+#[test]
+fn bf16_gemm_training_gradients_follow_f32() {
+    let cfg = tiny_config();
+    let (vm, m) = tiny_model(&cfg);
+    if !crate::model::ops::bf16_gemm_available(&Device::Cpu) {
+        return eprintln!("this CPU has no avx512_bf16: bf16 training casts instead (bf16_compute_stays_close_to_f32)");
+    }
+    let half = m.with_bf16_gemms();
+    assert_eq!(half.dtype(), DType::F32, "the weights stay f32");
+    assert!(
+        matches!(half.layers[0].mlp.up.weight, Weight::Bf16Gemm(_))
+            && matches!(half.lm_head.weight, Weight::Bf16Gemm(_))
+    );
+    let ids = ids(2, 12);
+    let rows = Tensor::arange(0u32, 24, &Device::Cpu).unwrap();
+    let targets: Vec<u32> = (0..24).map(|i| (i * 3 + 1) % 50).collect();
+    let targets = Tensor::from_vec(targets, 24, &Device::Cpu).unwrap();
+    let loss =
+        |model: &Llama| candle_nn::loss::cross_entropy(&model.forward_at(&ids, &rows).unwrap(), &targets).unwrap();
+    let (a, b) = (loss(&m), loss(&half));
+    let rel = ((a.to_scalar::<f32>().unwrap() - b.to_scalar::<f32>().unwrap()) / a.to_scalar::<f32>().unwrap()).abs();
+    assert!(rel > 0.0 && rel < 1e-2, "loss: f32 {a} vs bf16 GEMMs {b}");
+    let (ga, gb) = (a.backward().unwrap(), b.backward().unwrap());
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        let (x, y) =
+            (ga.get(var).expect("f32 gradient"), gb.get(var).unwrap_or_else(|| panic!("no bf16 gradient for {name}")));
+        let scale = x.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_abs_diff(x, y);
+        assert!(diff <= 0.05 * scale, "{name}: gradient differs by {diff} (scale {scale})");
+    }
+}

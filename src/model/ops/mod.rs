@@ -96,6 +96,7 @@ fn mask_values(mask: Option<&Tensor>) -> Result<Option<Arc<Vec<f32>>>> {
 }
 
 mod adamw;
+mod bf16_gemm;
 mod decode;
 pub mod generic;
 pub mod simd;
@@ -104,5 +105,6 @@ mod tests;
 mod train;
 
 pub use adamw::{adamw_step, AdamwStep};
+pub use bf16_gemm::{bf16_gemm_available, linear_bf16};
 pub use decode::{decode_attention, matmul_few_rows, FEW_ROWS};
 pub use train::{attention, log_softmax, nll_rows, rms_norm, rope, silu_mul};

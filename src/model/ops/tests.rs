@@ -206,3 +206,61 @@ fn attention_matches_composed_with_grouped_heads_and_a_mask() {
         1e-4,
     );
 }
+
+/// Values as bf16 (round to nearest even) widened back to f32.
+fn bf16_rounded(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn bf16_linear_is_the_product_of_rounded_inputs_with_close_gradients() {
+    if !bf16_gemm_available(&Device::Cpu) {
+        eprintln!("this CPU has no avx512_bf16 (or KDLLM_SIMD caps it): the bf16 GEMM is compiled, not run");
+        assert!(linear_bf16(&randn(&[3, 4], 1), &randn(&[5, 4], 2)).unwrap().dims() == [3, 5]);
+        return;
+    }
+    // Edges of every blocking: rows past a task (112) and a micro-tile (14), columns past a
+    // strip (32), k odd and past a panel (2 · 192).
+    for (rows, n, k) in [(2 * 150, 70, 2 * 192 + 3), (5, 33, 7), (14, 32, 2)] {
+        let (x, w) = (randn(&[2, rows / 2, k], 1), randn(&[n, k], 2));
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let y = linear_bf16(xv.as_tensor(), wv.as_tensor()).unwrap();
+        assert_eq!(y.dims(), [2, rows / 2, n]);
+        // Products of bf16 values are exact in f32: only the order of the sums differs.
+        let exact = bf16_rounded(&x).broadcast_matmul(&bf16_rounded(&w).t().unwrap()).unwrap();
+        let scale = max_abs(&exact);
+        assert!(max_diff(&y, &exact) <= 1e-5 * scale * (k as f32).sqrt(), "{rows}x{n}x{k}: {}", max_diff(&y, &exact));
+
+        // The gradients, against the f32 product's: within bf16 rounding of dy and the operands.
+        let weights = randn(y.dims(), 3);
+        let g = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let (xr, wr) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let reference = (xr.as_tensor().broadcast_matmul(&wr.as_tensor().t().unwrap()).unwrap() * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gr = reference.backward().unwrap();
+        for (name, a, b) in [("x", &xv, &xr), ("w", &wv, &wr)] {
+            let (ga, gb) = (g.get(a).expect("bf16 gradient"), gr.get(b).expect("f32 gradient"));
+            assert_eq!(ga.dims(), gb.dims());
+            let rel = max_diff(ga, gb) / max_abs(gb);
+            assert!(rel > 0.0 && rel < 2e-2, "{rows}x{n}x{k}: d{name} differs by {rel} of its scale");
+        }
+    }
+}
+
+#[test]
+fn bf16_linear_gives_the_same_bits_on_any_thread_count() {
+    if !bf16_gemm_available(&Device::Cpu) {
+        return eprintln!("this CPU has no avx512_bf16: skipped");
+    }
+    let (x, w) = (randn(&[400, 96], 4), randn(&[64, 96], 5));
+    let many = linear_bf16(&x, &w).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one = pool.install(|| linear_bf16(&x, &w).unwrap());
+    assert_eq!(max_diff(&many, &one), 0.0);
+}

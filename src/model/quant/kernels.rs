@@ -19,7 +19,7 @@ pub struct ActRow<'a> {
 
 impl<'a> ActRow<'a> {
     /// The row from block `b` on.
-    fn from_block(&self, b: usize) -> ActRow<'a> {
+    fn skip_blocks(&self, b: usize) -> ActRow<'a> {
         let (d8, s8) = (&self.d8[8 * b..], &self.s8[8 * b..]);
         ActRow { d: &self.d[b..], s: &self.s[b..], d8, s8, q: &self.q[b * QK..] }
     }
@@ -207,7 +207,7 @@ unsafe fn tail<const R: usize>(
     b: usize,
     out: &mut [f32],
 ) {
-    let rest: [ActRow; R] = std::array::from_fn(|r| a[r].from_block(b));
+    let rest: [ActRow; R] = std::array::from_fn(|r| a[r].skip_blocks(b));
     let mut more = [0f32; R];
     kernel(&w[b * w.len() / a[0].d.len()..], &rest, &mut more);
     for r in 0..R {

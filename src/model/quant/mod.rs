@@ -74,7 +74,7 @@ impl QMatrix {
     /// f32 rows quantized to Q8_0 as ggml's reference quantizer does; `None` when a row's length
     /// is not a multiple of [`QK`] (such matrices stay f32).
     pub fn q8_0(values: &[f32], rows: usize, cols: usize) -> Option<Self> {
-        if cols % QK != 0 || values.len() != rows * cols {
+        if !cols.is_multiple_of(QK) || values.len() != rows * cols {
             return None;
         }
         Some(Self { rows, cols, format: QFormat::Q8_0, data: Arc::new(encode(values, GgmlType::Q8_0)) })
@@ -87,7 +87,7 @@ impl QMatrix {
             return Err(format!("{ty:?} has no quantized kernel"));
         }
         let block = ty.block_size();
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(format!("a row of {cols} values is not whole {ty:?} blocks of {block}"));
         }
         let expected = rows * cols / block * ty.type_size();
