@@ -161,7 +161,7 @@ fn bad_generate_input_fails_with_a_clear_message_and_no_output() {
     assert!(!ok && err.contains("top_p"), "{err}");
 
     let (ok, err) = kdllm(&["generate", "--teacher", t, "--prompts", p, "-o", o, "--dtype", "f16"]);
-    assert!(!ok && err.contains("--dtype") && err.contains("use f32 or bf16"), "{err}");
+    assert!(!ok && err.contains("--dtype") && err.contains("use f32, bf16, q8"), "{err}");
 
     assert!(
         std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("out")),

@@ -56,8 +56,8 @@ pub struct TrainConfig {
     /// Skip a batch whose loss or gradient is NaN or Inf instead of stopping (off: stopping
     /// shows the problem; skipping can hide a diverging run).
     pub skip_nonfinite: bool,
-    /// Compute dtype: `f32`, or `bf16` (mixed precision: the forward and backward in bf16 with
-    /// the losses in f32; the weights, gradients and AdamW moments stay f32). For a GPU.
+    /// Compute dtype: `f32`, or `bf16` (mixed precision: the weights, gradients and AdamW moments
+    /// stay f32; bf16 products, see `Llama::for_training`). For a GPU.
     #[serde(skip_serializing_if = "is_default")]
     pub dtype: crate::model::Precision,
 }

@@ -175,6 +175,25 @@ impl Linear {
         add_bias(y, self.bias.as_ref())
     }
 
+    /// [`Self::forward`] of each of `lins` on the same x; quantized ones in one pass
+    /// ([`QMatrix::matmul_group`]), with the same bits as one by one.
+    fn forward_group<const N: usize>(lins: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let quant: Vec<Arc<QMatrix>> = lins
+            .iter()
+            .filter_map(|l| match &l.weight {
+                Weight::Quant(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect();
+        let out = if quant.len() < N {
+            lins.iter().map(|l| l.forward(x)).collect::<Result<Vec<_>>>()?
+        } else {
+            let ys = QMatrix::matmul_group(&quant, x)?;
+            ys.into_iter().zip(lins).map(|(y, l)| add_bias(y, l.bias.as_ref())).collect::<Result<Vec<_>>>()?
+        };
+        Ok(out.try_into().expect("one output per projection"))
+    }
+
     /// As [`Self::forward`], with each row of x computed apart from the others: the same bits
     /// for a row whatever rows share x (the f32 product runs in chunks the few-row kernel takes).
     fn forward_apart(&self, x: &Tensor) -> Result<Tensor> {
@@ -282,7 +301,13 @@ impl Mlp {
 
     fn apply(&self, x: &Tensor, lin: impl Fn(&Linear, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let dtype = x.dtype();
-        let (gate, up) = (lin(&self.gate, x)?.to_dtype(DType::F32)?, lin(&self.up, x)?.to_dtype(DType::F32)?);
+        let (gate, up) = match (&self.gate.weight, &self.up.weight) {
+            (Weight::Quant(_), Weight::Quant(_)) => {
+                let [gate, up] = Linear::forward_group([&self.gate, &self.up], x)?;
+                (gate, up)
+            }
+            _ => (lin(&self.gate, x)?.to_dtype(DType::F32)?, lin(&self.up, x)?.to_dtype(DType::F32)?),
+        };
         lin(&self.down, &ops::silu_mul(&gate, &up)?.to_dtype(dtype)?)
     }
 }
@@ -324,11 +349,12 @@ impl Attention {
     ) -> Result<Tensor> {
         let d = self.head_dim;
         // (B*T, N*D) → (B, T, N, D); RoPE transposes to (B, N, T, D) in its pass.
-        let heads = |w: &Linear, n: usize| -> Result<Tensor> { Ok(w.forward(x)?.reshape((b, t, n, d))?) };
+        let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?) };
         let (rope, cos, sin) = rope;
-        let q = rope.apply(&heads(&self.q, self.heads)?, cos, sin)?;
-        let mut k = rope.apply(&heads(&self.k, self.kv_heads)?, cos, sin)?;
-        let mut v = heads(&self.v, self.kv_heads)?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&heads(q, self.heads)?, cos, sin)?;
+        let mut k = rope.apply(&heads(k, self.kv_heads)?, cos, sin)?;
+        let mut v = heads(v, self.kv_heads)?.transpose(1, 2)?.contiguous()?;
         let decoding = kv.is_some();
         if let Some(cache) = kv {
             // Written in place into a preallocated buffer (no backward; decoding only).
@@ -361,7 +387,13 @@ impl Attention {
         kvs: &mut [&mut candle_nn::kv_cache::KvCache],
     ) -> Result<Tensor> {
         let d = self.head_dim;
-        let (q, k, v) = (self.q.forward_apart(x)?, self.k.forward_apart(x)?, self.v.forward_apart(x)?);
+        let (q, k, v) = match &self.q.weight {
+            Weight::Quant(_) => {
+                let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
+                (q, k, v)
+            }
+            _ => (self.q.forward_apart(x)?, self.k.forward_apart(x)?, self.v.forward_apart(x)?),
+        };
         let mut out = Vec::with_capacity(kvs.len());
         for (r, kv) in kvs.iter_mut().enumerate() {
             let row = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.narrow(0, r, 1)?.reshape((1, 1, n, d))?) };

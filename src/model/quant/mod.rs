@@ -163,7 +163,21 @@ impl QMatrix {
 
     /// `x · Wᵀ` for x (M, cols) f32, without gradient: (M, rows).
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(&QMatMul { w: self.clone(), level: simd::level() })
+        Ok(Self::matmul_group(std::slice::from_ref(self), x)?.remove(0))
+    }
+
+    /// `x · Wᵢᵀ` for each matrix of `ws` (all `cols` wide), in one parallel pass that quantizes
+    /// x once: q, k and v (or gate and up) of a decode step cost one wake-up of the threads, not
+    /// three. Each output is the bits [`Self::matmul`] gives.
+    pub fn matmul_group(ws: &[Arc<Self>], x: &Tensor) -> Result<Vec<Tensor>> {
+        let y = x.contiguous()?.apply_op1_no_bwd(&QMatMul { ws: ws.to_vec(), level: simd::level() })?;
+        let mut at = 0;
+        ws.iter()
+            .map(|w| {
+                at += w.rows;
+                y.narrow(1, at - w.rows, w.rows)
+            })
+            .collect()
     }
 }
 
@@ -247,7 +261,7 @@ impl Acts {
 const ROWS_PER_TASK: usize = 32;
 
 struct QMatMul {
-    w: Arc<QMatrix>,
+    ws: Vec<Arc<QMatrix>>,
     level: simd::Level,
 }
 
@@ -257,27 +271,34 @@ impl CustomOp1 for QMatMul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let w = &self.w;
         let &[m, k] = l.dims() else { bail!("quantized matmul: x must be 2-D, got {:?}", l.dims()) };
-        if k != w.cols {
+        if let Some(w) = self.ws.iter().find(|w| w.cols != k) {
             bail!("quantized matmul: x has {k} columns, the weights {}", w.cols);
         }
         let Some((a, b)) = l.contiguous_offsets() else { bail!("quantized matmul: x must be contiguous") };
         let acts = Acts::new(&s.as_slice::<f32>()?[a..b], k);
-        let dot = kernels::dot(w.format, self.level);
-        let n = w.rows;
-        // yᵀ (N, M): each task owns whole weight rows, streamed once for all M rows of x.
-        let mut yt = vec![0f32; n * m];
         let rows: Vec<kernels::ActRow> = (0..m).map(|i| acts.row(i)).collect();
-        let task = |(t, out): (usize, &mut [f32])| {
+        let n: usize = self.ws.iter().map(|w| w.rows).sum();
+        // yᵀ (N, M), the matrices' rows one after another: each task owns whole weight rows of
+        // one matrix, streamed once for all M rows of x.
+        let mut yt = vec![0f32; n * m];
+        let mut tasks = Vec::with_capacity(n.div_ceil(ROWS_PER_TASK) + self.ws.len());
+        let mut rest = &mut yt[..];
+        for w in &self.ws {
+            let (mine, after) = rest.split_at_mut(w.rows * m);
+            let dot = kernels::dot(w.format, self.level);
+            tasks.extend(mine.chunks_mut(ROWS_PER_TASK * m).enumerate().map(|(t, out)| (w, dot, t, out)));
+            rest = after;
+        }
+        let task = |(w, dot, t, out): (&Arc<QMatrix>, kernels::Dot, usize, &mut [f32])| {
             for (j, y) in out.chunks_mut(m).enumerate() {
                 dot(w.row(t * ROWS_PER_TASK + j), &rows, y);
             }
         };
         if n * k < 1 << 16 {
-            yt.chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(task);
+            tasks.into_iter().for_each(task);
         } else {
-            yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(task);
+            tasks.into_par_iter().for_each(task);
         }
         let y = if m == 1 { yt } else { (0..m * n).map(|p| yt[(p % n) * m + p / n]).collect() };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))

@@ -99,7 +99,12 @@ fn quantized_matmul_is_close_to_the_f32_product_on_every_path() {
                     assert!(err <= bound * 1.01 + 1e-5, "{ty:?} {}: y[{i}][{o}] off by {err} > {bound}", level.name());
                 }
             }
-            // The paths differ only in the f32 order of the exact block sums.
+            // AVX2 and AVX-512 run one body: the same bits. The scalar path differs only in the
+            // f32 order of the exact block sums.
+            if level == simd::Level::Avx512 {
+                let avx2 = simd::with_level(simd::Level::Avx2, || w.matmul(&xt)).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(avx2, got, "{ty:?}: avx512 and avx2 differ");
+            }
             match &scalar {
                 None => scalar = Some(got),
                 Some(s) => {
@@ -126,5 +131,27 @@ fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
         }
         let pair = mm(&x.narrow(0, 3, 2).unwrap());
         assert_eq!(pair[1], batch[4], "{}", level.name());
+    }
+}
+
+#[test]
+fn a_group_of_matrices_gives_each_ones_own_product() {
+    let k = 64;
+    let mats: Vec<Arc<QMatrix>> = [(40, GgmlDType::Q4_1), (7, GgmlDType::Q8_0), (33, GgmlDType::Q4_1)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, ty))| {
+            Arc::new(QMatrix::from_ggml(ty, &ggml(&random(n * k, 10 + i as u64), n, k, ty).0, n, k).unwrap())
+        })
+        .collect();
+    let x = Tensor::from_vec(random(3 * k, 9), (3, k), &Device::Cpu).unwrap();
+    for level in simd::available() {
+        let group = simd::with_level(level, || QMatrix::matmul_group(&mats, &x)).unwrap();
+        assert_eq!(group.len(), 3);
+        for (w, y) in mats.iter().zip(&group) {
+            let alone = simd::with_level(level, || w.matmul(&x)).unwrap();
+            assert_eq!(y.dims(), [3, w.rows()]);
+            assert_eq!(y.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap(), "{}", level.name());
+        }
     }
 }
