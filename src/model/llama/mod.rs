@@ -175,9 +175,13 @@ impl Linear {
         add_bias(y, self.bias.as_ref())
     }
 
-    /// [`Self::forward`] of each of `lins` on the same x; quantized ones in one pass
+    /// `lin` of each of `lins` on the same x; when all are quantized, in one pass
     /// ([`QMatrix::matmul_group`]), with the same bits as one by one.
-    fn forward_group<const N: usize>(lins: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+    fn forward_group<const N: usize>(
+        lins: [&Linear; N],
+        x: &Tensor,
+        lin: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
+    ) -> Result<[Tensor; N]> {
         let quant: Vec<Arc<QMatrix>> = lins
             .iter()
             .filter_map(|l| match &l.weight {
@@ -186,7 +190,7 @@ impl Linear {
             })
             .collect();
         let out = if quant.len() < N {
-            lins.iter().map(|l| l.forward(x)).collect::<Result<Vec<_>>>()?
+            lins.iter().map(|l| lin(l, x)).collect::<Result<Vec<_>>>()?
         } else {
             let ys = QMatrix::matmul_group(&quant, x)?;
             ys.into_iter().zip(lins).map(|(y, l)| add_bias(y, l.bias.as_ref())).collect::<Result<Vec<_>>>()?
@@ -301,13 +305,8 @@ impl Mlp {
 
     fn apply(&self, x: &Tensor, lin: impl Fn(&Linear, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let dtype = x.dtype();
-        let (gate, up) = match (&self.gate.weight, &self.up.weight) {
-            (Weight::Quant(_), Weight::Quant(_)) => {
-                let [gate, up] = Linear::forward_group([&self.gate, &self.up], x)?;
-                (gate, up)
-            }
-            _ => (lin(&self.gate, x)?.to_dtype(DType::F32)?, lin(&self.up, x)?.to_dtype(DType::F32)?),
-        };
+        let [gate, up] = Linear::forward_group([&self.gate, &self.up], x, &lin)?;
+        let (gate, up) = (gate.to_dtype(DType::F32)?, up.to_dtype(DType::F32)?);
         lin(&self.down, &ops::silu_mul(&gate, &up)?.to_dtype(dtype)?)
     }
 }
@@ -349,7 +348,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let d = self.head_dim;
         // (B*T, N*D) → (B, T, N, D); RoPE transposes to (B, N, T, D) in its pass.
-        let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
+        let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x, Linear::forward)?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?) };
         let (rope, cos, sin) = rope;
         let q = rope.apply(&heads(q, self.heads)?, cos, sin)?;
@@ -387,13 +386,7 @@ impl Attention {
         kvs: &mut [&mut candle_nn::kv_cache::KvCache],
     ) -> Result<Tensor> {
         let d = self.head_dim;
-        let (q, k, v) = match &self.q.weight {
-            Weight::Quant(_) => {
-                let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
-                (q, k, v)
-            }
-            _ => (self.q.forward_apart(x)?, self.k.forward_apart(x)?, self.v.forward_apart(x)?),
-        };
+        let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x, Linear::forward_apart)?;
         let mut out = Vec::with_capacity(kvs.len());
         for (r, kv) in kvs.iter_mut().enumerate() {
             let row = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.narrow(0, r, 1)?.reshape((1, 1, n, d))?) };

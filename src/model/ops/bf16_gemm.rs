@@ -97,10 +97,10 @@ impl CustomOp2 for Grad {
 
 /// A matrix operand: element (i, j) at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-pub(super) struct View<'a> {
-    pub data: &'a [f32],
-    pub rs: usize,
-    pub cs: usize,
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
 }
 
 impl View<'_> {
@@ -130,43 +130,24 @@ fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
-/// A (m, k) as strips of MR rows: for each k-pair p, MR words (a[r, 2p], a[r, 2p+1]) in bf16.
-/// Rows past m and the odd k's partner are zero.
-fn pack_a(a: View, m: usize, k: usize) -> Vec<u32> {
+/// The (rows, k) matrix `v` as strips of `width` rows: for each k-pair p, `width` words
+/// (v[i, 2p], v[i, 2p+1]) in bf16; rows past the end and the odd k's partner are zero. A is
+/// packed in strips of MR rows, B as Bᵀ in strips of NR columns.
+fn pack(v: View, rows: usize, k: usize, width: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
-    let mut out = vec![0u32; m.div_ceil(MR) * kp * MR];
-    out.par_chunks_mut(kp * MR).enumerate().for_each(|(s, strip)| {
-        let rows = MR.min(m - s * MR);
+    let mut out = vec![0u32; rows.div_ceil(width) * kp * width];
+    out.par_chunks_mut(kp * width).enumerate().for_each(|(s, strip)| {
+        let here = width.min(rows - s * width);
         let put = |strip: &mut [u32], r: usize, p: usize| {
-            let i = s * MR + r;
-            let hi = if 2 * p + 1 < k { a.at(i, 2 * p + 1) } else { 0.0 };
-            strip[p * MR + r] = pair(a.at(i, 2 * p), hi);
+            let i = s * width + r;
+            let hi = if 2 * p + 1 < k { v.at(i, 2 * p + 1) } else { 0.0 };
+            strip[p * width + r] = pair(v.at(i, 2 * p), hi);
         };
         // Read along whichever way the operand lies in memory.
-        if a.cs <= a.rs {
-            (0..rows).for_each(|r| (0..kp).for_each(|p| put(strip, r, p)));
+        if v.cs <= v.rs {
+            (0..here).for_each(|r| (0..kp).for_each(|p| put(strip, r, p)));
         } else {
-            (0..kp).for_each(|p| (0..rows).for_each(|r| put(strip, r, p)));
-        }
-    });
-    out
-}
-
-/// B (k, n) as strips of NR columns: for each k-pair p, NR words (b[2p, j], b[2p+1, j]).
-fn pack_b(b: View, k: usize, n: usize) -> Vec<u32> {
-    let kp = k.div_ceil(2);
-    let mut out = vec![0u32; n.div_ceil(NR) * kp * NR];
-    out.par_chunks_mut(kp * NR).enumerate().for_each(|(s, strip)| {
-        let cols = NR.min(n - s * NR);
-        let put = |strip: &mut [u32], c: usize, p: usize| {
-            let j = s * NR + c;
-            let hi = if 2 * p + 1 < k { b.at(2 * p + 1, j) } else { 0.0 };
-            strip[p * NR + c] = pair(b.at(2 * p, j), hi);
-        };
-        if b.rs <= b.cs {
-            (0..cols).for_each(|c| (0..kp).for_each(|p| put(strip, c, p)));
-        } else {
-            (0..kp).for_each(|p| (0..cols).for_each(|c| put(strip, c, p)));
+            (0..kp).for_each(|p| (0..here).for_each(|r| put(strip, r, p)));
         }
     });
     out
@@ -174,12 +155,12 @@ fn pack_b(b: View, k: usize, n: usize) -> Vec<u32> {
 
 /// C (m, n) = A (m, k) · B (k, n), bf16 products summed in f32. The caller has checked
 /// [`bf16_gemm_available`].
-pub(super) fn gemm(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
+fn gemm(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
     if m == 0 || n == 0 || k == 0 {
         return c;
     }
-    let (pa, pb) = (pack_a(a, m, k), pack_b(b, k, n));
+    let (pa, pb) = (pack(a, m, k, MR), pack(View { data: b.data, rs: b.cs, cs: b.rs }, n, k, NR));
     let kp = k.div_ceil(2);
     c.par_chunks_mut(MC * n).enumerate().for_each(|(task, rows)| {
         let rows_here = rows.len() / n;
