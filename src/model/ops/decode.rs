@@ -47,7 +47,12 @@ fn attend<'a>(
     scale: f32,
     o: &mut [f32],
 ) {
-    let mut p: Vec<f32> = (0..s).map(|j| dot(q, key(j)) * scale + bias(j)).collect();
+    // Plain loops: an iterator's `fold` is not inlined here, and code outside this function is
+    // compiled without the caller's target features (the scores ran as SSE).
+    let mut p = vec![0f32; s];
+    for (j, pj) in p.iter_mut().enumerate() {
+        *pj = dot(q, key(j)) * scale + bias(j);
+    }
     softmax_in_place(&mut p);
     for (j, pj) in p.iter().enumerate() {
         for (a, &x) in o.iter_mut().zip(value(j)) {
@@ -127,7 +132,7 @@ impl CustomOp3 for DecodeAttention {
         if b * h * s * d < PAR_MIN {
             out.chunks_mut(d).enumerate().for_each(|(i, o)| head(i, o));
         } else {
-            out.par_chunks_mut(d).enumerate().for_each(|(i, o)| head(i, o));
+            team::for_each_chunk(&mut out, d, head);
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -181,7 +186,7 @@ impl CustomOp2 for FewRows {
         let mut yt = vec![0f32; n * m];
         let per_task = 64;
         let level = self.level;
-        let task = |(ti, chunk): (usize, &mut [f32])| {
+        let task = |ti: usize, chunk: &mut [f32]| {
             let o0 = ti * per_task;
             // SAFETY: matmul_few_rows checked the level against the CPU; rows o0.. of the
             // weights lie inside the slice taken above (chunk holds at most n − o0 rows).
@@ -199,9 +204,9 @@ impl CustomOp2 for FewRows {
             let _ = (o0, chunk, w_addr, bf16, level);
         };
         if n * k < 1 << 18 {
-            yt.chunks_mut(per_task * m).enumerate().for_each(task);
+            yt.chunks_mut(per_task * m).enumerate().for_each(|(ti, chunk)| task(ti, chunk));
         } else {
-            yt.par_chunks_mut(per_task * m).enumerate().for_each(task);
+            team::for_each_chunk(&mut yt, per_task * m, task);
         }
         let mut y = vec![0f32; m * n];
         for (o, col) in yt.chunks(m).enumerate() {

@@ -78,16 +78,22 @@ fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- softmax
 
-/// Softmax of one row, in place.
+/// Softmax of one row, in place. Inlined so that it runs with its caller's target features.
+#[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut max = f32::NEG_INFINITY;
+    for &v in row.iter() {
+        max = max.max(v);
+    }
     let mut sum = 0f32;
     for v in row.iter_mut() {
         *v = (*v - max).exp();
         sum += *v;
     }
     let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
 }
 
 /// An additive mask's values, flat, for the attention kernels to index.
@@ -100,6 +106,7 @@ mod bf16_gemm;
 mod decode;
 pub mod generic;
 pub mod simd;
+pub mod team;
 #[cfg(test)]
 mod tests;
 mod train;

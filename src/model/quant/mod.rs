@@ -24,9 +24,8 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
-use super::ops::simd;
+use super::ops::{simd, team};
 use crate::gguf::quant::{encode, GgmlType};
 
 /// Values per block.
@@ -298,7 +297,13 @@ impl CustomOp1 for QMatMul {
         if n * k < 1 << 16 {
             tasks.into_iter().for_each(task);
         } else {
-            tasks.into_par_iter().for_each(task);
+            // Each task's output chunk, handed out once.
+            let tasks: Vec<_> = tasks.into_iter().map(|t| std::sync::Mutex::new(Some(t))).collect();
+            team::run(tasks.len(), |i| {
+                if let Some(t) = tasks[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    task(t)
+                }
+            });
         }
         let y = if m == 1 { yt } else { (0..m * n).map(|p| yt[(p % n) * m + p / n]).collect() };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
