@@ -8,14 +8,14 @@
 use super::{QFormat, QK};
 use crate::model::ops::simd;
 
-/// An activation row in blocks of [`QK`]: `x ≈ d·q`, `s = d·Σq`; `d8` and `s8` hold each block's
-/// `d` and `s / 8` eight times over, so a vector kernel loads a block's scale in its lanes.
+/// An activation row in blocks of [`QK`]: `x ≈ d·q`, `s = d·Σq` (zero-padded to whole eights of
+/// blocks); `d8` holds each block's `d` eight times over, so a vector kernel loads a block's
+/// scale in its lanes.
 #[derive(Clone, Copy)]
 pub struct ActRow<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
     pub d8: &'a [f32],
-    pub s8: &'a [f32],
     pub q: &'a [i8],
 }
 
@@ -26,10 +26,10 @@ pub type Dot = fn(&[u8], &[ActRow], &mut [f32]);
 pub fn dot(format: QFormat, level: simd::Level) -> Dot {
     #[cfg(target_arch = "x86_64")]
     match (format, level) {
-        (QFormat::Q8_0, simd::Level::Avx512) if vnni() => return tiles!(q8_0_vnni),
-        (QFormat::Q4_1, simd::Level::Avx512) if vnni() => return tiles!(q4_1_vnni),
-        (QFormat::Q8_0, simd::Level::Avx512 | simd::Level::Avx2) => return tiles!(q8_0_avx2),
-        (QFormat::Q4_1, simd::Level::Avx512 | simd::Level::Avx2) => return tiles!(q4_1_avx2),
+        (QFormat::Q8_0, simd::Level::Avx512) if vnni() => return tiles!(q8_0_vnni, 8),
+        (QFormat::Q4_1, simd::Level::Avx512) if vnni() => return tiles!(q4_1_vnni, 8),
+        (QFormat::Q8_0, simd::Level::Avx512 | simd::Level::Avx2) => return tiles!(q8_0_avx2, 4),
+        (QFormat::Q4_1, simd::Level::Avx512 | simd::Level::Avx2) => return tiles!(q4_1_avx2, 4),
         _ => {}
     }
     match format {
@@ -39,16 +39,21 @@ pub fn dot(format: QFormat, level: simd::Level) -> Dot {
 }
 
 /// A vector kernel over `R` activation rows at a time (each weight block is loaded and unpacked
-/// once for all of them), called on tiles of 4 and the rest. Each row's accumulator sees the same
-/// operations in the same order whatever `R` is: a row's result never depends on its tile.
+/// once for all of them), called on tiles of `$tile` (4 or 8) and the rest. Each row's
+/// accumulator sees the same operations in the same order whatever `R` is: a row's result never
+/// depends on its tile.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tiles {
-    ($kernel:ident) => {
+    ($kernel:ident, $tile:literal) => {
         |w: &[u8], a: &[ActRow], out: &mut [f32]| {
-            for (a, out) in a.chunks(4).zip(out.chunks_mut(4)) {
+            for (a, out) in a.chunks($tile).zip(out.chunks_mut($tile)) {
                 // SAFETY: `dot` hands out this path only at a level the CPU has (simd::detected).
                 unsafe {
                     match a.len() {
+                        8 => $kernel::<8>(w, a, out),
+                        7 => $kernel::<7>(w, a, out),
+                        6 => $kernel::<6>(w, a, out),
+                        5 => $kernel::<5>(w, a, out),
                         4 => $kernel::<4>(w, a, out),
                         3 => $kernel::<3>(w, a, out),
                         2 => $kernel::<2>(w, a, out),
@@ -106,7 +111,9 @@ fn f16_table() -> &'static [f32] {
 /// `vpmaddubsw` + `vpmaddwd`; the int32 sums are the same either way.
 #[cfg(target_arch = "x86_64")]
 fn vnni() -> bool {
-    std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl")
+    std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -148,7 +155,29 @@ macro_rules! pairs {
     };
 }
 
-/// Q8_0 and Q4_1 kernels for one way of multiplying bytes. One block per 256-bit step; each
+/// The Q4_1 offsets' term of each row, `Σ_b m_b·s_b` (the weights' offset times the
+/// activations' block sum), eight blocks a lane, into `macc`. Both paths run this same code.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q4_1_offsets<const R: usize>(w: &[u8], a: &[ActRow], table: *const f32) -> [__m256; R] {
+    const BB: usize = 4 + QK / 2;
+    let n = a[0].d.len();
+    let mut macc = [_mm256_setzero_ps(); R];
+    for g in (0..n).step_by(8) {
+        let mut m = [0f32; 8];
+        for (i, v) in m.iter_mut().enumerate().take(n - g) {
+            *v = *table.add((w.as_ptr().add((g + i) * BB + 2) as *const u16).read_unaligned() as usize);
+        }
+        let m = _mm256_loadu_ps(m.as_ptr());
+        for r in 0..R {
+            // The activations' sums are zero past the last block.
+            macc[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[r].s.as_ptr().add(g)), macc[r]);
+        }
+    }
+    macc
+}
+
+/// Q8_0 and Q4_1 kernels for one way of multiplying bytes, 256 bits (one block) a step. Each
 /// row keeps two accumulators (even and odd blocks) so that consecutive blocks' FMAs do not
 /// wait on each other, and adds them at the end: the same operations whatever `R` is.
 macro_rules! block_kernels {
@@ -156,22 +185,9 @@ macro_rules! block_kernels {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
         unsafe fn $q8<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
-            const BB: usize = 2 + QK;
             let table = f16_table().as_ptr();
             let mut acc = [[_mm256_setzero_ps(); R]; 2];
-            let step = |b: usize, acc: &mut [__m256; R]| {
-                let p = w.as_ptr().add(b * BB);
-                let wq = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                // |w| meets x with w's sign (ggml's trick for an unsigned-by-signed multiply).
-                let aw = _mm256_sign_epi8(wq, wq);
-                let dw = _mm256_broadcast_ss(&*table.add((p as *const u16).read_unaligned() as usize));
-                for r in 0..R {
-                    let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
-                    let sums = _mm256_cvtepi32_ps($dot(aw, _mm256_sign_epi8(xq, wq)));
-                    let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(a[r].d8.as_ptr().add(8 * b)));
-                    acc[r] = _mm256_fmadd_ps(sums, scale, acc[r]);
-                }
-            };
+            let step = |b: usize, acc: &mut [__m256; R]| q8_0_block::<R>(w, a, b, table, acc, |u, s| $dot(u, s));
             pairs!(a[0].d.len(), acc, step);
             for r in 0..R {
                 out[r] = hsum256(_mm256_add_ps(acc[0][r], acc[1][r]));
@@ -181,35 +197,145 @@ macro_rules! block_kernels {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
         unsafe fn $q4<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
-            const BB: usize = 4 + QK / 2;
             let table = f16_table().as_ptr();
-            // The 16 bytes twice over; the upper copy shifted down a nibble: values 0–15 of the
-            // block in the low half, 16–31 in the high half, with no shuffle.
-            let shift = _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0);
-            let low = _mm256_set1_epi8(0xf);
             let mut acc = [[_mm256_setzero_ps(); R]; 2];
-            let step = |b: usize, acc: &mut [__m256; R]| {
-                let p = w.as_ptr().add(b * BB);
-                let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(4) as *const __m128i));
-                let wq = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), low);
-                let dw = _mm256_broadcast_ss(&*table.add((p as *const u16).read_unaligned() as usize));
-                let mw = _mm256_broadcast_ss(&*table.add((p.add(2) as *const u16).read_unaligned() as usize));
-                for r in 0..R {
-                    let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
-                    let sums = _mm256_cvtepi32_ps($dot(wq, xq));
-                    let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(a[r].d8.as_ptr().add(8 * b)));
-                    // The block's terms first, then one add: one dependent op per block.
-                    let offset = _mm256_mul_ps(mw, _mm256_loadu_ps(a[r].s8.as_ptr().add(8 * b)));
-                    acc[r] = _mm256_add_ps(acc[r], _mm256_fmadd_ps(sums, scale, offset));
-                }
-            };
+            let step = |b: usize, acc: &mut [__m256; R]| q4_1_block::<R>(w, a, b, table, acc, |u, s| $dot(u, s));
             pairs!(a[0].d.len(), acc, step);
+            let macc = q4_1_offsets::<R>(w, a, table);
             for r in 0..R {
-                out[r] = hsum256(_mm256_add_ps(acc[0][r], acc[1][r]));
+                out[r] = hsum256(_mm256_add_ps(acc[0][r], acc[1][r])) + hsum256(macc[r]);
             }
         }
     };
 }
 
+/// Block `b` of a Q8_0 row into each row's accumulator: `acc += Σq·(d_w·d_x)` per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q8_0_block<const R: usize>(
+    w: &[u8],
+    a: &[ActRow],
+    b: usize,
+    table: *const f32,
+    acc: &mut [__m256; R],
+    dot: impl Fn(__m256i, __m256i) -> __m256i,
+) {
+    const BB: usize = 2 + QK;
+    let p = w.as_ptr().add(b * BB);
+    let wq = _mm256_loadu_si256(p.add(2) as *const __m256i);
+    // |w| meets x with w's sign (ggml's trick for an unsigned-by-signed multiply).
+    let aw = _mm256_sign_epi8(wq, wq);
+    let dw = _mm256_broadcast_ss(&*table.add((p as *const u16).read_unaligned() as usize));
+    for r in 0..R {
+        let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
+        let sums = _mm256_cvtepi32_ps(dot(aw, _mm256_sign_epi8(xq, wq)));
+        acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_loadu_ps(a[r].d8.as_ptr().add(8 * b))), acc[r]);
+    }
+}
+
+/// Block `b` of a Q4_1 row into each row's accumulator: `acc += Σq·(d_w·d_x)` per lane (the
+/// offsets are summed apart, [`q4_1_offsets`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q4_1_block<const R: usize>(
+    w: &[u8],
+    a: &[ActRow],
+    b: usize,
+    table: *const f32,
+    acc: &mut [__m256; R],
+    dot: impl Fn(__m256i, __m256i) -> __m256i,
+) {
+    const BB: usize = 4 + QK / 2;
+    let p = w.as_ptr().add(b * BB);
+    let wq = q4_1_codes(p);
+    let dw = _mm256_broadcast_ss(&*table.add((p as *const u16).read_unaligned() as usize));
+    for r in 0..R {
+        let xq = _mm256_loadu_si256(a[r].q.as_ptr().add(b * QK) as *const __m256i);
+        let sums = _mm256_cvtepi32_ps(dot(wq, xq));
+        acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_loadu_ps(a[r].d8.as_ptr().add(8 * b))), acc[r]);
+    }
+}
+
+/// The 32 codes of the Q4_1 block at `p` as bytes: its 16 bytes twice over, the upper copy
+/// shifted down a nibble, so values 0–15 land in the low half and 16–31 in the high half with
+/// no shuffle.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q4_1_codes(p: *const u8) -> __m256i {
+    let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(4) as *const __m128i));
+    _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)), _mm256_set1_epi8(0xf))
+}
+
 block_kernels!(q8_0_avx2, q4_1_avx2, "avx2,fma", dot_avx2);
-block_kernels!(q8_0_vnni, q4_1_vnni, "avx2,fma,avx512vnni,avx512vl", dot_vnni);
+
+/// The AVX-512 kernels: two blocks a 512-bit step, block 2i in the low half and 2i + 1 in the
+/// high half, so the halves are the AVX2 kernels' even and odd accumulators, lane for lane: the
+/// same bits. A last odd block goes into the even half with the 256-bit step.
+macro_rules! wide_kernel {
+    ($name:ident, $block:ident, $pair:ident, $offsets:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+        unsafe fn $name<const R: usize>(w: &[u8], a: &[ActRow], out: &mut [f32]) {
+            let table = f16_table().as_ptr();
+            let n = a[0].d.len();
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in (0..n - n % 2).step_by(2) {
+                $pair::<R>(w, a, b, table, &mut acc);
+            }
+            let mut even: [__m256; R] = std::array::from_fn(|r| _mm512_castps512_ps256(acc[r]));
+            if n % 2 == 1 {
+                $block::<R>(w, a, n - 1, table, &mut even, |u, s| dot_vnni(u, s));
+            }
+            let macc: [__m256; R] = $offsets(w, a, table);
+            for r in 0..R {
+                out[r] = hsum256(_mm256_add_ps(even[r], _mm512_extractf32x8_ps(acc[r], 1))) + hsum256(macc[r]);
+            }
+        }
+    };
+}
+
+wide_kernel!(q8_0_vnni, q8_0_block, q8_0_pair, |_, _, _| [_mm256_setzero_ps(); R]);
+wide_kernel!(q4_1_vnni, q4_1_block, q4_1_pair, q4_1_offsets::<R>);
+
+/// Blocks `b` and `b + 1` of a Q8_0 row, 512 bits wide (see [`q8_0_block`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q8_0_pair<const R: usize>(w: &[u8], a: &[ActRow], b: usize, table: *const f32, acc: &mut [__m512; R]) {
+    const BB: usize = 2 + QK;
+    let p = w.as_ptr().add(b * BB);
+    let lo = _mm256_loadu_si256(p.add(2) as *const __m256i);
+    let hi = _mm256_loadu_si256(p.add(BB + 2) as *const __m256i);
+    let wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    // No 512-bit vpsignb: x negated where w < 0 (where w = 0, |w| = 0 makes the product 0).
+    let (aw, negative) = (_mm512_abs_epi8(wq), _mm512_movepi8_mask(wq));
+    let dw = pair_scales(table, p, p.add(BB));
+    for r in 0..R {
+        let xq = _mm512_loadu_si512(a[r].q.as_ptr().add(b * QK) as *const _);
+        let xs = _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq);
+        let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, xs));
+        acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(dw, _mm512_loadu_ps(a[r].d8.as_ptr().add(8 * b))), acc[r]);
+    }
+}
+
+/// Blocks `b` and `b + 1` of a Q4_1 row, 512 bits wide (see [`q4_1_block`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q4_1_pair<const R: usize>(w: &[u8], a: &[ActRow], b: usize, table: *const f32, acc: &mut [__m512; R]) {
+    const BB: usize = 4 + QK / 2;
+    let p = w.as_ptr().add(b * BB);
+    let wq = _mm512_inserti64x4(_mm512_castsi256_si512(q4_1_codes(p)), q4_1_codes(p.add(BB)), 1);
+    let dw = pair_scales(table, p, p.add(BB));
+    for r in 0..R {
+        let xq = _mm512_loadu_si512(a[r].q.as_ptr().add(b * QK) as *const _);
+        let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq));
+        acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(dw, _mm512_loadu_ps(a[r].d8.as_ptr().add(8 * b))), acc[r]);
+    }
+}
+
+/// The f16 scales at the starts of two blocks, eight lanes each.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_scales(table: *const f32, lo: *const u8, hi: *const u8) -> __m512 {
+    let scale = |p: *const u8| _mm256_broadcast_ss(&*table.add((p as *const u16).read_unaligned() as usize));
+    _mm512_insertf32x8(_mm512_castps256_ps512(scale(lo)), scale(hi), 1)
+}

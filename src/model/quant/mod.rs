@@ -219,41 +219,90 @@ fn q4_k_as_q4_1(b: &[u8]) -> Vec<u8> {
 }
 
 /// Activation rows quantized per block of [`QK`]: `x ≈ d·q`, with `s = d·Σq` (what a Q4_1
-/// weight's offset multiplies).
+/// weight's offset multiplies), each row's `s` zero-padded to whole eights of blocks.
 struct Acts {
     blocks: usize,
     d: Vec<f32>,
     s: Vec<f32>,
-    /// `d` and `s / 8`, each repeated 8 times (what the vector kernels load).
+    /// `d` repeated 8 times (what the vector kernels load).
     d8: Vec<f32>,
-    s8: Vec<f32>,
     q: Vec<i8>,
 }
 
 impl Acts {
-    fn new(x: &[f32], cols: usize) -> Self {
+    fn new(x: &[f32], cols: usize, level: simd::Level) -> Self {
+        let blocks = cols / QK;
+        let padded = blocks.next_multiple_of(8);
         let n = x.len() / QK;
-        let (mut d, mut s, mut q) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(x.len()));
-        for block in x.chunks_exact(QK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            let start = q.len();
-            q.extend(block.iter().map(|v| (v * inv).round() as i8));
-            let sum: i32 = q[start..].iter().map(|&v| v as i32).sum();
+        let (mut d, mut q) = (Vec::with_capacity(n), vec![0i8; x.len()]);
+        let mut s = vec![0f32; x.len() / cols * padded];
+        for (i, (block, codes)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+            let (scale, sum) = quantize_block(block, codes, level);
             d.push(scale);
-            s.push(scale * sum as f32);
+            s[i / blocks * padded + i % blocks] = scale * sum as f32;
         }
-        let d8 = d.iter().flat_map(|&v| [v; 8]).collect();
-        let s8 = s.iter().flat_map(|&v| [v / 8.0; 8]).collect();
-        Self { blocks: cols / QK, d, s, d8, s8, q }
+        let mut d8 = Vec::with_capacity(8 * d.len());
+        for &v in &d {
+            d8.extend_from_slice(&[v; 8]);
+        }
+        Self { blocks, d, s, d8, q }
     }
 
     fn row(&self, i: usize) -> kernels::ActRow<'_> {
         let (a, b) = (i * self.blocks, (i + 1) * self.blocks);
-        let (d8, s8) = (&self.d8[8 * a..8 * b], &self.s8[8 * a..8 * b]);
-        kernels::ActRow { d: &self.d[a..b], s: &self.s[a..b], d8, s8, q: &self.q[a * QK..b * QK] }
+        let padded = self.blocks.next_multiple_of(8);
+        let s = &self.s[i * padded..(i + 1) * padded];
+        kernels::ActRow { d: &self.d[a..b], s, d8: &self.d8[8 * a..8 * b], q: &self.q[a * QK..b * QK] }
     }
+}
+
+/// One block of [`QK`] values as signed bytes `codes` with `x ≈ scale·code`, `|code| ≤ 127`
+/// (ggml's q8_0): the scale and the codes' sum. The vector path rounds ties to even as ggml's
+/// AVX2 quantizer does, the scalar path away from zero as its reference one does.
+fn quantize_block(x: &[f32], codes: &mut [i8], level: simd::Level) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= simd::Level::Avx2 {
+        // SAFETY: the level never exceeds what the CPU supports (simd::detected); x and codes
+        // hold QK values each.
+        return unsafe { quantize_block_avx2(x, codes) };
+    }
+    let _ = level;
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0;
+    for (c, v) in codes.iter_mut().zip(x) {
+        *c = (v * inv).round() as i8;
+        sum += *c as i32;
+    }
+    (scale, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let a = v.map(|v| _mm256_and_ps(v, abs));
+    let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let scale = amax / 127.0;
+    let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+    let c = v.map(|v| {
+        _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+    });
+    let sum = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
+    // Packing works within 128-bit lanes: the permute puts the eight groups of four back in order.
+    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, bytes);
+    (scale, sum)
 }
 
 /// Weight rows per parallel task.
@@ -275,37 +324,37 @@ impl CustomOp1 for QMatMul {
             bail!("quantized matmul: x has {k} columns, the weights {}", w.cols);
         }
         let Some((a, b)) = l.contiguous_offsets() else { bail!("quantized matmul: x must be contiguous") };
-        let acts = Acts::new(&s.as_slice::<f32>()?[a..b], k);
+        let acts = Acts::new(&s.as_slice::<f32>()?[a..b], k, self.level);
         let rows: Vec<kernels::ActRow> = (0..m).map(|i| acts.row(i)).collect();
         let n: usize = self.ws.iter().map(|w| w.rows).sum();
-        // yᵀ (N, M), the matrices' rows one after another: each task owns whole weight rows of
-        // one matrix, streamed once for all M rows of x.
-        let mut yt = vec![0f32; n * m];
+        // y (M, N), the matrices' columns one after another. Each task owns whole weight rows
+        // of one matrix, streamed once for all M rows of x, and writes their columns of y.
         let mut tasks = Vec::with_capacity(n.div_ceil(ROWS_PER_TASK) + self.ws.len());
-        let mut rest = &mut yt[..];
+        let mut col0 = 0;
         for w in &self.ws {
-            let (mine, after) = rest.split_at_mut(w.rows * m);
             let dot = kernels::dot(w.format, self.level);
-            tasks.extend(mine.chunks_mut(ROWS_PER_TASK * m).enumerate().map(|(t, out)| (w, dot, t, out)));
-            rest = after;
+            tasks.extend((0..w.rows).step_by(ROWS_PER_TASK).map(|r0| (w, dot, r0, col0 + r0)));
+            col0 += w.rows;
         }
-        let task = |(w, dot, t, out): (&Arc<QMatrix>, kernels::Dot, usize, &mut [f32])| {
-            for (j, y) in out.chunks_mut(m).enumerate() {
-                dot(w.row(t * ROWS_PER_TASK + j), &rows, y);
+        let mut y = vec![0f32; m * n];
+        let y_addr = y.as_mut_ptr() as usize;
+        let task = |i: usize| {
+            let (w, dot, r0, c0) = tasks[i];
+            let mut col = vec![0f32; m];
+            for r in r0..w.rows.min(r0 + ROWS_PER_TASK) {
+                dot(w.row(r), &rows, &mut col);
+                for (row, &v) in col.iter().enumerate() {
+                    // SAFETY: column c0 + r − r0 < n of a row < m lies inside y, and only this
+                    // task writes it; y outlives the loop.
+                    unsafe { *(y_addr as *mut f32).add(row * n + c0 + r - r0) = v };
+                }
             }
         };
         if n * k < 1 << 16 {
-            tasks.into_iter().for_each(task);
+            (0..tasks.len()).for_each(task);
         } else {
-            // Each task's output chunk, handed out once.
-            let tasks: Vec<_> = tasks.into_iter().map(|t| std::sync::Mutex::new(Some(t))).collect();
-            team::run(tasks.len(), |i| {
-                if let Some(t) = tasks[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    task(t)
-                }
-            });
+            team::run(tasks.len(), task);
         }
-        let y = if m == 1 { yt } else { (0..m * n).map(|p| yt[(p % n) * m + p / n]).collect() };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

@@ -73,7 +73,9 @@ fn a_q4_1_dot_product_by_hand() {
 /// is x's 8-bit rounding, ≤ ½·amax/127 per value of each block of 32.
 #[test]
 fn quantized_matmul_is_close_to_the_f32_product_on_every_path() {
-    let (n, k, m) = (70, 96, 5); // 70 rows: two tasks and a partial one; 3 blocks: odd for AVX-512
+    // 70 rows: two tasks and a partial one; 11 blocks: odd for AVX-512, and the Q4_1 offsets in
+    // a whole and a partial group of eight.
+    let (n, k, m) = (70, 352, 5);
     let x = random(m * k, 4);
     let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
     for ty in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
@@ -154,4 +156,23 @@ fn a_group_of_matrices_gives_each_ones_own_product() {
             assert_eq!(y.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap(), "{}", level.name());
         }
     }
+}
+
+#[test]
+fn activation_blocks_quantize_alike_on_every_path() {
+    let mut x = random(4 * QK, 11);
+    x[5] = -3.0; // the largest magnitude is negative
+    x[QK..2 * QK].fill(0.0); // an all-zero block: scale 0, codes 0
+    for level in simd::available() {
+        for block in x.chunks_exact(QK) {
+            let (mut want, mut got) = ([0i8; QK], [0i8; QK]);
+            let reference = quantize_block(block, &mut want, simd::Level::Scalar);
+            assert_eq!(quantize_block(block, &mut got, level), reference, "{}", level.name());
+            assert_eq!(got, want, "{}: codes", level.name());
+            assert_eq!(reference.1, want.iter().map(|&c| c as i32).sum::<i32>());
+        }
+    }
+    let (mut codes, amax) = ([0i8; QK], 3.0);
+    quantize_block(&x[..QK], &mut codes, simd::level());
+    assert_eq!(codes[5], -127, "the largest magnitude takes the extreme code (amax {amax})");
 }
