@@ -305,6 +305,9 @@ unsafe fn quantize_block_avx2(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
     (scale, sum)
 }
 
+/// Activation rows a task multiplies at a time (a multiple of the kernels' tiles).
+const ACT_PANEL: usize = 32;
+
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
@@ -340,13 +343,16 @@ impl CustomOp1 for QMatMul {
         let y_addr = y.as_mut_ptr() as usize;
         let task = |i: usize| {
             let (w, dot, r0, c0) = tasks[i];
-            let mut col = vec![0f32; m];
-            for r in r0..w.rows.min(r0 + ROWS_PER_TASK) {
-                dot(w.row(r), &rows, &mut col);
-                for (row, &v) in col.iter().enumerate() {
-                    // SAFETY: column c0 + r − r0 < n of a row < m lies inside y, and only this
-                    // task writes it; y outlives the loop.
-                    unsafe { *(y_addr as *mut f32).add(row * n + c0 + r - r0) = v };
+            let mut col = [0f32; ACT_PANEL];
+            // A panel of activation rows stays in L1 while the task's weight rows pass over it.
+            for (p, panel) in rows.chunks(ACT_PANEL).enumerate() {
+                for r in r0..w.rows.min(r0 + ROWS_PER_TASK) {
+                    dot(w.row(r), panel, &mut col[..panel.len()]);
+                    for (row, &v) in col[..panel.len()].iter().enumerate() {
+                        // SAFETY: column c0 + r − r0 < n of a row < m lies inside y, and only
+                        // this task writes it; y outlives the loop.
+                        unsafe { *(y_addr as *mut f32).add((p * ACT_PANEL + row) * n + c0 + r - r0) = v };
+                    }
                 }
             }
         };

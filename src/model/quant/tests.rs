@@ -123,7 +123,8 @@ fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
     let (n, k) = (300, 128);
     let (bytes, _) = ggml(&random(n * k, 6), n, k, GgmlDType::Q4_1);
     let w = Arc::new(QMatrix::from_ggml(GgmlDType::Q4_1, &bytes, n, k).unwrap());
-    let x = Tensor::from_vec(random(9 * k, 7), (9, k), &Device::Cpu).unwrap();
+    // 41 rows: a panel of 32 and tiles of 8, 4 and 1 after it.
+    let x = Tensor::from_vec(random(41 * k, 7), (41, k), &Device::Cpu).unwrap();
     for level in simd::available() {
         let mm = |x: &Tensor| simd::with_level(level, || w.matmul(x)).unwrap().to_vec2::<f32>().unwrap();
         let batch = mm(&x);
