@@ -264,3 +264,16 @@ fn bf16_linear_gives_the_same_bits_on_any_thread_count() {
     let one = pool.install(|| linear_bf16(&x, &w).unwrap());
     assert_eq!(max_diff(&many, &one), 0.0);
 }
+
+#[test]
+fn exp_or_zero_is_exp_to_the_bit() {
+    // Around the cut, through the subnormal results, and far below it (masked scores).
+    let mut x = -110.0f32;
+    while x < -80.0 {
+        assert_eq!(exp_or_zero(x).to_bits(), x.exp().to_bits(), "at {x}");
+        x += 0.001;
+    }
+    for x in [-1e9f32, f32::MIN, f32::NEG_INFINITY, -0.5, 0.0, 3.0] {
+        assert_eq!(exp_or_zero(x).to_bits(), x.exp().to_bits(), "at {x}");
+    }
+}
