@@ -28,10 +28,11 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 /// The id of the largest entry (the lowest such id on ties).
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
+    // The best value kept in a register: re-reading values[best] made each step wait on a load.
+    let (mut best, mut best_v) = (0, values.first().copied().unwrap_or(f32::NEG_INFINITY));
+    for (i, &v) in values.iter().enumerate() {
+        if v > best_v {
+            (best, best_v) = (i, v);
         }
     }
     best as u32
