@@ -18,6 +18,8 @@ use rayon::prelude::*;
 
 /// How long a helper spins for the next loop before it parks.
 const SPIN: Duration = Duration::from_millis(2);
+/// How long a helper spins before it starts yielding its core between checks.
+const YIELD_AFTER: Duration = Duration::from_micros(200);
 
 struct Team {
     helpers: usize,
@@ -97,6 +99,11 @@ impl Team {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
+            // Past a short pure spin, give the core to any other runnable thread (candle's or
+            // rayon's workers between the team's loops) while still answering within microseconds.
+            if spins.is_multiple_of(256) && start.elapsed() > YIELD_AFTER {
+                std::thread::yield_now();
+            }
             if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                 let mut sleepers = self.sleepers.lock().unwrap_or_else(|e| e.into_inner());
                 *sleepers += 1;
