@@ -120,14 +120,15 @@ fn pack(v: View, rows: usize, k: usize, width: usize) -> Vec<u32> {
     let mut out = vec![0u32; rows.div_ceil(width) * kp * width];
     // Read by columns, a task takes strips enough to make whole 16-row vectors (8 of 14 rows),
     // so each cache line of a column is read once.
-    let group = if v.cs == 1 { 1 } else { 16 / gcd(width, 16) };
+    let by_rows = v.cs == 1;
+    let group = if by_rows { 1 } else { 16 / gcd(width, 16) };
     out.par_chunks_mut(group * kp * width).enumerate().for_each(|(g, chunk)| {
         let i0 = g * group * width;
         let here = (group * width).min(rows - i0);
         // SAFETY: the GEMM runs only where `bf16_gemm_available` found AVX-512 (F and BW).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            if v.cs == 1 {
+            if by_rows {
                 pack_rows(v, i0, here, k, width, chunk)
             } else {
                 pack_columns(v, i0, here, k, width, chunk)
@@ -155,8 +156,8 @@ fn lanes(n: usize) -> u16 {
 }
 
 /// Rows `i0..i0 + here` of `v` (a strip's, each row's k values together) into `strip`: 32
-/// values make 16 words, which go down a column of the strip. (A scalar packing took as long as
-/// the products: 16% of a bf16 training step.)
+/// values make 16 words, which go down a column of the strip. (A scalar loop here was 16% of a
+/// bf16 training step.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_rows(v: View, i0: usize, here: usize, k: usize, width: usize, strip: &mut [u32]) {

@@ -99,12 +99,11 @@ impl Team {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            // Past a short pure spin, give the core to any other runnable thread (candle's or
-            // rayon's workers between the team's loops) while still answering within microseconds.
-            if spins.is_multiple_of(256) && start.elapsed() > YIELD_AFTER {
-                std::thread::yield_now();
+            if !spins.is_multiple_of(256) {
+                continue;
             }
-            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
+            let waited = start.elapsed();
+            if waited > SPIN {
                 let mut sleepers = self.sleepers.lock().unwrap_or_else(|e| e.into_inner());
                 *sleepers += 1;
                 while self.epoch.load(SeqCst) == seen {
@@ -112,6 +111,11 @@ impl Team {
                 }
                 *sleepers -= 1;
                 return self.epoch.load(SeqCst);
+            }
+            // Past a short pure spin, give the core to any other runnable thread (candle's or
+            // rayon's workers between the team's loops) while still answering within microseconds.
+            if waited > YIELD_AFTER {
+                std::thread::yield_now();
             }
         }
     }
